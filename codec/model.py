@@ -1,0 +1,334 @@
+"""EnCodec: SEANet encoder + residual VQ + SEANet decoder, with the four public presets."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .conv import fold_weight_norm
+from .quantization import ResidualVectorQuantizer
+from .seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
+
+
+@dataclass(frozen=True)
+class EncodecConfig:
+    """Everything needed to build an EnCodec model; a checkpoint carries one."""
+
+    name: str = "encodec_24khz"
+    sample_rate: int = 24_000
+    channels: int = 1
+    causal: bool = True
+    norm: str = "weight_norm"
+    pad_mode: str = "reflect"
+    ratios: tuple[int, ...] = (8, 5, 4, 2)
+    n_filters: int = 32
+    dimension: int = 128
+    num_codebooks: int = 32
+    codebook_size: int = 1024
+    true_skip: bool = False
+    n_residual_layers: int = 1
+    kernel_size: int = 7
+    last_kernel_size: int = 7
+    residual_kernel_size: int = 3
+    dilation_base: int = 2
+    compress: int = 2
+    lstm: int = 2
+    trim_right_ratio: float = 1.0
+    normalize: bool = False  # per-chunk RMS scaling (48 kHz)
+    segment: float | None = None  # chunk duration in seconds; None = whole file at once
+    overlap: float = 0.01
+    target_bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)
+
+    def __post_init__(self) -> None:
+        for name in ("ratios", "target_bandwidths"):  # JSON gives lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.ratios)
+
+    @property
+    def frame_rate(self) -> int:
+        return math.ceil(self.sample_rate / self.hop_length)
+
+    def seanet(self) -> SEANetConfig:
+        names = {f.name for f in fields(SEANetConfig)}
+        return SEANetConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EncodecConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown EncodecConfig fields {sorted(unknown)}; "
+                             f"expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, EncodecConfig] = {
+    "encodec_24khz": EncodecConfig(),
+    "encodec_48khz": EncodecConfig(
+        name="encodec_48khz", sample_rate=48_000, channels=2, causal=False,
+        norm="time_group_norm", num_codebooks=16, normalize=True, segment=1.0,
+        target_bandwidths=(3.0, 6.0, 12.0, 24.0)),
+    # MusicGen's tokenizer (audiocraft config: constant padding, identity shortcut).
+    "encodec_32khz": EncodecConfig(
+        name="encodec_32khz", sample_rate=32_000, causal=False, ratios=(8, 5, 4, 4),
+        n_filters=64, num_codebooks=4, codebook_size=2048, true_skip=True,
+        pad_mode="constant", target_bandwidths=(2.2,)),
+    # AudioGen's tokenizer.
+    "encodec_16khz": EncodecConfig(
+        name="encodec_16khz", sample_rate=16_000, causal=False, ratios=(8, 5, 4, 2),
+        n_filters=64, num_codebooks=4, codebook_size=2048, true_skip=True,
+        pad_mode="constant", target_bandwidths=(2.2,)),
+}
+
+
+class EncodedFrame(NamedTuple):
+    """One chunk's codes ``(B, K, F)`` and, for normalizing models, its scale ``(B, 1)``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor | None
+
+
+def linear_overlap_add(frames: list[torch.Tensor], stride: int) -> torch.Tensor:
+    """Overlap-add ``(..., T_i)`` chunks placed ``stride`` apart with triangular weights.
+
+    Each position is the weighted mean of the chunks covering it; a weight peaks mid-chunk, so
+    where two chunks overlap the result cross-fades linearly between them.
+    """
+    if not frames:
+        raise ValueError("nothing to overlap-add")
+    first = frames[0]
+    total = stride * (len(frames) - 1) + frames[-1].shape[-1]
+    length = first.shape[-1]
+    t = torch.linspace(0, 1, length + 2, device=first.device, dtype=first.dtype)[1:-1]
+    weight = 0.5 - (t - 0.5).abs()
+    out = first.new_zeros(*first.shape[:-1], total)
+    weight_sum = first.new_zeros(total)
+    for i, frame in enumerate(frames):
+        n = frame.shape[-1]
+        out[..., i * stride: i * stride + n] += weight[:n] * frame
+        weight_sum[i * stride: i * stride + n] += weight[:n]
+    return out / weight_sum
+
+
+class EncodecModel(nn.Module):
+    """EnCodec neural audio codec.
+
+    ``encode`` turns ``(B, C, T)`` audio into a list of :class:`EncodedFrame` (one per chunk;
+    a single one unless the config sets ``segment``); ``decode`` inverts it. Any number of
+    codebooks from 1 to ``num_codebooks`` can be chosen per call, directly or as a bandwidth.
+    """
+
+    def __init__(self, config: EncodecConfig) -> None:
+        super().__init__()
+        self.config = config
+        seanet = config.seanet()
+        self.encoder = SEANetEncoder(seanet)
+        self.decoder = SEANetDecoder(seanet)
+        self.quantizer = ResidualVectorQuantizer(
+            dimension=config.dimension, num_codebooks=config.num_codebooks,
+            codebook_size=config.codebook_size)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "EncodecModel":
+        if name not in PRESETS:
+            raise ValueError(f"unknown EnCodec preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(replace(PRESETS[name], **overrides))
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str, **kwargs) -> "EncodecModel":
+        """Load any supported checkpoint format or a model name; see :mod:`codec.formats`."""
+        from .formats import load_model
+
+        return load_model(path_or_name, **kwargs)
+
+    def save_pretrained(self, path) -> None:
+        from .formats import save_model
+
+        save_model(self, path)
+
+    def prepare_for_inference(self, device: str | torch.device | None = None,
+                              dtype: torch.dtype | None = None) -> "EncodecModel":
+        """Fold weight norm, switch to eval, move to ``device``/``dtype``; returns self."""
+        fold_weight_norm(self)
+        self.eval()
+        self.requires_grad_(False)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+        return self
+
+    # -- properties ---------------------------------------------------------------------
+    name = property(lambda self: self.config.name)
+    sample_rate = property(lambda self: self.config.sample_rate)
+    channels = property(lambda self: self.config.channels)
+    normalize = property(lambda self: self.config.normalize)
+    num_codebooks = property(lambda self: self.config.num_codebooks)
+    codebook_size = property(lambda self: self.config.codebook_size)
+    hop_length = property(lambda self: self.config.hop_length)
+    frame_rate = property(lambda self: self.config.frame_rate)
+
+    @property
+    def bits_per_codebook(self) -> int:
+        return int(math.log2(self.codebook_size))
+
+    @property
+    def bandwidth_per_codebook(self) -> float:
+        """kbps one codebook costs: log2(bins) * frame_rate / 1000."""
+        return self.bits_per_codebook * self.frame_rate / 1000
+
+    @property
+    def segment_length(self) -> int | None:
+        if self.config.segment is None:
+            return None
+        return int(self.config.segment * self.sample_rate)
+
+    @property
+    def segment_stride(self) -> int | None:
+        length = self.segment_length
+        if length is None:
+            return None
+        return max(1, int((1 - self.config.overlap) * length))
+
+    def num_codebooks_for_bandwidth(self, bandwidth: float) -> int:
+        """Codebooks for a bandwidth in kbps, as the reference counts them (floor, at least 1)."""
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be a positive number of kbps, got {bandwidth}")
+        n = max(1, math.floor(bandwidth / self.bandwidth_per_codebook + 1e-9))
+        if n > self.num_codebooks:
+            top = self.num_codebooks * self.bandwidth_per_codebook
+            raise ValueError(f"{self.name} supports at most {top:g} kbps ({self.num_codebooks} "
+                             f"codebooks of {self.bandwidth_per_codebook:g} kbps); got {bandwidth}")
+        return n
+
+    def resolve_codebooks(self, num_codebooks: int | None = None,
+                          bandwidth: float | None = None) -> int:
+        """Pick the codebook count from either argument; neither means all of them."""
+        if num_codebooks is not None and bandwidth is not None:
+            raise ValueError("give either num_codebooks or bandwidth, not both")
+        if bandwidth is not None:
+            return self.num_codebooks_for_bandwidth(bandwidth)
+        if num_codebooks is None:
+            return self.num_codebooks
+        if not 1 <= int(num_codebooks) <= self.num_codebooks:
+            raise ValueError(f"num_codebooks must be between 1 and {self.num_codebooks} for "
+                             f"{self.name}, got {num_codebooks}")
+        return int(num_codebooks)
+
+    # -- encode / decode ----------------------------------------------------------------
+    def _check_audio(self, wav: torch.Tensor) -> None:
+        if wav.dim() != 3:
+            raise ValueError(f"audio must be shaped (batch, channels, samples), "
+                             f"got {tuple(wav.shape)}")
+        if wav.shape[1] != self.channels:
+            raise ValueError(f"{self.name} expects {self.channels} channel(s), got "
+                             f"{wav.shape[1]}; convert with codec.audio.convert_audio")
+        if wav.shape[-1] == 0:
+            raise ValueError("audio is empty (0 samples)")
+
+    def encode(self, wav: torch.Tensor, num_codebooks: int | None = None,
+               bandwidth: float | None = None) -> list[EncodedFrame]:
+        """``(B, C, T)`` audio -> one :class:`EncodedFrame` per chunk, codes ``(B, K, F)``."""
+        self._check_audio(wav)
+        n = self.resolve_codebooks(num_codebooks, bandwidth)
+        length = wav.shape[-1]
+        segment = self.segment_length or length
+        stride = self.segment_stride or length
+        return [self._encode_chunk(wav[..., offset: offset + segment], n)
+                for offset in range(0, length, stride)]
+
+    def _encode_chunk(self, wav: torch.Tensor, num_codebooks: int) -> EncodedFrame:
+        scale = None
+        if self.normalize:
+            volume = wav.mean(dim=1, keepdim=True).pow(2).mean(dim=2, keepdim=True).sqrt()
+            scale = 1e-8 + volume
+            wav = wav / scale
+            scale = scale.view(-1, 1)
+        codes = self.quantizer.encode(self.encoder(wav), num_codebooks)
+        return EncodedFrame(codes, scale)
+
+    def decode(self, frames: list[EncodedFrame] | torch.Tensor) -> torch.Tensor:
+        """Chunks (or one ``(B, K, F)`` code tensor) -> audio ``(B, C, F * hop)``.
+
+        The output can be a few samples longer than the encoded audio: trim it to the length.
+        """
+        if isinstance(frames, torch.Tensor):
+            frames = [EncodedFrame(frames, None)]
+        if not frames:
+            raise ValueError("no frames to decode")
+        decoded = [self._decode_chunk(frame) for frame in frames]
+        if self.segment_length is None:
+            if len(decoded) != 1:
+                raise ValueError(f"{self.name} encodes a file as one chunk, got {len(decoded)}")
+            return decoded[0]
+        return linear_overlap_add(decoded, self.segment_stride)
+
+    def _decode_chunk(self, frame: EncodedFrame) -> torch.Tensor:
+        codes, scale = frame
+        out = self.decoder(self.quantizer.decode(codes))
+        if scale is not None:
+            out = out * scale.view(-1, 1, 1)
+        return out
+
+    def encode_to_codes(self, wav: torch.Tensor, num_codebooks: int | None = None,
+                        bandwidth: float | None = None) -> torch.Tensor:
+        """Codes ``(B, K, F)`` of a model that encodes the whole file as one chunk."""
+        if self.segment_length is not None:
+            raise ValueError(f"{self.name} encodes in chunks with scales; use encode()")
+        return self.encode(wav, num_codebooks, bandwidth)[0].codes
+
+    def forward(self, wav: torch.Tensor, num_codebooks: int | None = None,
+                bandwidth: float | None = None) -> torch.Tensor:
+        """Round trip ``(B, C, T) -> (B, C, T)`` (inference; training uses codec.training)."""
+        return self.decode(self.encode(wav, num_codebooks, bandwidth))[..., : wav.shape[-1]]
+
+
+class InterleavedStereo(nn.Module):
+    """Stereo through a mono model, as MusicGen stereo does.
+
+    Left and right are encoded separately; codebooks are interleaved ``[L0, R0, L1, R1, ...]``
+    so the codes are ``(B, 2K, F)``.
+    """
+
+    def __init__(self, mono: EncodecModel) -> None:
+        super().__init__()
+        if mono.channels != 1:
+            raise ValueError(f"InterleavedStereo wraps a mono model, {mono.name} has "
+                             f"{mono.channels} channels")
+        if mono.segment_length is not None:
+            raise ValueError("InterleavedStereo needs a model that encodes whole files")
+        self.model = mono
+
+    sample_rate = property(lambda self: self.model.sample_rate)
+    frame_rate = property(lambda self: self.model.frame_rate)
+    channels = property(lambda self: 2)
+    num_codebooks = property(lambda self: 2 * self.model.num_codebooks)
+    codebook_size = property(lambda self: self.model.codebook_size)
+
+    def encode(self, wav: torch.Tensor, num_codebooks: int | None = None) -> torch.Tensor:
+        """``(B, 2, T) -> (B, 2K, F)``, ``num_codebooks`` per channel."""
+        if wav.dim() != 3 or wav.shape[1] != 2:
+            raise ValueError(f"stereo audio must be shaped (B, 2, T), got {tuple(wav.shape)}")
+        batch = wav.shape[0]
+        codes = self.model.encode_to_codes(wav.reshape(batch * 2, 1, -1), num_codebooks)
+        k, frames = codes.shape[1:]
+        # (B, 2, K, F) -> (B, K, 2, F) -> (B, 2K, F): left and right alternate per level
+        return codes.view(batch, 2, k, frames).transpose(1, 2).reshape(batch, 2 * k, frames)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(B, 2K, F) -> (B, 2, F * hop)``."""
+        if codes.dim() != 3 or codes.shape[1] % 2:
+            raise ValueError(f"interleaved codes must be (B, 2K, F), got {tuple(codes.shape)}")
+        batch, k2, frames = codes.shape
+        mono = codes.view(batch, k2 // 2, 2, frames).transpose(1, 2).reshape(batch * 2, k2 // 2,
+                                                                              frames)
+        wav = self.model.decode(mono)
+        return wav.view(batch, 2, -1)

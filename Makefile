@@ -1,0 +1,34 @@
+# Two commands: `make run` (the main job) and `make test` (the full suite).
+# Each sets itself up: a .venv with torch==2.13.0 installed first (so pip never pulls a
+# CUDA build of a newer torch), then tokenwave and its test extras.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tokenwave-installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: run test setup bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# The reference encodec package (test oracle) pins an old torchaudio: install without deps.
+	$(BIN)/python -m pip install -q --no-deps encodec==0.1.1
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	mkdir -p out
+	$(BIN)/tokenwave roundtrip assets/clip.wav out/roundtrip.wav --model random:encodec_24khz --bandwidth 6 --force
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/codec.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

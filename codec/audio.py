@@ -1,0 +1,419 @@
+"""Audio I/O for the codec: read, resample, convert channels, normalize, write.
+
+Audio is a float32 tensor shaped ``(C, T)`` (channels first, as the models take it) on the CPU.
+Files are read with libsndfile through ``soundfile`` and resampled with ``soxr`` (high
+quality, deterministic: the same input gives the same output, whole or block by block).
+Writes go to a temporary file in the destination folder that is renamed at the end, so a
+crash or an error never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import math
+import os
+import uuid
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+# Extension -> (libsndfile major format, subtype that must exist for it, or None).
+_READ_EXTENSIONS: dict[str, tuple[str, str | None]] = {
+    ".wav": ("WAV", None), ".flac": ("FLAC", None), ".ogg": ("OGG", "VORBIS"),
+    ".oga": ("OGG", "VORBIS"), ".opus": ("OGG", "OPUS"), ".mp3": ("MP3", None),
+    ".aiff": ("AIFF", None), ".aif": ("AIFF", None), ".au": ("AU", None), ".w64": ("W64", None),
+    ".rf64": ("RF64", None), ".caf": ("CAF", None),
+}
+_WRITE_FORMATS: dict[str, str] = {".wav": "WAV", ".flac": "FLAC"}
+SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
+NORMALIZE_MODES = ("peak", "loudness")
+# Loudness gating blocks are 400 ms (ITU-R BS.1770): shorter audio has no defined loudness.
+_LOUDNESS_BLOCK_SECONDS = 0.4
+
+
+class AudioError(ValueError):
+    """An audio file could not be read or written; the message names the file."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file holds, from its header (``frames`` may be an estimate for mp3)."""
+
+    path: str
+    sample_rate: int
+    channels: int
+    frames: int
+    format: str
+    subtype: str
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def readable_extensions() -> tuple[str, ...]:
+    """File extensions this libsndfile build can decode (it reads by content, not name)."""
+    formats = sf.available_formats()
+    found = []
+    for ext, (major, subtype) in _READ_EXTENSIONS.items():
+        if major in formats and (subtype is None or subtype in sf.available_subtypes(major)):
+            found.append(ext)
+    return tuple(found)
+
+
+def writable_extensions() -> tuple[str, ...]:
+    return tuple(_WRITE_FORMATS)
+
+
+def is_audio_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in readable_extensions()
+
+
+def _read_error(path: str | os.PathLike, error: Exception) -> AudioError:
+    return AudioError(f"cannot read audio file {str(path)!r}: {error}. Readable formats here: "
+                      f"{', '.join(e.lstrip('.') for e in readable_extensions())}")
+
+
+def _check_exists(path: str | os.PathLike) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"audio file not found: {str(path)!r}")
+    if os.path.isdir(path):
+        raise AudioError(f"expected an audio file, found a folder: {str(path)!r}")
+
+
+def audio_info(path: str | os.PathLike) -> AudioInfo:
+    _check_exists(path)
+    try:
+        info = sf.info(str(path))
+    except (sf.SoundFileError, RuntimeError) as error:
+        raise _read_error(path, error) from None
+    return AudioInfo(str(path), int(info.samplerate), int(info.channels), int(info.frames),
+                     info.format, info.subtype)
+
+
+def read_audio(path: str | os.PathLike, *, start: int | None = None,
+               frames: int | None = None) -> tuple[torch.Tensor, int]:
+    """Read ``frames`` samples from sample ``start`` (both at the file's rate; None = all).
+
+    Returns ``(wav, sample_rate)`` with ``wav`` a float32 tensor ``(C, T)`` in [-1, 1] for
+    integer formats (float files are returned as stored).
+    """
+    _check_exists(path)
+    if start is not None and start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if frames is not None and frames < 0:
+        raise ValueError(f"frames must be >= 0 or None, got {frames}")
+    try:
+        data, sample_rate = sf.read(str(path), start=start or 0,
+                                    frames=-1 if frames is None else frames,
+                                    dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError) as error:
+        raise _read_error(path, error) from None
+    return torch.from_numpy(np.ascontiguousarray(data.T)), int(sample_rate)
+
+
+# -- resampling and channels ---------------------------------------------------------------
+def _check_rate(name: str, rate: int) -> int:
+    if int(rate) != rate or rate <= 0:
+        raise ValueError(f"{name} must be a positive integer number of Hz, got {rate}")
+    return int(rate)
+
+
+def resample(wav: torch.Tensor, sr_in: int, sr_out: int, *, quality: str = "HQ") -> torch.Tensor:
+    """Resample ``(..., T)`` audio to ``(..., round(T * sr_out / sr_in))`` with soxr.
+
+    soxr's ``HQ`` (20-bit precision, linear phase) by default. Same rates return ``wav`` as is.
+    """
+    sr_in, sr_out = _check_rate("sr_in", sr_in), _check_rate("sr_out", sr_out)
+    if sr_in == sr_out:
+        return wav
+    if wav.dim() == 0:
+        raise ValueError("expected audio shaped (..., T), got a scalar")
+    lead, length = wav.shape[:-1], wav.shape[-1]
+    dtype = torch.float64 if wav.dtype == torch.float64 else torch.float32
+    # soxr wants (T, channels); every leading index becomes one channel.
+    flat = wav.detach().to("cpu", dtype).reshape(-1, length).T.numpy()
+    out = soxr.resample(np.ascontiguousarray(flat), sr_in, sr_out, quality=quality)
+    out = torch.from_numpy(np.ascontiguousarray(out.T)).reshape(*lead, -1)
+    return out.to(wav.device)
+
+
+def convert_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
+    """``(..., C, T) -> (..., channels, T)``: mixdown to mono by mean, mono to stereo by copy."""
+    if wav.dim() < 2:
+        raise ValueError(f"expected audio shaped (..., C, T), got {tuple(wav.shape)}")
+    have = wav.shape[-2]
+    if have == channels:
+        return wav
+    if channels == 1:
+        return wav.mean(dim=-2, keepdim=True)
+    if have == 1 and channels == 2:
+        return wav.expand(*wav.shape[:-2], 2, wav.shape[-1]).contiguous()
+    raise ValueError(f"cannot convert {have} channel(s) to {channels}: only mixdown to mono "
+                     f"and mono to stereo are supported")
+
+
+def convert_audio(wav: torch.Tensor, sr: int, target_sr: int,
+                  target_channels: int) -> torch.Tensor:
+    """``(..., C, T)`` at ``sr`` -> ``(..., target_channels, T')`` at ``target_sr``."""
+    if target_channels < wav.shape[-2]:  # mix down first: less to resample
+        return resample(convert_channels(wav, target_channels), sr, target_sr)
+    return convert_channels(resample(wav, sr, target_sr), target_channels)
+
+
+# -- normalization ------------------------------------------------------------------------
+def _db_to_gain(db: float) -> float:
+    return 10.0 ** (db / 20.0)
+
+
+def peak_normalize(wav: torch.Tensor, peak_db: float = -1.0) -> torch.Tensor:
+    """Scale so the largest absolute sample is ``peak_db`` dBFS; silence is returned as is."""
+    if peak_db > 0:
+        raise ValueError(f"peak_db must be <= 0 dBFS, got {peak_db}")
+    peak = float(wav.abs().max()) if wav.numel() else 0.0
+    if peak == 0.0:
+        return wav
+    return wav * (_db_to_gain(peak_db) / peak)
+
+
+def integrated_loudness(wav: torch.Tensor, sample_rate: int) -> float:
+    """Integrated loudness in LUFS (ITU-R BS.1770-4: K-weighting, 400 ms gated blocks).
+
+    ``wav`` is ``(C, T)`` with C <= 5; silence gives ``-inf``. Needs at least 0.4 s.
+    """
+    try:
+        import pyloudnorm
+    except ImportError as error:  # optional dependency: only loudness needs it
+        raise ImportError("loudness measurement needs the 'pyloudnorm' package: "
+                          "pip install pyloudnorm") from error
+    if wav.dim() != 2:
+        raise ValueError(f"expected audio shaped (C, T), got {tuple(wav.shape)}")
+    if wav.shape[-1] < _LOUDNESS_BLOCK_SECONDS * sample_rate:
+        raise ValueError(f"loudness needs at least {_LOUDNESS_BLOCK_SECONDS} s of audio, got "
+                         f"{wav.shape[-1] / sample_rate:.3f} s; use peak normalization instead")
+    data = wav.detach().to("cpu", torch.float64).T.numpy()
+    if not np.any(data):
+        return -math.inf
+    return float(pyloudnorm.Meter(sample_rate).integrated_loudness(data))
+
+
+def loudness_normalize(wav: torch.Tensor, sample_rate: int, target_lufs: float = -14.0,
+                       peak_db: float = -1.0) -> torch.Tensor:
+    """Scale ``(C, T)`` audio to ``target_lufs``, but never past a ``peak_db`` dBFS peak.
+
+    When reaching the target would push the peak above ``peak_db`` the gain is lowered to fit
+    and a warning says so: the output is quieter than asked rather than clipped.
+    """
+    loudness = integrated_loudness(wav, sample_rate)
+    if not math.isfinite(loudness):  # silence (or below the -70 LUFS gate): nothing to scale
+        return wav
+    gain = _db_to_gain(target_lufs - loudness)
+    peak = float(wav.abs().max())
+    ceiling = _db_to_gain(peak_db)
+    if peak * gain > ceiling:
+        gain = ceiling / peak
+        reached = loudness + 20 * math.log10(gain)
+        warnings.warn(f"loudness normalization to {target_lufs:g} LUFS would clip; limited to a "
+                      f"{peak_db:g} dBFS peak, giving {reached:.1f} LUFS", stacklevel=2)
+    return wav * gain
+
+
+def normalize_audio(wav: torch.Tensor, sample_rate: int, mode: str | None, *,
+                    peak_db: float = -1.0, target_lufs: float = -14.0) -> torch.Tensor:
+    """Apply ``mode`` ('peak', 'loudness' or None) to ``(C, T)`` audio."""
+    if mode is None:
+        return wav
+    if mode == "peak":
+        return peak_normalize(wav, peak_db)
+    if mode == "loudness":
+        return loudness_normalize(wav, sample_rate, target_lufs, peak_db)
+    raise ValueError(f"normalize must be one of {NORMALIZE_MODES} or None, got {mode!r}")
+
+
+# -- writing ------------------------------------------------------------------------------
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    On any error the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output path is a folder: {str(path)!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {str(path.parent)!r}")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_format(path: Path, subtype: str) -> str:
+    fmt = _WRITE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise AudioError(f"cannot write {str(path)!r}: the extension decides the format, "
+                         f"expected one of {', '.join(_WRITE_FORMATS)}")
+    if subtype not in SUBTYPES:
+        raise ValueError(f"subtype must be one of {SUBTYPES}, got {subtype!r}")
+    if not sf.check_format(fmt, subtype):
+        raise AudioError(f"cannot write {str(path)!r}: {fmt} does not hold {subtype} samples")
+    return fmt
+
+
+def _as_channels_first(wav: torch.Tensor | np.ndarray) -> torch.Tensor:
+    wav = torch.as_tensor(wav)
+    if wav.dim() == 1:
+        wav = wav.unsqueeze(0)
+    if wav.dim() != 2:
+        raise ValueError(f"expected audio shaped (C, T) or (T,), got {tuple(wav.shape)}")
+    if not wav.is_floating_point():
+        raise ValueError(f"expected float audio, got {wav.dtype}")
+    if not bool(torch.isfinite(wav).all()):
+        raise ValueError("audio contains NaN or infinite samples")
+    return wav.detach().to("cpu", torch.float32)
+
+
+def _clip_for_pcm(data: np.ndarray, subtype: str, where: str) -> np.ndarray:
+    """Clip to [-1, 1] for integer subtypes, warning how much was lost."""
+    if subtype == "FLOAT":
+        return data
+    over = int(np.count_nonzero(np.abs(data) > 1.0))
+    if over:
+        warnings.warn(f"{where}: {over} sample(s) exceed [-1, 1] (peak "
+                      f"{float(np.abs(data).max()):.3f}) and are clipped in {subtype}; use "
+                      f"normalize='peak' or subtype='FLOAT' to keep them", stacklevel=3)
+        data = np.clip(data, -1.0, 1.0)
+    return data
+
+
+def write_audio(path: str | os.PathLike, wav: torch.Tensor | np.ndarray, sample_rate: int, *,
+                subtype: str = "PCM_16", normalize: str | None = None, peak_db: float = -1.0,
+                target_lufs: float = -14.0) -> Path:
+    """Write ``(C, T)`` (or ``(T,)``) audio to a .wav or .flac file, atomically.
+
+    ``normalize``: None (write as is; samples beyond [-1, 1] are clipped with a warning for
+    integer subtypes), 'peak' (peak at ``peak_db`` dBFS) or 'loudness' (``target_lufs``,
+    peak limited to ``peak_db``). Returns the path written.
+    """
+    path = Path(path)
+    fmt = _write_format(path, subtype)
+    sample_rate = _check_rate("sample_rate", sample_rate)
+    wav = normalize_audio(_as_channels_first(wav), sample_rate, normalize, peak_db=peak_db,
+                          target_lufs=target_lufs)
+    data = _clip_for_pcm(wav.T.numpy(), subtype, str(path))
+    with atomic_output(path) as tmp:
+        sf.write(str(tmp), data, sample_rate, format=fmt, subtype=subtype)
+    return path
+
+
+class AudioFileWriter:
+    """Write a long file block by block in bounded memory; renamed into place on ``close()``.
+
+    Use as a context manager: an exception inside the block removes the partial file. No
+    normalization (it needs the whole signal); clipping is counted and warned about once.
+    """
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int, channels: int, *,
+                 subtype: str = "PCM_16") -> None:
+        self.path = Path(path)
+        self.channels = channels
+        self.subtype = subtype
+        fmt = _write_format(self.path, subtype)
+        self._output = atomic_output(self.path)
+        sample_rate = _check_rate("sample_rate", sample_rate)
+        self._tmp = self._output.__enter__()
+        try:
+            self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate,
+                                      channels=channels, format=fmt, subtype=subtype)
+        except BaseException as error:
+            self._output.__exit__(type(error), error, error.__traceback__)
+            raise
+        self._clipped = 0
+        self.frames = 0
+
+    def write(self, block: torch.Tensor | np.ndarray) -> None:
+        """Append a ``(C, n)`` block."""
+        block = _as_channels_first(block)
+        if block.shape[0] != self.channels:
+            raise ValueError(f"{str(self.path)!r} has {self.channels} channel(s), got a block "
+                             f"shaped {tuple(block.shape)}")
+        data = block.T.numpy()
+        if self.subtype != "FLOAT":
+            over = np.abs(data) > 1.0
+            self._clipped += int(np.count_nonzero(over))
+            data = np.clip(data, -1.0, 1.0)
+        self._file.write(data)
+        self.frames += data.shape[0]
+
+    def close(self) -> None:
+        self._file.close()
+        self._output.__exit__(None, None, None)
+        if self._clipped:
+            warnings.warn(f"{str(self.path)}: {self._clipped} sample(s) exceeded [-1, 1] and "
+                          f"were clipped in {self.subtype}", stacklevel=2)
+
+    def abort(self) -> None:
+        """Drop the partial file; ``path`` is left as it was."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AudioFileWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# -- blockwise reading --------------------------------------------------------------------
+def iter_audio_blocks(path: str | os.PathLike, block_size: int, *,
+                      sample_rate: int | None = None,
+                      channels: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield ``(C, block_size)`` float32 blocks of a file (the last may be shorter).
+
+    The file is converted to ``channels`` and resampled to ``sample_rate`` on the way (None
+    keeps the file's). Resampler state carries across blocks, so the concatenated blocks equal
+    ``convert_audio(*read_audio(path), sample_rate, channels)`` exactly, in bounded memory.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    info = audio_info(path)
+    sr_out = info.sample_rate if sample_rate is None else _check_rate("sample_rate", sample_rate)
+    ch_out = info.channels if channels is None else channels
+    convert_channels(torch.zeros(info.channels, 0), ch_out)  # fail before reading anything
+    stream = None
+    if sr_out != info.sample_rate:
+        stream = soxr.ResampleStream(info.sample_rate, sr_out, ch_out, dtype="float32",
+                                     quality="HQ")
+    read_size = max(1024, math.ceil(block_size * info.sample_rate / sr_out))
+    pending: list[np.ndarray] = []  # (n, C) pieces at the output rate, not yet yielded
+    pending_len = 0
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            while True:
+                data = handle.read(read_size, dtype="float32", always_2d=True)
+                last = data.shape[0] < read_size
+                data = convert_channels(torch.from_numpy(data.T), ch_out).T.numpy()
+                if stream is not None:
+                    data = stream.resample_chunk(np.ascontiguousarray(data), last=last)
+                pending.append(data)
+                pending_len += data.shape[0]
+                while pending_len >= block_size or (last and pending_len):
+                    merged = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                    block, rest = merged[:block_size], merged[block_size:]
+                    pending, pending_len = [rest], rest.shape[0]
+                    yield torch.from_numpy(np.ascontiguousarray(block.T))
+                if last:
+                    return
+    except (sf.SoundFileError, RuntimeError) as error:
+        raise _read_error(path, error) from None

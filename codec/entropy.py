@@ -1,0 +1,539 @@
+"""Entropy coding for `.ecdc` files: the EnCodec LM prior and a range (arithmetic) coder.
+
+Both are bit-compatible with the original EnCodec release (`encodec.compress` with
+`use_lm=True`): same LM architecture and state-dict names, same quantized CDFs, same coder
+arithmetic, so files written by either implementation decode with the other.
+
+Why the details below matter: the quantized CDF floors `p / 1e-8` in float32, so a one-ulp
+difference in a probability is enough to change a CDF entry and desynchronise the decoder.
+The LM therefore has to produce *bitwise* the probabilities the reference computes in its
+streaming loop, not merely close ones; `EntropyLM.step` issues the same torch kernels on
+the same shapes and memory layouts as the reference does, and only caches what is provably
+identical (see `_EXACT_KV_ROWS`).
+"""
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TOTAL_RANGE_BITS = 24
+ROUNDOFF = 1e-8
+MIN_RANGE = 2
+
+_FULL_RANGE = 1 << TOTAL_RANGE_BITS
+_BIT_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
+
+# Keys/values of the rows already seen are cached between steps. The reference recomputes
+# them every step with one (N, dim) x (dim, 2 dim) matrix product over the whole window;
+# MKL returns a row's result independently of N only once N is past its small-matrix
+# kernels (N >= 4 on AVX-512 here). While the window has at most this many rows we recompute
+# it exactly like the reference; past it, a new row is computed inside a product of this
+# many rows, which gives the same bits as the reference's larger product. The oracle tests
+# check this on the machine that runs them.
+_EXACT_KV_ROWS = 8
+_POSITION_CACHE_SIZE = 1 << 16
+
+
+class EntropyDecodingError(ValueError):
+    """The entropy-coded bits are truncated or cannot come from the encoder."""
+
+
+def quantized_cdf(probs: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Quantized CDFs over the last axis, as the reference `build_stable_quantized_cdf`.
+
+    Args:
+        probs: float32 probabilities `(..., card)`.
+    Returns:
+        int64 `(..., card)`: `cdf[..., s]` is the exclusive end of symbol `s`'s range in
+        `[0, 2**24)`. Every symbol gets at least `MIN_RANGE`.
+
+    The arithmetic is float32 exactly as the reference does it in torch (the Python scalar
+    operands are rounded to float32 first), so the integers match bit for bit.
+    """
+    if isinstance(probs, torch.Tensor):
+        probs = probs.detach().cpu().numpy()
+    if probs.dtype != np.float32:
+        raise TypeError(f"quantized_cdf expects float32 probabilities, got {probs.dtype}")
+    card = probs.shape[-1]
+    if MIN_RANGE * card > _FULL_RANGE:
+        raise ValueError(f"cardinality {card} too large for a {TOTAL_RANGE_BITS}-bit range")
+    roundoff = np.float32(ROUNDOFF)
+    rounded = np.floor(probs / roundoff) * roundoff
+    # (1 - alpha) * 2**24 with alpha = MIN_RANGE * card / 2**24 is an integer below 2**24,
+    # hence exact in float32, as in the reference.
+    scale = np.float32(_FULL_RANGE - MIN_RANGE * card)
+    ranges = np.floor(rounded * scale).astype(np.int64) + MIN_RANGE
+    return np.cumsum(ranges, axis=-1)
+
+
+def symbol_bounds(cdf: np.ndarray, symbols: np.ndarray) -> tuple[list[int], list[int]]:
+    """Range bounds of `symbols` `(K,)` in quantized CDFs `cdf` `(K, card)`.
+
+    Returns `(starts, ends)` as Python int lists, ready for `ArithmeticEncoder.push_bounds`.
+    """
+    rows = np.arange(len(symbols))
+    ends = cdf[rows, symbols]
+    starts = np.where(symbols > 0, cdf[rows, np.maximum(symbols - 1, 0)], 0)
+    return starts.tolist(), ends.tolist()
+
+
+class ArithmeticEncoder:
+    """Range coder producing the same bits as the reference `ArithmeticCoder`.
+
+    The reference scales ranges with `ceil(start * (delta / 2**24))` in Python floats. The
+    range width `delta` stays below 2**25 and CDF values below 2**25, so the product is an
+    integer below 2**50, exact in a double: plain integer arithmetic gives the same result.
+    Bits are emitted most significant first and stored LSB-first in each byte, like the
+    reference's 1-bit `BitPacker`; `finish` flushes and pads the last byte with zeros.
+    """
+
+    def __init__(self) -> None:
+        self._low = 0
+        self._high = 0
+        self._max_bit = -1
+        self._acc = 0  # pending bits, first bit most significant
+        self._acc_bits = 0
+        self._out = bytearray()
+        self._finished = False
+
+    def push(self, symbol: int, cdf: Sequence[int]) -> None:
+        """Code one `symbol` with the quantized CDF `cdf` (see `quantized_cdf`)."""
+        if not 0 <= symbol < len(cdf):
+            raise ValueError(f"symbol {symbol} outside [0, {len(cdf)})")
+        self.push_bounds([cdf[symbol - 1] if symbol else 0], [cdf[symbol]])
+
+    def push_bounds(self, starts: Sequence[int], ends: Sequence[int]) -> None:
+        """Code a run of symbols given by their CDF ranges `[starts[i], ends[i])`."""
+        if self._finished:
+            raise RuntimeError("ArithmeticEncoder already finished")
+        low, high, max_bit = self._low, self._high, self._max_bit
+        acc, acc_bits = self._acc, self._acc_bits
+        for start, end in zip(starts, ends):
+            delta = high - low + 1
+            if delta < _FULL_RANGE:
+                # Widen by n bits at once: the reference doubles until delta >= 2**24.
+                n = TOTAL_RANGE_BITS + 1 - delta.bit_length()
+                low <<= n
+                high = (high << n) | ((1 << n) - 1)
+                max_bit += n
+                delta <<= n
+            new_low = low - ((-start * delta) >> TOTAL_RANGE_BITS)  # low + ceil(...)
+            high = low + (((end - 1) * delta) >> TOTAL_RANGE_BITS)
+            low = new_low
+            if low > high:
+                raise ValueError(f"empty symbol range [{start}, {end})")
+            width = max_bit + 1
+            common = width - (low ^ high).bit_length()
+            if common > 0:
+                kept = width - common
+                acc = (acc << common) | (low >> kept)
+                acc_bits += common
+                mask = (1 << kept) - 1
+                low &= mask
+                high &= mask
+                max_bit = kept - 1
+                if acc_bits >= 64:
+                    rest = acc_bits & 7
+                    self._out += (acc >> rest).to_bytes(acc_bits >> 3, "big")
+                    acc &= (1 << rest) - 1
+                    acc_bits = rest
+        self._low, self._high, self._max_bit = low, high, max_bit
+        self._acc, self._acc_bits = acc, acc_bits
+
+    def finish(self) -> bytes:
+        """Flush the remaining bits of the range and return all coded bytes."""
+        if not self._finished:
+            width = self._max_bit + 1
+            acc = (self._acc << width) | self._low
+            acc_bits = self._acc_bits + width
+            pad = -acc_bits % 8
+            self._out += (acc << pad).to_bytes((acc_bits + pad) >> 3, "big")
+            self._finished = True
+        return bytes(self._out).translate(_BIT_REVERSED)
+
+
+class ArithmeticDecoder:
+    """Decoder matching `ArithmeticEncoder` and the reference `ArithmeticDecoder`.
+
+    Reads `data` from byte `offset` on, one byte at a time as bits are needed, so that after
+    the last symbol `position` is the end of this coder's bytes, where the next chunk starts.
+
+    Raises `EntropyDecodingError` when the bits run out or when the value falls outside every
+    symbol's range (only possible with bits the encoder cannot have produced; the reference
+    raises a bare RuntimeError there).
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
+        self._data = data
+        self._pos = offset
+        self._low = 0
+        self._high = 0
+        self._current = 0
+        self._max_bit = -1
+        self._acc = 0
+        self._acc_bits = 0
+
+    @property
+    def position(self) -> int:
+        """Offset of the first byte of `data` not read yet."""
+        return self._pos
+
+    def pull(self, cdf: Sequence[int]) -> int:
+        """Decode one symbol coded with the quantized CDF `cdf` (a list is fastest)."""
+        return self.pull_many([cdf])[0]
+
+    def pull_many(self, cdfs: Sequence[Sequence[int]]) -> list[int]:
+        """Decode one symbol per CDF in `cdfs`, in order."""
+        data, pos, end_pos = self._data, self._pos, len(self._data)
+        low, high, current, max_bit = self._low, self._high, self._current, self._max_bit
+        acc, acc_bits = self._acc, self._acc_bits
+        symbols = []
+        for cdf in cdfs:
+            delta = high - low + 1
+            if delta < _FULL_RANGE:
+                n = TOTAL_RANGE_BITS + 1 - delta.bit_length()
+                while acc_bits < n:
+                    if pos >= end_pos:
+                        raise EntropyDecodingError("entropy-coded stream ended early")
+                    acc = (acc << 8) | _BIT_REVERSED[data[pos]]
+                    pos += 1
+                    acc_bits += 8
+                acc_bits -= n
+                current = (current << n) | (acc >> acc_bits)
+                acc &= (1 << acc_bits) - 1
+                low <<= n
+                high = (high << n) | ((1 << n) - 1)
+                max_bit += n
+                delta <<= n
+            value = current - low
+            # First symbol whose scaled range end reaches `value`:
+            # floor((cdf[s] - 1) * delta / 2**24) >= value <=> cdf[s] >= ceil(value * 2**24 / delta) + 1
+            threshold = -((-value << TOTAL_RANGE_BITS) // delta) + 1
+            symbol = bisect_left(cdf, threshold)
+            if symbol == len(cdf):
+                raise EntropyDecodingError("value beyond the last symbol's range")
+            start = cdf[symbol - 1] if symbol else 0
+            new_low = low - ((-start * delta) >> TOTAL_RANGE_BITS)
+            if current < new_low:
+                raise EntropyDecodingError("value between two symbol ranges")
+            high = low + (((cdf[symbol] - 1) * delta) >> TOTAL_RANGE_BITS)
+            low = new_low
+            width = max_bit + 1
+            common = width - (low ^ high).bit_length()
+            if common > 0:
+                kept = width - common
+                mask = (1 << kept) - 1
+                low &= mask
+                high &= mask
+                current &= mask
+                max_bit = kept - 1
+            symbols.append(symbol)
+        self._pos = pos
+        self._low, self._high, self._current, self._max_bit = low, high, current, max_bit
+        self._acc, self._acc_bits = acc, acc_bits
+        return symbols
+
+
+def sin_embedding(positions: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding `(B, T, dim)` of integer `positions` `(B, T, 1)`: cat([cos, sin]).
+
+    Phase `pos / max_period ** (i / (dim/2 - 1))`, computed with the same float32 kernels as
+    the reference so the streaming step matches it bitwise.
+    """
+    half = dim // 2
+    index = torch.arange(half, device=positions.device).view(1, 1, -1)
+    phase = positions / (max_period ** (index / (half - 1)))
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+
+class PackedSelfAttention(nn.Module):
+    """Multi-head attention parameters named as `nn.MultiheadAttention`'s (q, k, v packed)."""
+
+    def __init__(self, *, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, keys_in: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Offline attention. `x` `(B, T, D)` queries, `keys_in` `(B, S, D)` key/value
+        inputs, `allowed` bool `(T, S)` (True = may attend). Returns `(B, T, D)`."""
+        B, T, D = x.shape
+        S = keys_in.shape[1]
+        H = self.num_heads
+        w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
+        b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
+        q = F.linear(x, w_q, b_q).view(B, T, H, D // H).transpose(1, 2)
+        k, v = F.linear(keys_in, w_kv, b_kv).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class EntropyLayer(nn.Module):
+    """Post-norm Transformer layer (self-attention, GELU FFN), as `nn.TransformerEncoderLayer`
+    with `norm_first=False`, keeping its parameter names."""
+
+    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.self_attn = PackedSelfAttention(dim=dim, num_heads=num_heads)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class EntropyTransformer(nn.Module):
+    """Input LayerNorm + layers; named `transformer` in the LM for the checkpoint's keys."""
+
+    def __init__(self, *, dim: int, num_layers: int, num_heads: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(
+            EntropyLayer(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim) for _ in range(num_layers))
+
+
+class EntropyLM(nn.Module):
+    """The prior used to entropy-code EnCodec codes (`encodec_lm_24khz` / `encodec_lm_48khz`).
+
+    Input at frame t is the sum over codebooks of embeddings of frame t-1's codes (index 0 =
+    no frame, code c = index c+1); a causal post-norm Transformer with sinusoidal positions
+    attends to the last `past_context` frames; one linear head per codebook gives the
+    distribution of every codebook of frame t. As in the reference, attention also sees one
+    all-zero "frame" before the first one while it is within `past_context`.
+
+    Args:
+        num_codebooks: codebooks the LM was trained for (32 at 24 kHz, 16 at 48 kHz); files
+            may use fewer, the first ones.
+        card: codebook size (1024).
+        past_context: frames of attention context, `int(3.5 * frame_rate)` in the release.
+    """
+
+    def __init__(self, *, num_codebooks: int, card: int, past_context: int, dim: int = 200,
+                 num_layers: int = 5, num_heads: int = 8, ffn_dim: int = 800,
+                 max_period: float = 10000.0) -> None:
+        super().__init__()
+        if past_context < 1:
+            raise ValueError(f"past_context must be >= 1, got {past_context}")
+        self.num_codebooks = num_codebooks
+        self.card = card
+        self.dim = dim
+        self.num_heads = num_heads
+        self.past_context = past_context
+        self.max_period = max_period
+        self._position_cache: dict[int, torch.Tensor] = {}
+        self.transformer = EntropyTransformer(
+            dim=dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim)
+        self.emb = nn.ModuleList(nn.Embedding(card + 1, dim) for _ in range(num_codebooks))
+        self.linears = nn.ModuleList(nn.Linear(dim, card) for _ in range(num_codebooks))
+
+    @classmethod
+    def for_codec(cls, *, num_codebooks: int, card: int, frame_rate: float) -> "EntropyLM":
+        """The released configuration for a codec: 5 layers, dim 200, 3.5 s of context."""
+        return cls(num_codebooks=num_codebooks, card=card, past_context=int(3.5 * frame_rate))
+
+    def _check_codebooks(self, num_codebooks: int) -> None:
+        if not 1 <= num_codebooks <= self.num_codebooks:
+            raise ValueError(
+                f"EntropyLM has {self.num_codebooks} codebooks, asked for {num_codebooks}")
+
+    def _embed(self, indices: torch.Tensor) -> torch.Tensor:
+        """`indices` `(B, K, T)` (0 = no frame, c+1 = code c) -> normed inputs `(B, T, D)`."""
+        # Python's sum (0 + e0 + e1 ...) keeps the reference's float addition order.
+        x = sum([self.emb[k](indices[:, k]) for k in range(indices.shape[1])])
+        return self.transformer.norm_in(x)
+
+    def _probabilities(self, out: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+        """`out` `(B, T, D)` -> probabilities `(B, card, K, T)` (the reference's layout,
+        whose softmax over a strided dim fixes the float summation order)."""
+        logits = torch.stack([self.linears[k](out) for k in range(num_codebooks)], dim=1)
+        return torch.softmax(logits.permute(0, 3, 1, 2), dim=1)
+
+    @torch.no_grad()
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """Offline priors of every frame of `codes` `(B, K, T)` given the frames before it.
+
+        Returns probabilities `(B, K, T, card)`. Equal to the streaming `step` results within
+        float tolerance (not bitwise: use `step` for coding).
+        """
+        B, K, T = codes.shape
+        self._check_codebooks(K)
+        indices = torch.cat([codes.new_zeros(B, K, 1), codes[..., :-1] + 1], dim=-1)
+        x = self._embed(indices)
+        positions = torch.arange(T, device=codes.device).view(1, -1, 1)
+        x = x + sin_embedding(positions, self.dim, self.max_period)
+        # Key 0 is the all-zero frame before the first; query t sits at key position t + 1.
+        delta = torch.arange(1, T + 1).view(-1, 1) - torch.arange(T + 1).view(1, -1)
+        allowed = ((delta >= 0) & (delta <= self.past_context)).to(codes.device)
+        for layer in self.transformer.layers:
+            keys_in = torch.cat([x.new_zeros(B, 1, self.dim), x], dim=1)
+            x = layer.norm1(x + layer.self_attn(x, keys_in, allowed))
+            x = layer.norm2(x + layer.feed_forward(x))
+        return self._probabilities(x, K).permute(0, 2, 3, 1)
+
+    def initial_state(self, num_codebooks: int | None = None, batch_size: int = 1) -> "EntropyLMState":
+        """A fresh streaming state for `num_codebooks` (default: all) codebooks."""
+        num_codebooks = self.num_codebooks if num_codebooks is None else num_codebooks
+        self._check_codebooks(num_codebooks)
+        return EntropyLMState(self, num_codebooks=num_codebooks, batch_size=batch_size)
+
+    def _position(self, offset: int, device: torch.device) -> torch.Tensor:
+        """Positional embedding `(1, 1, D)` of one frame, computed as the reference does per
+        step (a `(1, 1, 1)` position) and memoised: every 48 kHz chunk reuses offsets 0..149."""
+        cached = self._position_cache.get(offset)
+        if cached is None or cached.device != device:
+            positions = torch.arange(1, device=device).view(1, -1, 1) + offset
+            cached = sin_embedding(positions, self.dim, self.max_period)
+            if len(self._position_cache) < _POSITION_CACHE_SIZE:
+                self._position_cache[offset] = cached
+        return cached
+
+    @torch.no_grad()
+    def step(self, state: "EntropyLMState", prev_codes: torch.Tensor | None) -> torch.Tensor:
+        """One streaming step: the prior of the next frame given the previous frame's codes.
+
+        Args:
+            state: from `initial_state`; updated in place.
+            prev_codes: `(B, K)` codes of the previous frame, None for the first frame.
+        Returns:
+            probabilities `(B, K, card)` (a strided view), bitwise equal to the reference
+            LMModel called frame by frame with its streaming states (for B == 1).
+        """
+        B, K = state.batch_size, state.num_codebooks
+        if prev_codes is None:
+            indices = np.zeros((B, K), dtype=np.int64)
+        else:
+            if tuple(prev_codes.shape) != (B, K):
+                raise ValueError(f"prev_codes must have shape {(B, K)}, got {tuple(prev_codes.shape)}")
+            indices = prev_codes.cpu().numpy() + 1
+        # Embedding rows summed in numpy: float32 additions in the reference's order
+        # (0 + e0 + e1 + ...) give the same bits as torch, at a fraction of the dispatch cost.
+        x = np.zeros((B, self.dim), dtype=np.float32)
+        for k in range(K):
+            x = x + state.embeddings[k][indices[:, k]]
+        x = torch.from_numpy(x).to(state.device).view(B, 1, self.dim)
+        x = torch.layer_norm(x, *state.norm_in) + self._position(state.offset, state.device)
+        for cache in state.layers:
+            x = cache.layer_step(x)
+        state.offset += 1
+        # As `_probabilities`, with plain tensors.
+        logits = torch.stack([F.linear(x, w, b) for w, b in state.heads], dim=1)
+        return torch.softmax(logits.permute(0, 3, 1, 2), dim=1)[..., 0].transpose(1, 2)
+
+
+def _norm_args(norm: nn.LayerNorm) -> tuple:
+    return (norm.normalized_shape, norm.weight.detach(), norm.bias.detach(), norm.eps)
+
+
+class _LayerCache:
+    """One layer's streaming window: the layer inputs of the last frames (plus the initial
+    all-zero frame) and their projected keys and values, contiguous in rows
+    `[start, start + length)` of buffers with room to append before compacting."""
+
+    def __init__(self, layer: EntropyLayer, *, batch_size: int, past_context: int,
+                 num_heads: int) -> None:
+        weight = layer.linear1.weight
+        dim = weight.shape[1]
+        self.num_heads = num_heads
+        self.capacity = 2 * (past_context + 1)
+        self.inputs = weight.new_zeros(batch_size, self.capacity, dim)
+        self.kv = weight.new_zeros(batch_size, self.capacity, 2 * dim)
+        self.zero_mask = weight.new_zeros(1, 1, 1, self.capacity)
+        self.start = 0
+        self.length = 1  # the initial all-zero frame
+        self.past_context = past_context
+        # Plain tensor references: module attribute lookups cost more than the small ops.
+        attn = layer.self_attn
+        self.w_q, self.w_kv = attn.in_proj_weight.detach().split([dim, 2 * dim])
+        self.b_q, self.b_kv = attn.in_proj_bias.detach().split([dim, 2 * dim])
+        self.w_out, self.b_out = attn.out_proj.weight.detach(), attn.out_proj.bias.detach()
+        self.w_1, self.b_1 = layer.linear1.weight.detach(), layer.linear1.bias.detach()
+        self.w_2, self.b_2 = layer.linear2.weight.detach(), layer.linear2.bias.detach()
+        self.norm1 = _norm_args(layer.norm1)
+        self.norm2 = _norm_args(layer.norm2)
+
+    def layer_step(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the layer on one frame `x` `(B, 1, D)` against the window; returns `(B, 1, D)`."""
+        B, _, D = x.shape
+        H = self.num_heads
+        if self.start + self.length == self.capacity:
+            self._compact()
+        start = self.start
+        end = start + self.length + 1  # window including the new frame
+        rows = end - start
+        self.inputs.narrow(1, end - 1, 1).copy_(x)
+        if rows <= _EXACT_KV_ROWS:
+            kv = F.linear(self.inputs.narrow(1, start, rows), self.w_kv, self.b_kv)
+            self.kv.narrow(1, start, rows).copy_(kv)
+        else:
+            kv = F.linear(self.inputs.narrow(1, end - _EXACT_KV_ROWS, _EXACT_KV_ROWS),
+                          self.w_kv, self.b_kv)
+            self.kv.narrow(1, end - 1, 1).copy_(kv.narrow(1, _EXACT_KV_ROWS - 1, 1))
+        window = self.kv.narrow(1, start, rows).view(B, rows, 2, H, D // H)
+        q = F.linear(x, self.w_q, self.b_q).view(B, 1, H, D // H).transpose(1, 2)
+        k = window.select(2, 0).transpose(1, 2)
+        v = window.select(2, 1).transpose(1, 2)
+        # The reference passes its (all-false) boolean mask converted to zeros; do the same.
+        mask = self.zero_mask.narrow(3, 0, rows)
+        out = F.scaled_dot_product_attention(q, k, v, mask, 0.0, False)
+        out = F.linear(out.transpose(1, 2).reshape(B, 1, D), self.w_out, self.b_out)
+        self.length = min(rows, self.past_context)
+        self.start = end - self.length
+        x = torch.layer_norm(x + out, *self.norm1)
+        y = F.linear(F.gelu(F.linear(x, self.w_1, self.b_1)), self.w_2, self.b_2)
+        return torch.layer_norm(x + y, *self.norm2)
+
+    def _compact(self) -> None:
+        window = slice(self.start, self.start + self.length)
+        for buffer in (self.inputs, self.kv):
+            buffer[:, :self.length] = buffer[:, window].clone()
+        self.start = 0
+
+
+class EntropyLMState:
+    """Streaming state of an `EntropyLM`: frame offset and one window cache per layer.
+
+    Holds views of the LM's weights: create a new state after changing them."""
+
+    def __init__(self, lm: EntropyLM, *, num_codebooks: int, batch_size: int) -> None:
+        self.device = lm.linears[0].weight.device
+        self.num_codebooks = num_codebooks
+        self.batch_size = batch_size
+        self.offset = 0
+        self.embeddings = [lm.emb[k].weight.detach().cpu().numpy() for k in range(num_codebooks)]
+        self.norm_in = _norm_args(lm.transformer.norm_in)
+        self.heads = [(lm.linears[k].weight.detach(), lm.linears[k].bias.detach())
+                      for k in range(num_codebooks)]
+        self.layers = [
+            _LayerCache(layer, batch_size=batch_size, past_context=lm.past_context,
+                        num_heads=lm.num_heads)
+            for layer in lm.transformer.layers]
+
+
+def frame_cdfs(probs: torch.Tensor) -> np.ndarray:
+    """Quantized CDFs `(K, card)` from one step's probabilities `(1, K, card)`."""
+    return quantized_cdf(probs[0].numpy())
+
+
+def max_symbols_for_bits(num_bits: int, card: int) -> int:
+    """Upper bound on how many symbols `num_bits` entropy-coded bits can hold.
+
+    A symbol's range is at most `2**24 - MIN_RANGE * (card - 1)` of `2**24`, so each one
+    costs at least `-log2(1 - MIN_RANGE * (card - 1) / 2**24)` bits. Used to reject headers
+    that claim absurd lengths before decoding.
+    """
+    min_bits = -math.log2(1.0 - MIN_RANGE * (card - 1) / _FULL_RANGE)
+    return int(num_bits / min_bits) + 1

@@ -1,0 +1,19 @@
+"""Conditioning for the LM: text (T5, lookup table), melody chroma, the fuser, and condition dropout.
+
+A batch of attributes (name -> one value per sample, None = null) goes through the
+``ConditionProvider`` to ``Condition(embeddings (B, S, D), mask (B, S))`` per attribute, then
+the ``ConditionFuser`` routes them into the LM input (prepend / sum) or its cross-attention.
+"""
+from .base import Condition, ConditionProvider, concat_batches, null_condition
+from .dropout import AttributeDropout, ClassifierFreeGuidanceDropout, drop_words
+from .fuser import FUSER_PRESETS, ConditionFuser, FusedInput, FuserConfig
+from .melody import ChromaConditioner, ChromaConfig, ChromaExtractor, MelodyBatch, chroma_filter_bank
+from .text import LUTConditioner, T5Conditioner, TextTokens, WordTokenizer
+
+__all__ = [
+    "AttributeDropout", "ChromaConditioner", "ChromaConfig", "ChromaExtractor",
+    "ClassifierFreeGuidanceDropout", "Condition", "ConditionFuser", "ConditionProvider",
+    "FUSER_PRESETS", "FusedInput", "FuserConfig", "LUTConditioner", "MelodyBatch",
+    "T5Conditioner", "TextTokens", "WordTokenizer", "chroma_filter_bank", "concat_batches",
+    "drop_words", "null_condition",
+]

@@ -1,0 +1,1 @@
+"""Generators, one-call generate(), model registry and checkpoint loaders."""

@@ -1,0 +1,562 @@
+"""The ``tokenwave`` command line: compress, decompress, tokens, roundtrip.
+
+Every command takes a file or a folder (``IN`` a folder -> ``OUT`` a folder with the same
+file names, a progress bar over the files). Outputs are written to a temporary file and
+renamed, so a failure never leaves a partial file, and an existing output is only replaced
+with ``--force``. Errors are one line on stderr (``--verbose`` adds the traceback).
+
+Models: ``--model`` takes a name (looked up in ``$TOKENWAVE_MODELS``, see
+:mod:`codec.registry`), a checkpoint path in any format :mod:`codec.formats` reads, or
+``random:<preset>`` (e.g. ``random:encodec_24khz``): an untrained model with fixed-seed random
+weights that needs no download. It runs the whole pipeline but does not reproduce the audio.
+
+``tokens`` writes ``.npy`` (codes ``(K, F)``, int16 when the codebook size allows) for models
+that encode whole files. Models that encode in segments with a scale each (encodec_48khz)
+need ``.npz``: ``codes`` ``(K, sum F_i)`` (the segments' codes concatenated along frames),
+``chunk_frames`` ``(S,)``, ``scales`` ``(S,)`` float32, and ``model``, ``sample_rate``,
+``num_samples``, ``frame_rate``, ``segment_length``, ``segment_stride``. ``.npz`` works for
+every model and keeps what decoding needs.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from codec import audio
+from codec.model import PRESETS, EncodecConfig, EncodecModel, EncodedFrame
+
+DEFAULT_MODEL = "encodec_24khz"
+RANDOM_PREFIX = "random:"  # --model random:encodec_24khz
+RANDOM_NAME_PREFIX = "random_"  # its model name: random_encodec_24khz
+RANDOM_SEED = 0
+# Inputs longer than this are processed block by block (bounded memory, no normalization).
+STREAM_ABOVE_SECONDS = 60.0
+BLOCK_SECONDS = 5.0
+# Model folders shipped with the repository, used when a name is not in the models folder.
+SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+# -- models ---------------------------------------------------------------------------------
+def random_model(preset: str | EncodecConfig, seed: int = RANDOM_SEED) -> EncodecModel:
+    """An untrained model with reproducible random weights, for runs with no download.
+
+    A preset name gives the model name ``random_<preset>`` (stored in .ecdc headers, where
+    ``:`` is not allowed; :func:`load_codec` rebuilds the model from it); a config keeps its
+    own name. Each codebook is drawn from a Gaussian fitted to what the previous stages leave
+    of the encoder's output on a fixed noise probe, so every stage spreads its codes over the
+    codebook (an untrained quantizer's all-zero codebooks would give code 0 everywhere).
+    """
+    if isinstance(preset, EncodecConfig):
+        config = preset
+    elif preset in PRESETS:
+        config = replace(PRESETS[preset], name=f"{RANDOM_NAME_PREFIX}{preset}")
+    else:
+        raise CliError(f"unknown preset {preset!r} for a random model; expected one of "
+                       f"{', '.join(sorted(PRESETS))}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EncodecModel(config).prepare_for_inference()
+        probe = 0.1 * torch.randn(1, config.channels, 2 * config.sample_rate)
+        with torch.no_grad():
+            residual = model.encoder(probe / probe.pow(2).mean().sqrt() if config.normalize
+                                     else probe)[0].T  # (F, D)
+            for layer in model.quantizer.vq.layers:
+                book = layer._codebook
+                # Entries of scale sqrt(2 ln M / D) * std: the nearest of M random vectors
+                # then removes a fixed share of the residual, so more codebooks do better.
+                size, dim = book.codebook_size, residual.shape[1]
+                spread = residual.std(0) * math.sqrt(2 * math.log(size) / dim)
+                book.embed.copy_(residual.mean(0) + spread * torch.randn(size, dim))
+                book.embed_avg.copy_(book.embed)
+                book.inited.fill_(1.0)
+                residual = residual - book.decode(book.quantize(residual))
+    return model
+
+
+def random_entropy_lm(model: EncodecModel, seed: int = RANDOM_SEED):
+    """The entropy-coding LM for a random model: released shape, fixed-seed random weights.
+
+    Any prior gives a decodable file; an untrained one just compresses little.
+    """
+    from codec.entropy import EntropyLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lm = EntropyLM.for_codec(num_codebooks=model.num_codebooks, card=model.codebook_size,
+                                 frame_rate=model.frame_rate)
+    return lm.eval()
+
+
+def is_random(model: EncodecModel) -> bool:
+    return model.name.startswith(RANDOM_NAME_PREFIX)
+
+
+def _random_preset(spec: str) -> str | None:
+    """``random:<preset>`` (the CLI spelling) or ``random_<preset>`` (the model name)."""
+    for prefix in (RANDOM_PREFIX, RANDOM_NAME_PREFIX):
+        if spec.startswith(prefix) and (spec[len(prefix):] in PRESETS or prefix == RANDOM_PREFIX):
+            return spec[len(prefix):]
+    return None
+
+
+def load_codec(spec: str, device: torch.device) -> EncodecModel:
+    """A ready-for-inference model from a name, a path or ``random:<preset>``.
+
+    A name missing from the models folder falls back to ``assets/models/<name>`` when the
+    repository ships a model folder there.
+    """
+    preset = _random_preset(spec)
+    if preset is not None:
+        return random_model(preset).to(device)
+    from codec.formats import load_model
+
+    try:
+        return load_model(spec, device=device, inference=True)
+    except FileNotFoundError as error:
+        shipped = SHIPPED_MODELS / spec
+        if "/" not in spec and shipped.is_dir():
+            return load_model(shipped, device=device, inference=True)
+        hint = ""
+        if spec in PRESETS:
+            hint = f" (to run with no download use --model {RANDOM_PREFIX}{spec}: untrained)"
+        raise CliError(f"{_one_line(error)}{hint}") from error
+
+
+def model_label(model: EncodecModel) -> str:
+    if is_random(model):
+        return f"{model.name} (UNTRAINED random weights, seed {RANDOM_SEED})"
+    return model.name
+
+
+def parse_device(spec: str) -> torch.device:
+    try:
+        device = torch.device(spec)
+    except RuntimeError as error:
+        raise CliError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {spec}: CUDA is not available here; use --device cpu")
+    return device
+
+
+# -- jobs: which file goes where --------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    target: Path
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def plan_jobs(source: str, target: str, *, inputs: tuple[str, ...], suffix: str,
+              force: bool) -> list[Job]:
+    """File -> file, or folder -> folder (mirrored relative paths, extension ``suffix``)."""
+    src, dst = Path(source), Path(target)
+    if not src.exists():
+        raise CliError(f"input not found: {source}")
+    if src.is_dir():
+        if dst.exists() and not dst.is_dir():
+            raise CliError(f"input {source} is a folder, so the output must be a folder; "
+                           f"{target} is a file")
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in inputs
+                       and not p.name.startswith("."))
+        if not files:
+            raise CliError(f"no input files ({', '.join(inputs)}) in folder {source}")
+        jobs = [Job(p, (dst / p.relative_to(src)).with_suffix(suffix)) for p in files]
+        seen: dict[Path, Path] = {}
+        for job in jobs:
+            if job.target in seen:
+                raise CliError(f"{seen[job.target]} and {job.source} would both be written to "
+                               f"{job.target}")
+            seen[job.target] = job.source
+    else:
+        if dst.is_dir():
+            raise CliError(f"output {target} is a folder; give an output file name")
+        jobs = [Job(src, dst)]
+    for job in jobs:
+        if job.target.resolve() == job.source.resolve():
+            raise CliError(f"input and output are the same file: {job.source}")
+    existing = [job.target for job in jobs if job.target.exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise CliError(f"output exists: {existing[0]}{more}; use --force to overwrite")
+    return jobs
+
+
+def run_jobs(jobs: list[Job], work: Callable[[Job], str], args) -> int:
+    """Run ``work`` on each job; a failure in folder mode is reported and the rest go on."""
+    from tqdm import tqdm
+
+    if len(jobs) == 1:
+        jobs[0].target.parent.mkdir(parents=True, exist_ok=True)
+        message = work(jobs[0])
+        if not args.quiet:
+            print(message)
+        return 0
+    failed = 0
+    bar = tqdm(jobs, unit="file", disable=args.quiet, file=sys.stderr)
+    for job in bar:
+        job.target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            message = work(job)
+        except Exception as error:  # report it, go on with the other files
+            failed += 1
+            if args.verbose:
+                traceback.print_exc()
+            tqdm.write(f"tokenwave: error: {job.source}: {_one_line(error)}", file=sys.stderr)
+            continue
+        if not args.quiet:
+            tqdm.write(message)
+    if failed:
+        raise CliError(f"{failed} of {len(jobs)} files failed")
+    return 0
+
+
+# -- audio in, audio out ------------------------------------------------------------------------
+def load_input(path: Path, model: EncodecModel) -> tuple[torch.Tensor, float]:
+    """The file at the model's rate and channel count ``(C, T)``, and its duration in seconds."""
+    wav, sr = audio.read_audio(path)
+    if wav.shape[-1] == 0:
+        raise CliError(f"{path} holds no audio (0 samples)")
+    return audio.convert_audio(wav, sr, model.sample_rate, model.channels), wav.shape[-1] / sr
+
+
+def input_blocks(path: Path, model: EncodecModel, block_seconds: float):
+    return audio.iter_audio_blocks(path, max(1, int(block_seconds * model.sample_rate)),
+                                   sample_rate=model.sample_rate, channels=model.channels)
+
+
+def is_long(path: Path) -> bool:
+    return audio.audio_info(path).duration > STREAM_ABOVE_SECONDS
+
+
+def check_audio_target(target: Path) -> None:
+    if target.suffix.lower() not in audio.writable_extensions():
+        raise CliError(f"cannot write audio to {target}: use one of "
+                       f"{', '.join(audio.writable_extensions())}")
+
+
+def write_output_audio(path: Path, wav: torch.Tensor, sample_rate: int, args) -> None:
+    audio.write_audio(path, wav, sample_rate, subtype=args.subtype, normalize=args.normalize,
+                      target_lufs=args.target_lufs)
+
+
+def stream_roundtrip(job: Job, model: EncodecModel, num_codebooks: int, args) -> float:
+    """Encode and decode block by block into ``job.target``; returns the seconds processed."""
+    from codec.streaming import decode_blocks, encode_blocks
+
+    if args.normalize:
+        raise CliError(f"{job.source} is longer than {STREAM_ABOVE_SECONDS:g} s and is processed "
+                       "block by block; --normalize needs the whole signal, leave it out")
+    info = audio.audio_info(job.source)
+    length = round(info.frames * model.sample_rate / info.sample_rate)
+    frames = encode_blocks(input_blocks(job.source, model, args.block_seconds), model,
+                           num_codebooks=num_codebooks)
+    with torch.inference_mode(), audio.AudioFileWriter(
+            job.target, model.sample_rate, model.channels, subtype=args.subtype) as writer:
+        for block in decode_blocks(frames, model, length=length):
+            writer.write(block[0].cpu())
+    return info.duration
+
+
+def speed(duration: float, seconds: float) -> str:
+    return f"{duration / max(seconds, 1e-9):.1f}x real time"
+
+
+def bandwidth_text(model: EncodecModel, num_codebooks: int) -> str:
+    return f"{num_codebooks} codebooks, {num_codebooks * model.bandwidth_per_codebook:g} kbps"
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_roundtrip(args) -> int:
+    jobs = plan_jobs(args.input, args.output, inputs=audio.readable_extensions(), suffix=".wav",
+                     force=args.force)
+    for job in jobs:
+        check_audio_target(job.target)
+    model = load_codec(args.model, parse_device(args.device))
+    num_codebooks = resolve_codebooks(model, args)
+    device = next(model.parameters()).device
+
+    def work(job: Job) -> str:
+        start = time.perf_counter()
+        if is_long(job.source):
+            duration = stream_roundtrip(job, model, num_codebooks, args)
+        else:
+            wav, duration = load_input(job.source, model)
+            with torch.inference_mode():
+                out = model(wav[None].to(device), num_codebooks=num_codebooks)[0].cpu()
+            write_output_audio(job.target, out, model.sample_rate, args)
+        elapsed = time.perf_counter() - start
+        return (f"roundtrip {job.source} -> {job.target}: {model_label(model)}, "
+                f"{bandwidth_text(model, num_codebooks)}, {duration:.2f} s of audio, "
+                f"{speed(duration, elapsed)}")
+
+    return run_jobs(jobs, work, args)
+
+
+def resolve_codebooks(model: EncodecModel, args) -> int:
+    try:
+        return model.resolve_codebooks(args.codebooks, args.bandwidth)
+    except ValueError as error:
+        raise CliError(_one_line(error)) from None
+
+
+def encode_codes(job: Job, model: EncodecModel, num_codebooks: int,
+                 block_seconds: float) -> tuple[list[EncodedFrame], float]:
+    """All encoded frames of a file (in bounded memory for long files) and its duration."""
+    device = next(model.parameters()).device
+    if is_long(job.source):
+        from codec.streaming import encode_blocks
+
+        blocks = input_blocks(job.source, model, block_seconds)
+        with torch.inference_mode():
+            pieces = [EncodedFrame(f.codes.cpu(), None if f.scale is None else f.scale.cpu())
+                      for f in encode_blocks(blocks, model, num_codebooks=num_codebooks)]
+        if model.segment_length is None:  # pieces of one chunk: join them
+            pieces = [EncodedFrame(torch.cat([p.codes for p in pieces], dim=-1), None)]
+        return pieces, audio.audio_info(job.source).duration
+    wav, duration = load_input(job.source, model)
+    with torch.inference_mode():
+        frames = model.encode(wav[None].to(device), num_codebooks=num_codebooks)
+    return [EncodedFrame(f.codes.cpu(), None if f.scale is None else f.scale.cpu())
+            for f in frames], duration
+
+
+def save_tokens(path: Path, frames: list[EncodedFrame], model: EncodecModel,
+                num_samples: int) -> tuple[int, ...]:
+    """Write codes as .npy (whole-file models) or .npz (any model); returns the codes' shape."""
+    dtype = np.int16 if model.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
+    codes = torch.cat([f.codes[0] for f in frames], dim=-1).numpy().astype(dtype)
+    with audio.atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        if path.suffix.lower() == ".npy":
+            np.save(handle, codes)
+        else:
+            extra = {}
+            if model.segment_length is not None:
+                extra = {"segment_length": np.int64(model.segment_length),
+                         "segment_stride": np.int64(model.segment_stride)}
+            if frames[0].scale is not None:
+                extra["scales"] = np.array([float(f.scale.reshape(-1)[0]) for f in frames],
+                                           dtype=np.float32)
+            np.savez(handle, codes=codes, model=np.str_(model.name),
+                     chunk_frames=np.array([f.codes.shape[-1] for f in frames], dtype=np.int64),
+                     sample_rate=np.int64(model.sample_rate), num_samples=np.int64(num_samples),
+                     frame_rate=np.int64(model.frame_rate), **extra)
+    return codes.shape
+
+
+def cmd_tokens(args) -> int:
+    folder = Path(args.input).is_dir()
+    suffix = (".npz" if args.npz else ".npy") if folder else Path(args.output).suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise CliError(f"tokens are written to .npy or .npz, got {args.output}")
+    jobs = plan_jobs(args.input, args.output, inputs=audio.readable_extensions(), suffix=suffix,
+                     force=args.force)
+    model = load_codec(args.model, parse_device(args.device))
+    num_codebooks = resolve_codebooks(model, args)
+    if suffix == ".npy" and model.segment_length is not None:
+        raise CliError(f"{model.name} encodes {model.config.segment:g} s segments, each with a "
+                       f"scale; write .npz (codes, chunk_frames, scales) instead of .npy"
+                       f"{' (--npz in folder mode)' if folder else ''}")
+
+    def work(job: Job) -> str:
+        start = time.perf_counter()
+        frames, duration = encode_codes(job, model, num_codebooks, args.block_seconds)
+        num_samples = round(duration * model.sample_rate)
+        shape = save_tokens(job.target, frames, model, num_samples)
+        elapsed = time.perf_counter() - start
+        return (f"tokens {job.source} -> {job.target}: {model_label(model)}, "
+                f"{bandwidth_text(model, num_codebooks)}, codes {shape}, {duration:.2f} s of "
+                f"audio, {speed(duration, elapsed)}")
+
+    return run_jobs(jobs, work, args)
+
+
+def cmd_compress(args) -> int:
+    from codec import ecdc
+
+    jobs = plan_jobs(args.input, args.output, inputs=audio.readable_extensions(), suffix=".ecdc",
+                     force=args.force)
+    model = load_codec(args.model, parse_device(args.device))
+    num_codebooks = resolve_codebooks(model, args)
+    lm = None
+    if args.lm:  # released models: ecdc finds their LM in the models folder
+        lm = random_entropy_lm(model) if is_random(model) else ecdc.load_entropy_lm(model.name)
+
+    def work(job: Job) -> str:
+        start = time.perf_counter()
+        if is_long(job.source):  # codes are small: only the audio must stay out of memory
+            frames, duration = encode_codes(job, model, num_codebooks, args.block_seconds)
+            info = audio.audio_info(job.source)
+            length = round(info.frames * model.sample_rate / info.sample_rate)
+            buffer = io.BytesIO()
+            buffer.write(ecdc.EcdcHeader(model.name, length, num_codebooks, lm is not None)
+                         .to_bytes())
+            ecdc.write_body(buffer, frames, ecdc.CodecLayout.from_model(model), lm)
+            data = buffer.getvalue()
+        else:
+            wav, duration = load_input(job.source, model)
+            data = ecdc.compress(wav, model.sample_rate, model, num_codebooks=num_codebooks,
+                                 use_lm=lm is not None, lm=lm)
+        with audio.atomic_output(job.target) as tmp:
+            tmp.write_bytes(data)
+        elapsed = time.perf_counter() - start
+        kbps = len(data) * 8 / duration / 1000
+        return (f"compress {job.source} -> {job.target}: {model_label(model)}, "
+                f"{bandwidth_text(model, num_codebooks)}{' + entropy coding' if lm else ''}, "
+                f"{duration:.2f} s of audio, {len(data)} bytes ({kbps:.2f} kbps), "
+                f"{speed(duration, elapsed)}")
+
+    return run_jobs(jobs, work, args)
+
+
+def cmd_decompress(args) -> int:
+    from codec import ecdc
+    from codec.streaming import decode_blocks
+
+    jobs = plan_jobs(args.input, args.output, inputs=(".ecdc",), suffix=".wav", force=args.force)
+    for job in jobs:
+        check_audio_target(job.target)
+    device = parse_device(args.device)
+    models: dict[str, EncodecModel] = {}
+
+    def model_for(name: str) -> EncodecModel:
+        if name not in models:
+            models[name] = load_codec(name, device)
+        return models[name]
+
+    fixed = model_for(args.model) if args.model else None
+
+    def work(job: Job) -> str:
+        data = job.source.read_bytes()
+        header = ecdc.read_header(data)[0]
+        model = fixed or model_for(header.model_name)
+        lm = random_entropy_lm(model) if header.use_lm and is_random(model) else None
+        if header.use_lm and lm is None and header.model_name == model.name:
+            lm = ecdc.load_entropy_lm(model.name)
+        start = time.perf_counter()
+        duration = header.audio_length / model.sample_rate
+        if duration > STREAM_ABOVE_SECONDS:  # decode block by block into the file
+            if args.normalize:
+                raise CliError(f"{job.source} holds more than {STREAM_ABOVE_SECONDS:g} s and is "
+                               "decoded block by block; --normalize needs the whole signal")
+            header, frames = ecdc.parse_ecdc(data, ecdc.CodecLayout.from_model(model), lm)
+            param = next(model.parameters())
+            frames = [EncodedFrame(codes.to(param.device), None if scale is None
+                                   else scale.to(param.device, param.dtype))
+                      for codes, scale in frames]
+            with torch.inference_mode(), audio.AudioFileWriter(
+                    job.target, model.sample_rate, model.channels, subtype=args.subtype) as out:
+                for block in decode_blocks(frames, model, length=header.audio_length):
+                    out.write(block[0].cpu())
+        else:
+            with torch.inference_mode():
+                wav, sr = ecdc.decompress(data, model=model, lm=lm)
+            write_output_audio(job.target, wav.cpu(), sr, args)
+        elapsed = time.perf_counter() - start
+        return (f"decompress {job.source} -> {job.target}: {model_label(model)}, "
+                f"{header.num_codebooks} codebooks, {duration:.2f} s of audio, "
+                f"{speed(duration, elapsed)}")
+
+    return run_jobs(jobs, work, args)
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenwave", description="EnCodec audio codec tools: compress to .ecdc, "
+        "decompress, extract tokens, round trip. IN may be a folder (then OUT is a folder).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    common.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    common.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"model name, checkpoint path, or random:<preset> (an untrained "
+                            f"stand-in); default {DEFAULT_MODEL}")
+    rate = argparse.ArgumentParser(add_help=False)
+    group = rate.add_mutually_exclusive_group(required=True)
+    group.add_argument("--bandwidth", "-b", type=float, metavar="KBPS",
+                       help="target bandwidth in kbps (e.g. 1.5, 3, 6, 12, 24 at 24 kHz)")
+    group.add_argument("--codebooks", "-n", type=int, metavar="N", help="number of codebooks")
+    rate.add_argument("--block-seconds", type=float, default=BLOCK_SECONDS,
+                      help=f"block length for inputs longer than {STREAM_ABOVE_SECONDS:g} s, "
+                           "which are processed in bounded memory")
+    out_audio = argparse.ArgumentParser(add_help=False)
+    out_audio.add_argument("--subtype", default="PCM_16", choices=audio.SUBTYPES,
+                           help="sample format of the written audio")
+    out_audio.add_argument("--normalize", choices=audio.NORMALIZE_MODES,
+                           help="peak (-1 dBFS) or loudness (--target-lufs); default: none")
+    out_audio.add_argument("--target-lufs", type=float, default=-14.0,
+                           help="loudness target for --normalize loudness (default -14)")
+
+    sub = commands.add_parser("compress", parents=[common, model, rate],
+                              help="audio -> .ecdc file")
+    sub.add_argument("input", metavar="IN")
+    sub.add_argument("output", metavar="OUT")
+    sub.add_argument("--lm", action="store_true", help="entropy-code with the codec's LM")
+    sub.set_defaults(func=cmd_compress)
+
+    sub = commands.add_parser("decompress", parents=[common, out_audio],
+                              help=".ecdc file -> audio")
+    sub.add_argument("input", metavar="IN")
+    sub.add_argument("output", metavar="OUT")
+    sub.add_argument("--model", help="model to decode with (default: the one the file names)")
+    sub.set_defaults(func=cmd_decompress)
+
+    sub = commands.add_parser("tokens", parents=[common, model, rate],
+                              help="audio -> codes (.npy (K, F) or .npz)")
+    sub.add_argument("input", metavar="IN")
+    sub.add_argument("output", metavar="OUT")
+    sub.add_argument("--npz", action="store_true", help="folder mode: write .npz, not .npy")
+    sub.set_defaults(func=cmd_tokens)
+
+    sub = commands.add_parser("roundtrip", parents=[common, model, rate, out_audio],
+                              help="audio -> codes -> audio, to hear the codec")
+    sub.add_argument("input", metavar="IN")
+    sub.add_argument("output", metavar="OUT")
+    sub.set_defaults(func=cmd_roundtrip)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help or a usage error (argparse printed it)
+        return int(exit_.code or 0)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("tokenwave: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line for users; the traceback on request
+        if args.verbose:
+            traceback.print_exc()
+        print(f"tokenwave: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

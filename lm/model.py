@@ -1,0 +1,419 @@
+"""MusicGen-style language model over K codebooks: config, presets, forward and generation.
+
+``LMModel`` sums one embedding per codebook (``card + 1`` rows, the last being the special
+token), runs the :class:`~lm.transformer.Transformer`, normalizes and predicts each codebook
+with its own head. The condition arrives already projected to ``dim``: as a cross-attention
+source ``(B, S, dim)`` with a mask, and/or as a prefix ``(B, P, dim)`` prepended to the
+sequence (MusicGen-melody). Parameter names equal audiocraft's, so its ``state_dict.bin``
+loads directly (see ``inference.loaders``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from .patterns import PatternProvider, make_pattern_provider, stereo_delays
+from .sampling import classifier_free_guidance, guide_batched, sample_next_token
+from .transformer import KVCache, Transformer
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Everything needed to build an :class:`LMModel`; a checkpoint carries one."""
+
+    dim: int = 1024
+    num_heads: int = 16
+    num_layers: int = 24
+    ffn_dim: int = 4096
+    num_codebooks: int = 4
+    card: int = 2048
+    cross_attention: bool = True  # False for prepend-only conditioning (melody) or none
+    positional_embedding: str = "sin"
+    max_period: float = 10_000.0
+    norm_first: bool = True
+    bias_attn: bool = False
+    bias_ff: bool = False
+    bias_proj: bool = False
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    # Codebook interleaving (audiocraft's codebooks_pattern); delays None = 0..K-1.
+    pattern: str = "delay"
+    delays: tuple[int, ...] | None = None
+    flatten_first: int = 0
+    empty_initial: int = 0
+    flattening: tuple[int, ...] | None = None
+    # Classifier-free guidance defaults for generation.
+    cfg_coef: float = 3.0
+    two_step_cfg: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("delays", "flattening"):  # JSON/YAML give lists
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.positional_embedding != "sin":
+            raise ValueError(f"only sinusoidal positions are supported, got {self.positional_embedding!r}")
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
+
+    @property
+    def special_token_id(self) -> int:
+        return self.card
+
+    def pattern_provider(self) -> PatternProvider:
+        if self.pattern == "delay":
+            kwargs = dict(delays=self.delays, flatten_first=self.flatten_first, empty_initial=self.empty_initial)
+        elif self.pattern == "unroll":
+            kwargs = dict(flattening=self.flattening, delays=self.delays)
+        elif self.pattern == "coarse_first":
+            kwargs = dict(delays=self.delays)
+        else:
+            kwargs = {}
+        return make_pattern_provider(self.pattern, self.num_codebooks, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown LMConfig fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+_SMALL = LMConfig()
+_MEDIUM = LMConfig(dim=1536, num_heads=24, num_layers=48, ffn_dim=6144)
+_LARGE = LMConfig(dim=2048, num_heads=32, num_layers=48, ffn_dim=8192)
+_STEREO = dict(num_codebooks=8, delays=tuple(stereo_delays(4)))
+
+PRESETS: dict[str, LMConfig] = {
+    "musicgen_small": _SMALL,
+    "musicgen_medium": _MEDIUM,
+    "musicgen_large": _LARGE,
+    "musicgen_melody": replace(_MEDIUM, cross_attention=False),
+    "musicgen_stereo_small": replace(_SMALL, **_STEREO),
+    "musicgen_stereo_medium": replace(_MEDIUM, **_STEREO),
+    "musicgen_stereo_large": replace(_LARGE, **_STEREO),
+    # Tiny models for tests and smoke runs: built in milliseconds.
+    "tiny": LMConfig(dim=32, num_heads=4, num_layers=2, ffn_dim=64, num_codebooks=4, card=16),
+    "tiny_prepend": LMConfig(dim=32, num_heads=4, num_layers=2, ffn_dim=64, num_codebooks=4, card=16,
+                             cross_attention=False),
+    "tiny_stereo": LMConfig(dim=32, num_heads=4, num_layers=2, ffn_dim=64, num_codebooks=8, card=16,
+                            delays=tuple(stereo_delays(4))),
+}
+
+
+def get_preset(name: str) -> LMConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown LM preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass
+class DecodingState:
+    """Per-generation state of incremental decoding (one per forward stream).
+
+    ``caches`` hold self-attention keys/values per layer, ``cross_kv`` the condition's
+    projected keys/values per layer, ``cross_mask`` its boolean mask ``(B, 1, 1, S)``,
+    ``key_mask (B, max_len)`` the self-attention keys that may be attended (set when a
+    padded prefix is prepended) and ``offset`` the number of positions already processed.
+    """
+
+    caches: list[KVCache]
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    cross_mask: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+    offset: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.caches[0].keys.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.caches[0].max_len
+
+
+class LMModel(nn.Module):
+    """Transformer LM over interleaved codebook sequences ``(B, K, S)`` -> logits ``(B, K, S, card)``."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.pattern_provider = c.pattern_provider()
+        self.emb = nn.ModuleList([nn.Embedding(c.card + 1, c.dim) for _ in range(c.num_codebooks)])
+        self.transformer = Transformer(
+            dim=c.dim, num_heads=c.num_heads, num_layers=c.num_layers, ffn_dim=c.ffn_dim,
+            cross_attention=c.cross_attention, norm_first=c.norm_first, bias_attn=c.bias_attn,
+            bias_ff=c.bias_ff, activation=c.activation, layer_norm_eps=c.layer_norm_eps,
+            dropout=c.dropout, max_period=c.max_period)
+        self.out_norm = nn.LayerNorm(c.dim, eps=c.layer_norm_eps) if c.norm_first else None
+        self.linears = nn.ModuleList([nn.Linear(c.dim, c.card, bias=c.bias_proj) for _ in range(c.num_codebooks)])
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """audiocraft's 'gaussian' init with depth-wise scaling ('current'): std 1/sqrt(fan_in),
+        divided by sqrt(2 * depth) inside layer ``depth - 1``, truncated at 3 std."""
+        def init(weight: torch.Tensor, fan_in: int, depth: int | None = None) -> None:
+            std = 1 / math.sqrt(fan_in) / (math.sqrt(2 * depth) if depth else 1)
+            nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
+
+        for emb in self.emb:
+            init(emb.weight, self.config.dim)
+        for depth, layer in enumerate(self.transformer.layers, start=1):
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    init(module.weight, module.in_features, depth)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+        for linear in self.linears:
+            init(linear.weight, self.config.dim)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    @property
+    def special_token_id(self) -> int:
+        return self.config.card
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.config.num_codebooks
+
+    def set_attention_backend(self, backend: str) -> None:
+        """'sdpa' (default) or 'xformers' (CUDA only, when installed)."""
+        self.transformer.set_attention_backend(backend)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def embed(self, sequence: torch.Tensor) -> torch.Tensor:
+        """Sum of per-codebook embeddings: ``(B, K, S)`` -> ``(B, S, dim)``."""
+        if sequence.dim() != 3 or sequence.shape[1] != self.num_codebooks:
+            raise ValueError(f"expected a sequence (B, {self.num_codebooks}, S), got {tuple(sequence.shape)}")
+        out = self.emb[0](sequence[:, 0])
+        for k in range(1, self.num_codebooks):
+            out = out + self.emb[k](sequence[:, k])
+        return out
+
+    def heads(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Transformer output ``(B, S, dim)`` -> logits ``(B, K, S, card)``."""
+        if self.out_norm is not None:
+            hidden = self.out_norm(hidden)
+        return torch.stack([linear(hidden) for linear in self.linears], dim=1)
+
+    def hidden(self, sequence: torch.Tensor, *, condition: torch.Tensor | None = None,
+               condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+               prefix_mask: torch.Tensor | None = None, state: DecodingState | None = None) -> torch.Tensor:
+        """Transformer output ``(B, S, dim)`` for the sequence positions (prefix outputs dropped).
+
+        Without ``state``: a full causal pass; ``condition (B, S_c, dim)`` is attended through
+        cross-attention (``condition_mask (B, S_c)``: true = attend; None = attend to all, as
+        audiocraft does), ``prefix (B, P, dim)`` is prepended (``prefix_mask (B, P)``).
+        With ``state``: an incremental step; the condition lives in the state (see
+        :meth:`init_state`) and a prefix may only be given on the first step.
+        """
+        x = self.embed(sequence)
+        S = x.shape[1]
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        if state is None:
+            cross_kv, cross_mask = self._cross_inputs(condition, condition_mask, x.shape[0], x.dtype)
+            key_mask = None
+            if prefix_mask is not None:
+                key_mask = torch.cat([prefix_mask.to(torch.bool),
+                                      prefix_mask.new_ones(x.shape[0], S, dtype=torch.bool)], dim=1)
+            out = self.transformer(x, key_mask=key_mask, cross_kv=cross_kv, cross_mask=cross_mask)
+        else:
+            if condition is not None or condition_mask is not None:
+                raise ValueError("with a decoding state, pass the condition to init_state(), not forward()")
+            if prefix is not None and state.offset:
+                raise ValueError("a prefix can only be prepended on the first decoding step")
+            if prefix_mask is not None:
+                if prefix is None or prefix_mask.shape != prefix.shape[:2]:
+                    raise ValueError("prefix_mask (B, P) must come with a prefix (B, P, dim)")
+                state.key_mask = torch.ones(x.shape[0], state.max_len, dtype=torch.bool, device=x.device)
+                state.key_mask[:, : prefix.shape[1]] = prefix_mask.to(torch.bool)
+            out = self.transformer(x, start=state.offset, caches=state.caches, key_mask=state.key_mask,
+                                   cross_kv=state.cross_kv, cross_mask=state.cross_mask)
+            state.offset += x.shape[1]
+        return out[:, -S:] if prefix is not None else out
+
+    def forward(self, sequence: torch.Tensor, *, condition: torch.Tensor | None = None,
+                condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+                prefix_mask: torch.Tensor | None = None, state: DecodingState | None = None) -> torch.Tensor:
+        """Logits ``(B, K, S, card)`` for a pattern sequence ``(B, K, S)``; see :meth:`hidden`."""
+        return self.heads(self.hidden(sequence, condition=condition, condition_mask=condition_mask,
+                                      prefix=prefix, prefix_mask=prefix_mask, state=state))
+
+    def compute_predictions(self, codes: torch.Tensor, **condition) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training view: codes ``(B, K, T)`` -> logits ``(B, K, T, card)`` aligned with the codes
+        they predict, and the mask ``(B, K, T)`` of positions with a valid prediction.
+
+        As audiocraft, the sequence is cut to the pattern's valid steps; invalid logits are NaN.
+        """
+        B, K, T = codes.shape
+        pattern = self.pattern_provider.get_pattern(T)
+        sequence, _ = pattern.build_sequence(codes, self.special_token_id, keep_only_valid_steps=True)
+        logits = self(sequence, **condition).permute(0, 3, 1, 2)  # (B, card, K, S)
+        logits, mask = pattern.revert_logits(logits, float("nan"), keep_only_valid_steps=True)
+        return logits.permute(0, 2, 3, 1), mask[None].expand(B, -1, -1)
+
+    def _cross_inputs(self, condition: torch.Tensor | None, condition_mask: torch.Tensor | None,
+                      batch_size: int, dtype: torch.dtype):
+        """Project the condition to per-layer keys/values and build its boolean mask (true = attend)."""
+        if not self.config.cross_attention:
+            if condition is not None:
+                raise ValueError("this model has no cross-attention; pass the condition as a prefix")
+            return None, None
+        if condition is None:
+            raise ValueError("this model uses cross-attention: a condition (B, S, dim) is required")
+        if condition.dim() != 3 or condition.shape[0] != batch_size or condition.shape[2] != self.config.dim:
+            raise ValueError(f"expected a condition ({batch_size}, S, {self.config.dim}), "
+                             f"got {tuple(condition.shape)}")
+        condition = condition.to(dtype)
+        cross_kv = [layer.cross_attention.project_kv(condition) for layer in self.transformer.layers]
+        cross_mask = None
+        if condition_mask is not None:
+            if condition_mask.shape != condition.shape[:2]:
+                raise ValueError(f"condition_mask must be {tuple(condition.shape[:2])}, "
+                                 f"got {tuple(condition_mask.shape)}")
+            cross_mask = condition_mask.to(torch.bool)[:, None, None, :]
+        return cross_kv, cross_mask
+
+    def init_state(self, batch_size: int, max_len: int, *, condition: torch.Tensor | None = None,
+                   condition_mask: torch.Tensor | None = None) -> DecodingState:
+        """Allocate KV caches for ``max_len`` positions (prefix included) and project the condition."""
+        param = self.emb[0].weight
+        head_dim = self.config.dim // self.config.num_heads
+        caches = [KVCache(batch_size=batch_size, num_heads=self.config.num_heads, max_len=max_len,
+                          head_dim=head_dim, dtype=param.dtype, device=param.device)
+                  for _ in self.transformer.layers]
+        cross_kv, cross_mask = self._cross_inputs(condition, condition_mask, batch_size, param.dtype)
+        return DecodingState(caches=caches, cross_kv=cross_kv, cross_mask=cross_mask)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, *, max_gen_len: int, prompt: torch.Tensor | None = None,
+                 num_samples: int | None = None, condition: torch.Tensor | None = None,
+                 condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+                 prefix_mask: torch.Tensor | None = None, use_sampling: bool = True,
+                 temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
+                 cfg_coef: float | None = None, two_step_cfg: bool | None = None,
+                 generator: torch.Generator | None = None,
+                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Generate codes ``(B, K, max_gen_len)``, the prompt included, as audiocraft does.
+
+        Args:
+            max_gen_len: total number of frames, prompt frames included.
+            prompt: codes ``(B, K, T0)`` to continue, ``T0 < max_gen_len``.
+            num_samples: B when there is no prompt (default 1).
+            condition: cross-attention source ``(R, S, dim)``, already projected, and
+                ``condition_mask (R, S)`` (true = attend; None attends to all positions).
+            prefix: ``(R, P, dim)`` prepended to the sequence (melody), ``prefix_mask (R, P)``.
+                For either, R = 2B means rows ``[conditional; unconditional]`` and enables
+                classifier-free guidance, R = B means no guidance.
+            use_sampling, temperature, top_k, top_p: see :func:`lm.sampling.sample_next_token`.
+            cfg_coef: guidance coefficient (default: the config's, 3.0 for MusicGen).
+            two_step_cfg: run conditional and unconditional rows as separate passes.
+            generator: random generator for reproducible sampling.
+            callback: called as ``callback(step, total)`` after every step.
+        """
+        if self.training:
+            raise RuntimeError("call model.eval() before generate()")
+        device = self.emb[0].weight.device
+        B = self._batch_size(prompt, num_samples)
+        guided = self._is_guided(B, condition, prefix)
+        cfg_coef = self.config.cfg_coef if cfg_coef is None else cfg_coef
+        two_step = guided and (self.config.two_step_cfg if two_step_cfg is None else two_step_cfg)
+
+        K, T0 = self.num_codebooks, 0 if prompt is None else prompt.shape[-1]
+        if T0 >= max_gen_len:
+            raise ValueError(f"prompt has {T0} frames; max_gen_len ({max_gen_len}) must be larger")
+        pattern = self.pattern_provider.get_pattern(max_gen_len)
+        unknown = -1
+        codes = torch.full((B, K, max_gen_len), unknown, dtype=torch.long, device=device)
+        if prompt is not None:
+            if prompt.shape[:2] != (B, K):
+                raise ValueError(f"expected a prompt ({B}, {K}, T0), got {tuple(prompt.shape)}")
+            codes[..., :T0] = prompt
+        sequence, valid = pattern.build_sequence(codes, self.special_token_id)
+        start = pattern.first_step_with_timestep(T0)
+        S = sequence.shape[-1]
+        max_len = S + (0 if prefix is None else prefix.shape[1])
+
+        streams = self._streams(B, guided, two_step, max_len, condition, condition_mask, prefix, prefix_mask)
+        prev = 0
+        for offset in range(start, S):
+            outputs = [self._last_logits(sequence[..., prev:offset], state, rows, pre, pre_mask)
+                       for state, rows, pre, pre_mask in streams]
+            if two_step:
+                logits = classifier_free_guidance(outputs[0], outputs[1], cfg_coef)
+            elif guided:
+                logits = guide_batched(outputs[0], cfg_coef)
+            else:
+                logits = outputs[0]
+            token = sample_next_token(logits, use_sampling=use_sampling, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, generator=generator)
+            token = torch.where(valid[:, offset], token, self.special_token_id)
+            current = sequence[..., offset]  # prompt positions are kept, only unknowns are written
+            sequence[..., offset] = torch.where(current == unknown, token, current)
+            prev = offset
+            if callback is not None:
+                callback(1 + offset - start, S - start)
+        out, _ = pattern.revert_sequence(sequence, special_token=unknown)
+        return out[..., :max_gen_len]
+
+    def _last_logits(self, sequence: torch.Tensor, state: DecodingState, rows: int,
+                     prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``(rows, K, card)`` of the last position, the sequence repeated up to ``rows``.
+
+        The prefix enters on the first call only; later calls find it in the KV cache.
+        """
+        if rows != sequence.shape[0]:
+            sequence = sequence.repeat(rows // sequence.shape[0], 1, 1)
+        if state.offset:
+            prefix = prefix_mask = None
+        hidden = self.hidden(sequence, prefix=prefix, prefix_mask=prefix_mask, state=state)
+        return self.heads(hidden[:, -1:])[:, :, 0]
+
+    def _streams(self, B, guided, two_step, max_len, condition, condition_mask, prefix, prefix_mask):
+        """One (state, rows, prefix, prefix_mask) per forward pass run at each step."""
+        rows = 2 * B if guided else B
+        if not two_step:
+            state = self.init_state(rows, max_len, condition=condition, condition_mask=condition_mask)
+            return [(state, rows, prefix, prefix_mask)]
+
+        def half(x, i):
+            return None if x is None else x.chunk(2)[i]
+
+        return [(self.init_state(B, max_len, condition=half(condition, i), condition_mask=half(condition_mask, i)),
+                 B, half(prefix, i), half(prefix_mask, i)) for i in range(2)]
+
+    @staticmethod
+    def _batch_size(prompt: torch.Tensor | None, num_samples: int | None) -> int:
+        if prompt is not None:
+            if num_samples is not None and num_samples != prompt.shape[0]:
+                raise ValueError(f"num_samples={num_samples} but the prompt has {prompt.shape[0]} rows")
+            return prompt.shape[0]
+        return 1 if num_samples is None else num_samples
+
+    @staticmethod
+    def _is_guided(B: int, condition: torch.Tensor | None, prefix: torch.Tensor | None) -> bool:
+        """True when the condition rows are ``[conditional; unconditional]`` (2B rows)."""
+        rows = [x.shape[0] for x in (condition, prefix) if x is not None]
+        if not rows:
+            return False
+        if len(set(rows)) > 1 or rows[0] not in (B, 2 * B):
+            raise ValueError(f"condition and prefix must have {B} rows (no guidance) or {2 * B} rows "
+                             f"([conditional; unconditional]); got {rows}")
+        return rows[0] == 2 * B

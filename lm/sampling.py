@@ -1,0 +1,70 @@
+"""Next-token choice: classifier-free guidance, temperature, top-k / top-p sampling, greedy.
+
+The sampling rules are MusicGen's (audiocraft): probabilities are softmax(logits / T);
+top-p (when > 0) wins over top-k (when > 0); kept probabilities are renormalized and one
+token is drawn with ``torch.multinomial``. Greedy decoding takes the argmax of the logits.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, coef: float) -> torch.Tensor:
+    """``uncond + (cond - uncond) * coef``: coef 1 gives the conditional logits, larger pushes
+    further from the unconditional ones."""
+    if cond.shape != uncond.shape:
+        raise ValueError(f"conditional and unconditional logits differ in shape: "
+                         f"{tuple(cond.shape)} vs {tuple(uncond.shape)}")
+    return uncond + (cond - uncond) * coef
+
+
+def guide_batched(logits: torch.Tensor, coef: float) -> torch.Tensor:
+    """Guidance on one batch holding rows ``[conditional; unconditional]``: ``(2B, ...)`` -> ``(B, ...)``."""
+    if logits.shape[0] % 2:
+        raise ValueError(f"guided logits need an even number of rows, got {logits.shape[0]}")
+    cond, uncond = logits.chunk(2, dim=0)
+    return classifier_free_guidance(cond, uncond, coef)
+
+
+def multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of ``probs (..., card)``; returns indices ``(...)``."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, num_samples=1, generator=generator).reshape(probs.shape[:-1])
+
+
+def sample_top_k(probs: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep the ``k`` most likely tokens (ties with the k-th included), renormalize, draw."""
+    kth = torch.topk(probs, min(k, probs.shape[-1]), dim=-1).values[..., -1:]
+    kept = probs * (probs >= kth)
+    return multinomial(kept / kept.sum(dim=-1, keepdim=True), generator)
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Nucleus sampling: keep the smallest most-likely set whose mass reaches ``p``, draw."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    kept = sorted_probs * (mass_before <= p)
+    choice = multinomial(kept / kept.sum(dim=-1, keepdim=True), generator)
+    return torch.gather(order, -1, choice.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_next_token(logits: torch.Tensor, *, use_sampling: bool = True, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 0.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of ``logits (..., card)``; returns ``(...)`` int64.
+
+    Greedy when ``use_sampling`` is false or ``temperature <= 0``; otherwise top-p if
+    ``top_p > 0``, else top-k if ``top_k > 0``, else the full distribution.
+    """
+    if not use_sampling or temperature <= 0:
+        return logits.argmax(dim=-1)
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p > 0:
+        return sample_top_p(probs, top_p, generator)
+    if top_k > 0:
+        return sample_top_k(probs, top_k, generator)
+    return multinomial(probs, generator)

@@ -106,6 +106,16 @@ class CodecLayout:
                    codebook_size=model.codebook_size, normalize=model.normalize,
                    segment_length=model.segment_length, segment_stride=model.segment_stride)
 
+    @classmethod
+    def from_config(cls, config) -> "CodecLayout":
+        """From an `EncodecConfig`, without building the model (same chunking rules)."""
+        segment = None if config.segment is None else int(config.segment * config.sample_rate)
+        stride = None if segment is None else max(1, int((1 - config.overlap) * segment))
+        return cls(name=config.name, sample_rate=config.sample_rate, channels=config.channels,
+                   frame_rate=config.frame_rate, num_codebooks=config.num_codebooks,
+                   codebook_size=config.codebook_size, normalize=config.normalize,
+                   segment_length=segment, segment_stride=stride)
+
     @property
     def bits_per_codebook(self) -> int:
         bits = self.codebook_size.bit_length() - 1
@@ -195,6 +205,9 @@ def write_body(fileobj: BinaryIO, frames: list[EncodedFrame], layout: CodecLayou
                 raise ValueError(f"{layout.name} normalizes chunks but a frame has no scale")
             fileobj.write(_SCALE.pack(float(scale.reshape(-1)[0])))
         codes = codes[0].detach().cpu()
+        if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < layout.codebook_size:
+            raise ValueError(f"codes must be in [0, {layout.codebook_size}), found "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
         if lm is not None:
             fileobj.write(encode_chunk_lm(codes, lm))
         else:
@@ -225,13 +238,19 @@ def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
                          f"(letters, digits, '_', '.', '-' only)")
     layout = CodecLayout.from_model(model)
     if use_lm and lm is None:
-        lm = load_entropy_lm(model.name, models_dir=models_dir)
+        lm = load_entropy_lm(layout, models_dir=models_dir)
     param = next(model.parameters(), None)
     device = param.device if param is not None else wav.device
     with torch.no_grad():
         frames = model.encode(wav[None].to(device), num_codebooks=num_codebooks,
                               bandwidth=bandwidth)
     header = EcdcHeader(model.name, wav.shape[-1], frames[0].codes.shape[1], use_lm)
+    # The decoder recomputes the frame counts from the length; they must be what encode made.
+    made = [frame.codes.shape[-1] for frame in frames]
+    if made != list(layout.chunk_frames(header.audio_length)):
+        raise ValueError(f"{model.name} encoded {header.audio_length} samples into chunks of "
+                         f"{made[:4]} frames; the .ecdc layout expects "
+                         f"{list(layout.chunk_frames(header.audio_length))[:4]}")
     if use_lm:
         _check_lm(lm, layout, header.num_codebooks)
     fileobj.write(header.to_bytes())
@@ -306,7 +325,7 @@ def decode_chunk_lm(data: memoryview, pos: int, num_codebooks: int, num_frames: 
     for t in range(num_frames):
         probs = lm.step(state, prev)
         try:
-            symbols = decoder.pull_many(quantized_cdf(probs[0].numpy()).tolist())
+            symbols = decoder.pull_many(quantized_cdf(probs[0].numpy()))
         except EntropyDecodingError as error:
             raise EcdcError(f"corrupted entropy-coded data in frame {t}: {error}") from None
         decoded.append(symbols)
@@ -428,7 +447,7 @@ def decompress(data: bytes | bytearray | memoryview, model=None, *, lm: EntropyL
     layout = CodecLayout.from_model(model)
     if header.use_lm and lm is None and header.model_name == layout.name:
         try:
-            lm = load_entropy_lm(layout.name, models_dir=models_dir)
+            lm = load_entropy_lm(layout, models_dir=models_dir)
         except FileNotFoundError as error:
             raise EcdcError(str(error)) from None
     header, frames = parse_ecdc(data, layout, lm, max_duration=max_duration)
@@ -461,30 +480,36 @@ def lm_name(model_name: str) -> str:
     return model_name + "_lm"
 
 
-def load_entropy_lm(model_name: str, *, models_dir: str | Path | None = None,
-                    layout: CodecLayout | None = None) -> EntropyLM:
-    """Load the LM prior of codec `model_name` from the models folder.
+def load_entropy_lm(codec: "str | CodecLayout", *,
+                    models_dir: str | Path | None = None) -> EntropyLM:
+    """Load the LM prior of a codec from the models folder.
+
+    Args:
+        codec: a codec preset name, a `CodecLayout`, or a model (anything `CodecLayout.
+            from_model` takes); it fixes the LM's name (`encodec_24khz` -> `encodec_lm_24khz`)
+            and its size (the released architecture for its codebooks and frame rate).
+        models_dir: see `codec.registry`.
 
     Looks for the release file (`encodec_lm_24khz-1608e3c0.th`, `encodec_lm_48khz-7add9fc3.th`;
-    its sha256 prefix is verified) or `<lm name>.th` through `codec.registry`; read with
-    `torch.load(weights_only=True)`. The architecture is the released one for the codec's
-    codebooks and frame rate (`layout`, default: the codec preset of that name).
+    the sha256 prefix in the name is verified) or `<LM name>.th` through `codec.registry`, and
+    reads it with `torch.load(weights_only=True)`.
 
-    Raises FileNotFoundError (the registry's message says where it looked) or EcdcError.
+    Raises:
+        FileNotFoundError: no such file (the message lists where it looked and how to get it).
+        EcdcError: the file is not a matching entropy LM.
     """
     from . import registry
     from .model import PRESETS
 
-    if layout is None:
-        if model_name not in PRESETS:
-            raise EcdcError(f"no preset {model_name!r} to size its entropy LM; pass layout=")
-        config = PRESETS[model_name]
-        layout = CodecLayout(name=config.name, sample_rate=config.sample_rate,
-                             channels=config.channels, frame_rate=config.frame_rate,
-                             num_codebooks=config.num_codebooks,
-                             codebook_size=config.codebook_size, normalize=config.normalize,
-                             segment_length=None, segment_stride=None)
-    path = Path(registry.resolve(lm_name(model_name), models_dir=models_dir))
+    if isinstance(codec, str):
+        if codec not in PRESETS:
+            raise EcdcError(f"no preset {codec!r} to size its entropy LM; pass the model")
+        layout = CodecLayout.from_config(PRESETS[codec])
+    elif isinstance(codec, CodecLayout):
+        layout = codec
+    else:
+        layout = CodecLayout.from_model(codec)
+    path = Path(registry.resolve(lm_name(layout.name), models_dir=models_dir))
     expected = registry.release_checksum(path.name)
     if expected is not None:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -499,5 +524,5 @@ def load_entropy_lm(model_name: str, *, models_dir: str | Path | None = None,
     try:
         lm.load_state_dict(state)
     except RuntimeError as error:
-        raise EcdcError(f"{path}: not an entropy LM for {model_name}: {error}") from None
+        raise EcdcError(f"{path}: not an entropy LM for {layout.name}: {error}") from None
     return lm.eval()

@@ -8,8 +8,16 @@ Why the details below matter: the quantized CDF floors `p / 1e-8` in float32, so
 difference in a probability is enough to change a CDF entry and desynchronise the decoder.
 The LM therefore has to produce *bitwise* the probabilities the reference computes in its
 streaming loop, not merely close ones; `EntropyLM.step` issues the same torch kernels on
-the same shapes and memory layouts as the reference does, and only caches what is provably
-identical (see `_EXACT_KV_ROWS`).
+the same shapes and memory layouts as the reference does, and only caches what gives
+identical bits (see `_EXACT_KV_ROWS`). Like the reference's, those bits depend on the CPU
+kernels (ISA, MKL build, thread count): entropy-coded files are portable between the two
+implementations on one kind of machine, not necessarily across machines.
+
+Speed: the reference recomputes every layer's keys and values over the whole 3.5 s window at
+each frame and builds each CDF with torch ops per symbol; here keys/values are cached, one
+frame's CDFs are built at once in numpy, and the coder works on Python ints. The remaining
+cost is streaming the LM's weights (about 16 MB per frame at 8 codebooks) through
+matrix-vector products, which the bitwise match forbids batching across frames.
 """
 from __future__ import annotations
 
@@ -32,12 +40,12 @@ _BIT_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 # Keys/values of the rows already seen are cached between steps. The reference recomputes
 # them every step with one (N, dim) x (dim, 2 dim) matrix product over the whole window;
 # MKL returns a row's result independently of N only once N is past its small-matrix
-# kernels (N >= 4 on AVX-512 here). While the window has at most this many rows we recompute
-# it exactly like the reference; past it, a new row is computed inside a product of this
-# many rows, which gives the same bits as the reference's larger product. The oracle tests
-# check this on the machine that runs them.
+# kernels (N >= 4 with AVX-512 on the development machine; 8 leaves a margin). While the
+# window has at most this many rows it is recomputed exactly like the reference; past it, a
+# new row is computed inside a product of this many rows, which gives the same bits as the
+# reference's larger product. tests/test_entropy.py checks this on the machine it runs on.
 _EXACT_KV_ROWS = 8
-_POSITION_CACHE_SIZE = 1 << 16
+_POSITION_CACHE_SIZE = 4096  # frames; 800 bytes each at dim 200
 
 
 class EntropyDecodingError(ValueError):
@@ -184,12 +192,12 @@ class ArithmeticDecoder:
         """Offset of the first byte of `data` not read yet."""
         return self._pos
 
-    def pull(self, cdf: Sequence[int]) -> int:
-        """Decode one symbol coded with the quantized CDF `cdf` (a list is fastest)."""
+    def pull(self, cdf: Sequence[int] | np.ndarray) -> int:
+        """Decode one symbol coded with the quantized CDF `cdf` (a list or an int64 array)."""
         return self.pull_many([cdf])[0]
 
-    def pull_many(self, cdfs: Sequence[Sequence[int]]) -> list[int]:
-        """Decode one symbol per CDF in `cdfs`, in order."""
+    def pull_many(self, cdfs: Sequence[Sequence[int]] | np.ndarray) -> list[int]:
+        """Decode one symbol per CDF in `cdfs` (e.g. `quantized_cdf` rows `(K, card)`), in order."""
         data, pos, end_pos = self._data, self._pos, len(self._data)
         low, high, current, max_bit = self._low, self._high, self._current, self._max_bit
         acc, acc_bits = self._acc, self._acc_bits
@@ -215,14 +223,17 @@ class ArithmeticDecoder:
             # First symbol whose scaled range end reaches `value`:
             # floor((cdf[s] - 1) * delta / 2**24) >= value <=> cdf[s] >= ceil(value * 2**24 / delta) + 1
             threshold = -((-value << TOTAL_RANGE_BITS) // delta) + 1
-            symbol = bisect_left(cdf, threshold)
+            if isinstance(cdf, np.ndarray):  # a C search; converting rows to lists costs more
+                symbol = int(cdf.searchsorted(threshold))
+            else:
+                symbol = bisect_left(cdf, threshold)
             if symbol == len(cdf):
                 raise EntropyDecodingError("value beyond the last symbol's range")
-            start = cdf[symbol - 1] if symbol else 0
+            start = int(cdf[symbol - 1]) if symbol else 0
             new_low = low - ((-start * delta) >> TOTAL_RANGE_BITS)
             if current < new_low:
                 raise EntropyDecodingError("value between two symbol ranges")
-            high = low + (((cdf[symbol] - 1) * delta) >> TOTAL_RANGE_BITS)
+            high = low + (((int(cdf[symbol]) - 1) * delta) >> TOTAL_RANGE_BITS)
             low = new_low
             width = max_bit + 1
             common = width - (low ^ high).bit_length()
@@ -362,7 +373,6 @@ class EntropyLM(nn.Module):
         logits = torch.stack([self.linears[k](out) for k in range(num_codebooks)], dim=1)
         return torch.softmax(logits.permute(0, 3, 1, 2), dim=1)
 
-    @torch.no_grad()
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """Offline priors of every frame of `codes` `(B, K, T)` given the frames before it.
 
@@ -384,11 +394,19 @@ class EntropyLM(nn.Module):
             x = layer.norm2(x + layer.feed_forward(x))
         return self._probabilities(x, K).permute(0, 2, 3, 1)
 
-    def initial_state(self, num_codebooks: int | None = None, batch_size: int = 1) -> "EntropyLMState":
-        """A fresh streaming state for `num_codebooks` (default: all) codebooks."""
+    def initial_state(self, num_codebooks: int | None = None, batch_size: int = 1, *,
+                      cache_keys: bool = True) -> "EntropyLMState":
+        """A fresh streaming state for `num_codebooks` (default: all) codebooks.
+
+        `cache_keys=False` recomputes every layer's keys and values over the whole window at
+        each step, as the reference does: slower, but bitwise equal to it at any thread count
+        (with several threads MKL splits the reference's large products in ways a cached row
+        does not reproduce). The default cache matches it with one thread.
+        """
         num_codebooks = self.num_codebooks if num_codebooks is None else num_codebooks
         self._check_codebooks(num_codebooks)
-        return EntropyLMState(self, num_codebooks=num_codebooks, batch_size=batch_size)
+        return EntropyLMState(self, num_codebooks=num_codebooks, batch_size=batch_size,
+                              cache_keys=cache_keys)
 
     def _position(self, offset: int, device: torch.device) -> torch.Tensor:
         """Positional embedding `(1, 1, D)` of one frame, computed as the reference does per
@@ -444,8 +462,9 @@ class _LayerCache:
     `[start, start + length)` of buffers with room to append before compacting."""
 
     def __init__(self, layer: EntropyLayer, *, batch_size: int, past_context: int,
-                 num_heads: int) -> None:
+                 num_heads: int, exact_rows: int) -> None:
         weight = layer.linear1.weight
+        self.exact_rows = exact_rows
         dim = weight.shape[1]
         self.num_heads = num_heads
         self.capacity = 2 * (past_context + 1)
@@ -475,13 +494,13 @@ class _LayerCache:
         end = start + self.length + 1  # window including the new frame
         rows = end - start
         self.inputs.narrow(1, end - 1, 1).copy_(x)
-        if rows <= _EXACT_KV_ROWS:
+        if rows <= self.exact_rows:
             kv = F.linear(self.inputs.narrow(1, start, rows), self.w_kv, self.b_kv)
             self.kv.narrow(1, start, rows).copy_(kv)
         else:
-            kv = F.linear(self.inputs.narrow(1, end - _EXACT_KV_ROWS, _EXACT_KV_ROWS),
+            kv = F.linear(self.inputs.narrow(1, end - self.exact_rows, self.exact_rows),
                           self.w_kv, self.b_kv)
-            self.kv.narrow(1, end - 1, 1).copy_(kv.narrow(1, _EXACT_KV_ROWS - 1, 1))
+            self.kv.narrow(1, end - 1, 1).copy_(kv.narrow(1, self.exact_rows - 1, 1))
         window = self.kv.narrow(1, start, rows).view(B, rows, 2, H, D // H)
         q = F.linear(x, self.w_q, self.b_q).view(B, 1, H, D // H).transpose(1, 2)
         k = window.select(2, 0).transpose(1, 2)
@@ -508,7 +527,8 @@ class EntropyLMState:
 
     Holds views of the LM's weights: create a new state after changing them."""
 
-    def __init__(self, lm: EntropyLM, *, num_codebooks: int, batch_size: int) -> None:
+    def __init__(self, lm: EntropyLM, *, num_codebooks: int, batch_size: int,
+                 cache_keys: bool = True) -> None:
         self.device = lm.linears[0].weight.device
         self.num_codebooks = num_codebooks
         self.batch_size = batch_size
@@ -519,13 +539,9 @@ class EntropyLMState:
                       for k in range(num_codebooks)]
         self.layers = [
             _LayerCache(layer, batch_size=batch_size, past_context=lm.past_context,
-                        num_heads=lm.num_heads)
+                        num_heads=lm.num_heads,
+                        exact_rows=_EXACT_KV_ROWS if cache_keys else lm.past_context + 1)
             for layer in lm.transformer.layers]
-
-
-def frame_cdfs(probs: torch.Tensor) -> np.ndarray:
-    """Quantized CDFs `(K, card)` from one step's probabilities `(1, K, card)`."""
-    return quantized_cdf(probs[0].numpy())
 
 
 def max_symbols_for_bits(num_bits: int, card: int) -> int:

@@ -268,17 +268,23 @@ def _follow_pointer(name: Any, path: Path, models_dir: PathLike | None, hops: in
 
 # -- low-level file reading -----------------------------------------------------------------
 def _read_pickle(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for bad files; all mean "unreadable"
         with open(path, "rb") as file:
             head = file.read(4)
-        kind = "zip archive" if head.startswith(b"PK") else "pickle" if head[:1] == b"\x80" \
-            else f"neither a zip archive nor a pickle (starts with {head!r})"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        kind = "a zip archive" if head.startswith(b"PK") else "a pickle" \
+            if head[:1] == b"\x80" else f"a file that is neither a zip archive nor a pickle " \
+            f"(it starts with {head!r})"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's first line advises weights_only=False; the line naming the global says more.
+        reason = next((line for line in lines if "GLOBAL" in line or "global" in line),
+                      lines[0] if lines else type(error).__name__)
+        if "Weights only load failed" in str(error):
             reason = "it holds Python objects or code that a weights-only load refuses: " + reason
-        raise CheckpointError(f"{path}: expected a torch checkpoint of tensors, found a {kind} "
+        raise CheckpointError(f"{path}: expected a torch checkpoint of tensors, found {kind} "
                               f"that cannot be loaded ({reason})") from None
 
 
@@ -355,32 +361,37 @@ def _is_folded(state: StateDict, config: EncodecConfig) -> bool:
         k.endswith((".conv.conv.weight", ".convtr.convtr.weight")) for k in state)
 
 
-def _key_names(config: EncodecConfig) -> list[str]:
+def _build(config: EncodecConfig, path: Path) -> EncodecModel:
+    _check_supported(config, path)
+    try:
+        return EncodecModel(config)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: its config cannot be built ({error})") from None
+
+
+def _key_names(config: EncodecConfig, path: Path) -> list[str]:
     """The state-dict keys of a model with ``config``, from a narrow twin built in milliseconds.
 
     Key names depend on the layout (ratios, residual layers, LSTM, shortcut, norm, codebook
     count), never on widths. (Meta tensors would avoid building, but the first arithmetic on
     one imports torch._dynamo, which costs seconds.)
     """
-    _check_supported(config, None)
     twin = replace(config, n_filters=config.compress, dimension=1, codebook_size=2)
-    return list(EncodecModel(twin).state_dict())
+    return list(_build(twin, path).state_dict())
 
 
-def _check_supported(config: EncodecConfig, path: Path | None) -> None:
-    where = f"{path}: " if path else ""
+def _check_supported(config: EncodecConfig, path: Path) -> None:
     if config.norm not in NORMS:
-        raise CheckpointError(f"{where}unsupported norm {config.norm!r}; expected one of {NORMS}")
+        raise CheckpointError(f"{path}: unsupported norm {config.norm!r}; expected one of {NORMS}")
     if config.pad_mode not in PAD_MODES:
-        raise CheckpointError(f"{where}unsupported pad mode {config.pad_mode!r}; "
+        raise CheckpointError(f"{path}: unsupported pad mode {config.pad_mode!r}; "
                               f"expected one of {PAD_MODES}")
 
 
 def _checked_model(checkpoint: Checkpoint) -> EncodecModel:
     """A freshly built model for ``checkpoint``'s config, once its state is known to fit."""
     config, state = checkpoint.config, checkpoint.state
-    _check_supported(config, checkpoint.path)
-    model = EncodecModel(config)
+    model = _build(config, checkpoint.path)
     if _is_folded(state, config):
         fold_weight_norm(model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -416,7 +427,11 @@ def _read_original(obj: Any, path: Path, config: EncodecConfig | None) -> Checkp
         release = registry.canonical_name(path.name)
         config = PRESETS.get(release) if release in registry.RELEASE_FILES else None
     if config is None:
-        architecture = _infer_architecture(state, path)
+        try:
+            architecture = _infer_architecture(state, path)
+        except (IndexError, KeyError, ZeroDivisionError) as error:
+            raise CheckpointError(f"{path}: expected EnCodec tensor shapes, found tensors whose "
+                                  f"shapes do not fit the layout ({error!r})") from None
         config = next((p for p in PRESETS.values()
                        if all(getattr(p, k) == v for k, v in architecture.items())), None)
         if config is None:
@@ -673,7 +688,7 @@ def _read_config_folder(folder: Path) -> Checkpoint:
                               f"'encodec'), found model_type={data.get('model_type')!r}")
     config = _config_from_transformers(data, folder)
     raw, weights = _read_weights(folder, prefix)
-    ours = {transformers_key(k): k for k in _key_names(config)}
+    ours = {transformers_key(k): k for k in _key_names(config, folder)}
     unknown = [k for k in raw if k not in ours]
     if unknown:
         raise CheckpointError(f"{weights}: {len(unknown)} keys that a transformers EnCodec with "
@@ -745,7 +760,6 @@ def _config_from_transformers(data: dict, folder: Path) -> EncodecConfig:
         segment=None if segment is None else float(segment),
         overlap=EncodecConfig.overlap if overlap is None else float(overlap),
         target_bandwidths=bandwidths)
-    _check_supported(config, where)
     return _named(config, folder.name)
 
 

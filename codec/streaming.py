@@ -71,6 +71,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import audio as audio_io
 from .conv import StreamableConv1d, StreamableConvTranspose1d, pad1d
 from .lstm import StreamableLSTM
 from .model import EncodecModel, EncodedFrame
@@ -111,7 +112,8 @@ class _Node:
         raise NotImplementedError
 
     def flush(self) -> MaybeTensor:
-        raise NotImplementedError
+        """The outputs held back for the end of the stream (none for most layers)."""
+        return None
 
     def lookahead(self) -> tuple[int, int]:
         """``(samples, stride)``: input samples beyond an output's own block it waits for."""
@@ -124,9 +126,6 @@ class _Pointwise(_Node):
 
     def push(self, x: torch.Tensor) -> MaybeTensor:
         return self.module(x)
-
-    def flush(self) -> MaybeTensor:
-        return None
 
 
 class _Conv(_Node):
@@ -250,9 +249,6 @@ class _LSTM(_Node):
     def push(self, x: torch.Tensor) -> MaybeTensor:
         y, self.state = self.layer.step(x, self.state)
         return y
-
-    def flush(self) -> MaybeTensor:
-        return None
 
 
 class _Residual(_Node):
@@ -669,37 +665,16 @@ def decode_blocks(frames: Iterable[EncodedFrame | torch.Tensor], model: EncodecM
         return audio
 
     for frame in frames:
-        if isinstance(decoder, StreamingDecoder):
-            if isinstance(frame, EncodedFrame):
-                if frame.scale is not None:
-                    raise ValueError(f"{model.name} does not use scales, got a frame with one")
-                frame = frame.codes
-            audio = cut(decoder.push(frame))
-        else:
-            audio = cut(decoder.push(frame))
-        if audio.shape[-1]:
-            yield audio
-    audio = cut(decoder.flush())
-    if audio.shape[-1]:
-        yield audio
-
-
-def read_blocks(path: str | os.PathLike, *, sample_rate: int, channels: int,
-                block_frames: int) -> Iterator[torch.Tensor]:
-    """``(C, n)`` float32 blocks of an audio file with soundfile, checking rate and channels.
-
-    Conversion (resampling, channel mixing) is :mod:`codec.audio`'s job; this reader refuses
-    files that need it.
-    """
-    import soundfile as sf
-
-    info = sf.info(str(path))
-    if info.samplerate != sample_rate or info.channels != channels:
-        raise ValueError(f"{path}: expected {sample_rate} Hz with {channels} channel(s), found "
-                         f"{info.samplerate} Hz with {info.channels}; convert the audio first "
-                         "(codec.audio) or pass converted blocks instead of a path")
-    for block in sf.blocks(str(path), blocksize=block_frames, dtype="float32", always_2d=True):
-        yield torch.from_numpy(np.ascontiguousarray(block.T))
+        if isinstance(decoder, StreamingDecoder) and isinstance(frame, EncodedFrame):
+            if frame.scale is not None:
+                raise ValueError(f"{model.name} does not use scales, got a frame with one")
+            frame = frame.codes
+        block = cut(decoder.push(frame))
+        if block.shape[-1]:
+            yield block
+    block = cut(decoder.flush())
+    if block.shape[-1]:
+        yield block
 
 
 def encode_file(source: str | os.PathLike | Iterable[AudioBlock], model: EncodecModel, *,
@@ -707,34 +682,30 @@ def encode_file(source: str | os.PathLike | Iterable[AudioBlock], model: Encodec
                 block_seconds: float = 5.0) -> Iterator[EncodedFrame]:
     """Encode a file (path) or an iterator of converted audio blocks in bounded memory.
 
-    Yields what :func:`encode_blocks` yields; the codes are those of a whole-file
-    ``model.encode``. Peak memory depends on ``block_seconds``, not on the file length.
+    A path is read ``block_seconds`` at a time and converted to the model's rate and channels
+    on the way (:func:`codec.audio.iter_audio_blocks`). Yields what :func:`encode_blocks`
+    yields; the codes are those of a whole-file ``model.encode`` of the converted audio. Peak
+    memory depends on ``block_seconds``, not on the file length.
     """
     if isinstance(source, (str, os.PathLike)):
-        block_frames = max(1, int(block_seconds * model.sample_rate))
-        source = read_blocks(source, sample_rate=model.sample_rate, channels=model.channels,
-                             block_frames=block_frames)
+        block_size = max(1, round(block_seconds * model.sample_rate))
+        source = audio_io.iter_audio_blocks(source, block_size, sample_rate=model.sample_rate,
+                                            channels=model.channels)
     return encode_blocks(source, model, num_codebooks=num_codebooks, bandwidth=bandwidth)
 
 
 def decode_to_file(frames: Iterable[EncodedFrame | torch.Tensor], path_out: str | os.PathLike,
-                   model: EncodecModel, *, length: int | None = None, subtype: str | None = None,
-                   format: str | None = None) -> int:
-    """Decode frames into an audio file written block by block; returns the samples written.
+                   model: EncodecModel, *, length: int | None = None,
+                   subtype: str = "PCM_16") -> int:
+    """Decode frames into a .wav/.flac file written block by block; returns samples written.
 
-    ``subtype``/``format`` are soundfile's (default: from the extension, 16-bit PCM for WAV);
-    integer formats get the audio clipped to [-1, 1] first.
+    The file appears under its name only once complete (:class:`codec.audio.AudioFileWriter`;
+    integer subtypes clip to [-1, 1] with a warning). ``length`` cuts the last frame's padding.
     """
-    import soundfile as sf
-
-    written = 0
-    with sf.SoundFile(str(path_out), "w", samplerate=model.sample_rate,
-                      channels=model.channels, subtype=subtype, format=format) as out:
-        clip = out.subtype not in ("FLOAT", "DOUBLE")
-        for audio in decode_blocks(frames, model, length=length):
-            if audio.shape[0] != 1:
-                raise ValueError(f"a file holds one stream, got a batch of {audio.shape[0]}")
-            block = audio[0].clamp(-1, 1) if clip else audio[0]
-            out.write(block.t().float().cpu().numpy())
-            written += audio.shape[-1]
-    return written
+    with audio_io.AudioFileWriter(path_out, model.sample_rate, model.channels,
+                                  subtype=subtype) as out:
+        for block in decode_blocks(frames, model, length=length):
+            if block.shape[0] != 1:
+                raise ValueError(f"a file holds one stream, got a batch of {block.shape[0]}")
+            out.write(block[0])
+        return out.frames

@@ -8,7 +8,11 @@ with ``--force``. Errors are one line on stderr (``--verbose`` adds the tracebac
 Models: ``--model`` takes a name (looked up in ``$TOKENWAVE_MODELS``, see
 :mod:`codec.registry`), a checkpoint path in any format :mod:`codec.formats` reads, or
 ``random:<preset>`` (e.g. ``random:encodec_24khz``): an untrained model with fixed-seed random
-weights that needs no download. It runs the whole pipeline but does not reproduce the audio.
+weights that needs no download, named ``random_<preset>`` in messages and .ecdc headers (so
+``decompress`` rebuilds it). It runs the whole pipeline but does not reproduce the audio.
+Inputs longer than ``STREAM_ABOVE_SECONDS`` are read, coded and written block by block
+(:mod:`codec.streaming`), in memory bounded by ``--block-seconds``; the results equal the
+whole-file ones (codes and .ecdc bytes exactly, audio to float rounding).
 
 ``tokens`` writes ``.npy`` (codes ``(K, F)``, int16 when the codebook size allows) for models
 that encode whole files. Models that encode in segments with a scale each (encodec_48khz)
@@ -461,6 +465,9 @@ def cmd_decompress(args) -> int:
             frames = [EncodedFrame(codes.to(param.device), None if scale is None
                                    else scale.to(param.device, param.dtype))
                       for codes, scale in frames]
+            if model.segment_length is None:  # one chunk: feed it to the decoder in pieces
+                step = max(1, round(args.block_seconds * model.frame_rate))
+                frames = [EncodedFrame(piece, None) for piece in frames[0].codes.split(step, -1)]
             with torch.inference_mode(), audio.AudioFileWriter(
                     job.target, model.sample_rate, model.channels, subtype=args.subtype) as out:
                 for block in decode_blocks(frames, model, length=header.audio_length):
@@ -471,7 +478,7 @@ def cmd_decompress(args) -> int:
             write_output_audio(job.target, wav.cpu(), sr, args)
         elapsed = time.perf_counter() - start
         return (f"decompress {job.source} -> {job.target}: {model_label(model)}, "
-                f"{header.num_codebooks} codebooks, {duration:.2f} s of audio, "
+                f"{bandwidth_text(model, header.num_codebooks)}, {duration:.2f} s of audio, "
                 f"{speed(duration, elapsed)}")
 
     return run_jobs(jobs, work, args)
@@ -523,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("input", metavar="IN")
     sub.add_argument("output", metavar="OUT")
     sub.add_argument("--model", help="model to decode with (default: the one the file names)")
+    sub.add_argument("--block-seconds", type=float, default=BLOCK_SECONDS,
+                     help=f"block length for files longer than {STREAM_ABOVE_SECONDS:g} s, "
+                          "which are decoded in bounded memory")
     sub.set_defaults(func=cmd_decompress)
 
     sub = commands.add_parser("tokens", parents=[common, model, rate],

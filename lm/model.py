@@ -18,7 +18,7 @@ from torch import nn
 
 from .patterns import PatternProvider, make_pattern_provider, stereo_delays
 from .sampling import classifier_free_guidance, guide_batched, sample_next_token
-from .transformer import KVCache, Transformer
+from .transformer import KVCache, Transformer, linear
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ class LMModel(nn.Module):
         """Transformer output ``(B, S, dim)`` -> logits ``(B, K, S, card)``."""
         if self.out_norm is not None:
             hidden = self.out_norm(hidden)
-        return torch.stack([linear(hidden) for linear in self.linears], dim=1)
+        return torch.stack([linear(hidden, head.weight, head.bias) for head in self.linears], dim=1)
 
     def hidden(self, sequence: torch.Tensor, *, condition: torch.Tensor | None = None,
                condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
@@ -217,7 +217,8 @@ class LMModel(nn.Module):
 
         Without ``state``: a full causal pass; ``condition (B, S_c, dim)`` is attended through
         cross-attention (``condition_mask (B, S_c)``: true = attend; None = attend to all, as
-        audiocraft does), ``prefix (B, P, dim)`` is prepended (``prefix_mask (B, P)``).
+        audiocraft does; no condition = the null condition), ``prefix (B, P, dim)`` is
+        prepended (``prefix_mask (B, P)``).
         With ``state``: an incremental step; the condition lives in the state (see
         :meth:`init_state`) and a prefix may only be given on the first step.
         """
@@ -269,25 +270,38 @@ class LMModel(nn.Module):
 
     def _cross_inputs(self, condition: torch.Tensor | None, condition_mask: torch.Tensor | None,
                       batch_size: int, dtype: torch.dtype):
-        """Project the condition to per-layer keys/values and build its boolean mask (true = attend)."""
+        """Project the condition to per-layer keys/values and build its boolean mask (true = attend).
+
+        No condition on a cross-attention model means the null condition (zero attention
+        output), as MusicGen's unconditional generation uses.
+        """
         if not self.config.cross_attention:
             if condition is not None:
                 raise ValueError("this model has no cross-attention; pass the condition as a prefix")
             return None, None
-        if condition is None:
-            raise ValueError("this model uses cross-attention: a condition (B, S, dim) is required")
+        if condition is None:  # the null condition: one zero position nobody may attend to
+            condition = torch.zeros(batch_size, 1, self.config.dim, device=self.emb[0].weight.device)
+            condition_mask = torch.zeros(batch_size, 1, dtype=torch.bool, device=condition.device)
         if condition.dim() != 3 or condition.shape[0] != batch_size or condition.shape[2] != self.config.dim:
             raise ValueError(f"expected a condition ({batch_size}, S, {self.config.dim}), "
                              f"got {tuple(condition.shape)}")
         condition = condition.to(dtype)
         cross_kv = [layer.cross_attention.project_kv(condition) for layer in self.transformer.layers]
-        cross_mask = None
-        if condition_mask is not None:
-            if condition_mask.shape != condition.shape[:2]:
-                raise ValueError(f"condition_mask must be {tuple(condition.shape[:2])}, "
-                                 f"got {tuple(condition_mask.shape)}")
-            cross_mask = condition_mask.to(torch.bool)[:, None, None, :]
-        return cross_kv, cross_mask
+        if condition_mask is None:
+            return cross_kv, None
+        if condition_mask.shape != condition.shape[:2]:
+            raise ValueError(f"condition_mask must be {tuple(condition.shape[:2])}, "
+                             f"got {tuple(condition_mask.shape)}")
+        allowed = condition_mask.to(torch.bool)
+        empty = ~allowed.any(dim=1)
+        if empty.any():
+            # A row allowed to see nothing (the null condition) must give a zero attention output,
+            # as torch SDPA and transformers do: zero values under uniform weights give exactly that,
+            # without a per-step fix-up.
+            keep = (~empty).to(dtype)[:, None, None, None]
+            cross_kv = [(k, v * keep) for k, v in cross_kv]
+            allowed = allowed | empty[:, None]
+        return cross_kv, (None if allowed.all() else allowed[:, None, None, :])
 
     def init_state(self, batch_size: int, max_len: int, *, condition: torch.Tensor | None = None,
                    condition_mask: torch.Tensor | None = None) -> DecodingState:
@@ -318,7 +332,8 @@ class LMModel(nn.Module):
             prompt: codes ``(B, K, T0)`` to continue, ``T0 < max_gen_len``.
             num_samples: B when there is no prompt (default 1).
             condition: cross-attention source ``(R, S, dim)``, already projected, and
-                ``condition_mask (R, S)`` (true = attend; None attends to all positions).
+                ``condition_mask (R, S)`` (true = attend; None attends to all positions, as
+                audiocraft does). No condition means the null condition (unconditional).
             prefix: ``(R, P, dim)`` prepended to the sequence (melody), ``prefix_mask (R, P)``.
                 For either, R = 2B means rows ``[conditional; unconditional]`` and enables
                 classifier-free guidance, R = B means no guidance.
@@ -384,7 +399,7 @@ class LMModel(nn.Module):
         if state.offset:
             prefix = prefix_mask = None
         hidden = self.hidden(sequence, prefix=prefix, prefix_mask=prefix_mask, state=state)
-        return self.heads(hidden[:, -1:])[:, :, 0]
+        return self.heads(hidden[:, -1:])[:, :, 0].float()  # guidance and sampling in float32
 
     def _streams(self, B, guided, two_step, max_len, condition, condition_mask, prefix, prefix_mask):
         """One (state, rows, prefix, prefix_mask) per forward pass run at each step."""

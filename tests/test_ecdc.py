@@ -162,6 +162,14 @@ def test_2048_entry_codebooks_use_11_bits(name):
     assert header.audio_length == samples and torch.equal(frames[0].codes, codes)
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_layout_from_config_matches_the_model(name):
+    from dataclasses import replace
+
+    model = EncodecModel(replace(PRESETS[name], n_filters=2, dimension=8, lstm=0))
+    assert CodecLayout.from_config(model.config) == CodecLayout.from_model(model)
+
+
 def test_file_objects_and_bytes_agree():
     _, _, ours, lm = pair("encodec_24khz")
     wav = audio(1, 5000, seed=1)
@@ -190,6 +198,9 @@ def test_models_and_lms_are_found_by_name(tmp_path):
     torch.save(lm.state_dict(), tmp_path / "encodec_lm_24khz.th")
     decoded, _ = ecdc.decompress(data, models_dir=tmp_path)
     expected, _ = ecdc.decompress(data, ours, lm=lm)
+    loaded = ecdc.load_entropy_lm("encodec_24khz", models_dir=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 lm.state_dict().values()))
     torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-5)
     assert ecdc.compress(wav, 24000, ours, bandwidth=3.0, use_lm=True, models_dir=tmp_path) == data
 

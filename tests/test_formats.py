@@ -334,7 +334,7 @@ def audiocraft_package(yaml_text: str, state: dict) -> dict:
 
 
 def test_audiocraft_yaml_with_interpolations_gives_the_32khz_preset(tmp_path):
-    keys = formats._key_names(PRESETS["encodec_32khz"])
+    keys = formats._key_names(PRESETS["encodec_32khz"], tmp_path)
     state = {k: torch.zeros(0) for k in keys}  # shapes are checked after the config is read
     torch.save(audiocraft_package(AUDIOCRAFT_32K_YAML, state), tmp_path / "c.bin")
     with pytest.raises(CheckpointError, match="shape mismatches") as error:
@@ -467,6 +467,21 @@ def test_config_json_of_another_kind_or_version(tmp_path):
     (written / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="JSON"):
         read_checkpoint(written)
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"pad_mode": "zero"}, "unsupported pad mode 'zero'"),
+    ({"use_causal_conv": False, "trim_right_ratio": 0.5}, "cannot be built"),
+    ({"codebook_dim": 4}, "codebook_dim=4"),
+    ({"chunk_length_s": 1.0, "overlap": None}, "needs an overlap"),
+])
+def test_transformers_configs_tokenwave_cannot_build_are_refused(tmp_path, edit, match):
+    written = save_model(random_model(TINY), tmp_path / "tf", format="transformers")
+    data = json.loads((written / "config.json").read_text())
+    (written / "config.json").write_text(json.dumps({**data, **edit}))
+    with pytest.raises(CheckpointError, match=match) as error:
+        load_model(written)
+    assert str(written) in str(error.value)
 
 
 class Payload:

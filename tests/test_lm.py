@@ -106,6 +106,15 @@ def test_sin_embedding_formula():
     assert torch.allclose(emb.double(), torch.cat([phase.cos(), phase.sin()], dim=1), atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9])
+def test_decode_linear_equals_f_linear(rows):
+    from lm.transformer import linear
+
+    x, w, b = torch.randn(rows, 1, 24), torch.randn(40, 24), torch.randn(40)
+    torch.testing.assert_close(linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
+
+
 def test_presets():
     small = get_preset("musicgen_small")
     assert (small.dim, small.num_layers, small.num_heads, small.ffn_dim, small.num_codebooks, small.card) == \
@@ -344,6 +353,14 @@ def test_generation_callback_and_prompt_kept():
     assert torch.equal(out[..., :3], prompt)
 
 
+def test_no_condition_is_the_null_condition():
+    model = _tiny()
+    null = torch.zeros(2, 3, DIM), torch.zeros(2, 3, dtype=torch.long)
+    explicit = model.generate(max_gen_len=5, num_samples=2, condition=null[0], condition_mask=null[1],
+                              use_sampling=False)
+    assert torch.equal(model.generate(max_gen_len=5, num_samples=2, use_sampling=False), explicit)
+
+
 def test_compute_predictions_alignment():
     """Valid logits at (k, t) are the forward logits at step t + k of the pattern sequence."""
     model = _tiny()
@@ -368,8 +385,6 @@ def test_generation_errors():
         model.generate(max_gen_len=4, num_samples=2, condition=condition)
     with pytest.raises(ValueError, match="max_gen_len"):
         model.generate(max_gen_len=3, prompt=torch.zeros(1, K, 3, dtype=torch.long), condition=condition[:2])
-    with pytest.raises(ValueError, match="condition"):
-        model.generate(max_gen_len=4, num_samples=1)
     with pytest.raises(ValueError, match="condition_mask"):
         model(torch.zeros(3, K, 2, dtype=torch.long), condition=condition, condition_mask=mask[:, :2])
     with pytest.raises(ValueError, match="no cross-attention"):

@@ -30,7 +30,12 @@ decodes the other's. Two departures, both on inputs the original mishandles:
 
 Entropy coding is deterministic only for identical float arithmetic: like the original, a file
 coded with the LM decodes reliably on the machine type (CPU kernels, torch/MKL build) that
-coded it. Files without the LM are portable.
+coded it. The LM's probabilities also depend on torch's thread count, in the original too (they
+differ between 1 and 2 threads, so its files need the thread count they were made with). Here
+the LM always runs with `lm_threads` threads, 1 by default, whatever the caller's setting, so
+our files do not depend on it; to read a file the original wrote with n threads, pass
+`lm_threads=n` (slower: attention keys are then recomputed as the original does). Files
+without the LM are portable.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import json
 import math
 import re
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -179,23 +185,40 @@ def unpack_bits(data: bytes | memoryview, bits: int, count: int) -> np.ndarray:
     return out
 
 
-def encode_chunk_lm(codes: torch.Tensor, lm: EntropyLM) -> bytes:
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the entropy LM with `threads` torch threads (the probabilities, hence the bits,
+    depend on the thread count); restores the previous setting."""
+    if threads < 1:
+        raise ValueError(f"lm_threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    if previous != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if previous != threads:
+            torch.set_num_threads(previous)
+
+
+def encode_chunk_lm(codes: torch.Tensor, lm: EntropyLM, threads: int = 1) -> bytes:
     """Entropy-code one chunk's codes `(K, F)` with a fresh LM state and coder."""
     num_codebooks, num_frames = codes.shape
     codes_np = codes.cpu().numpy()
-    state = lm.initial_state(num_codebooks)
     coder = ArithmeticEncoder()
-    prev = None
-    for t in range(num_frames):
-        probs = lm.step(state, prev)
-        starts, ends = symbol_bounds(quantized_cdf(probs[0].numpy()), codes_np[:, t])
-        coder.push_bounds(starts, ends)
-        prev = codes[:, t].view(1, num_codebooks)
+    with torch_threads(threads):
+        state = lm.initial_state(num_codebooks, cache_keys=threads == 1)
+        prev = None
+        for t in range(num_frames):
+            probs = lm.step(state, prev)
+            starts, ends = symbol_bounds(quantized_cdf(probs[0].numpy()), codes_np[:, t])
+            coder.push_bounds(starts, ends)
+            prev = codes[:, t].view(1, num_codebooks)
     return coder.finish()
 
 
 def write_body(fileobj: BinaryIO, frames: list[EncodedFrame], layout: CodecLayout,
-               lm: EntropyLM | None = None) -> None:
+               lm: EntropyLM | None = None, *, lm_threads: int = 1) -> None:
     """Write the chunks of `frames` (codes `(1, K, F)`, scale `(1, 1)` or None); with `lm`
     entropy-coded, else bit-packed."""
     bits = layout.bits_per_codebook
@@ -209,7 +232,7 @@ def write_body(fileobj: BinaryIO, frames: list[EncodedFrame], layout: CodecLayou
             raise ValueError(f"codes must be in [0, {layout.codebook_size}), found "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         if lm is not None:
-            fileobj.write(encode_chunk_lm(codes, lm))
+            fileobj.write(encode_chunk_lm(codes, lm, lm_threads))
         else:
             fileobj.write(pack_bits(codes.t().numpy(), bits))
 
@@ -217,7 +240,7 @@ def write_body(fileobj: BinaryIO, frames: list[EncodedFrame], layout: CodecLayou
 def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
                bandwidth: float | None = None, num_codebooks: int | None = None,
                use_lm: bool = False, lm: EntropyLM | None = None,
-               models_dir: str | Path | None = None) -> None:
+               models_dir: str | Path | None = None, lm_threads: int = 1) -> None:
     """Encode `wav` `(C, T)` with `model` and write an .ecdc file to `fileobj`.
 
     Args:
@@ -226,6 +249,8 @@ def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
         use_lm: entropy-code with the LM prior: ~25-40% smaller, slower.
         lm: the prior to use; default: the released one for `model.name`, found with
             `load_entropy_lm` in `models_dir`.
+        lm_threads: torch threads for the LM (see the module docstring): 1 is fast and
+            matches the original run single-threaded; n > 1 matches it run with n threads.
     """
     if not isinstance(wav, torch.Tensor) or wav.dim() != 2:
         raise ValueError(f"wav must be a (channels, samples) tensor, got "
@@ -254,16 +279,17 @@ def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
     if use_lm:
         _check_lm(lm, layout, header.num_codebooks)
     fileobj.write(header.to_bytes())
-    write_body(fileobj, frames, layout, lm if use_lm else None)
+    write_body(fileobj, frames, layout, lm if use_lm else None, lm_threads=lm_threads)
 
 
 def compress(wav: torch.Tensor, sample_rate: int, model, bandwidth: float | None = None,
              num_codebooks: int | None = None, use_lm: bool = False, *,
-             lm: EntropyLM | None = None, models_dir: str | Path | None = None) -> bytes:
+             lm: EntropyLM | None = None, models_dir: str | Path | None = None,
+             lm_threads: int = 1) -> bytes:
     """Compress `wav` `(C, T)` to the bytes of an .ecdc file; see `write_ecdc`."""
     buffer = io.BytesIO()
     write_ecdc(buffer, wav, sample_rate, model, bandwidth=bandwidth, num_codebooks=num_codebooks,
-               use_lm=use_lm, lm=lm, models_dir=models_dir)
+               use_lm=use_lm, lm=lm, models_dir=models_dir, lm_threads=lm_threads)
     return buffer.getvalue()
 
 
@@ -313,30 +339,31 @@ def _read_scale(data: memoryview, pos: int) -> tuple[torch.Tensor, int]:
 
 
 def decode_chunk_lm(data: memoryview, pos: int, num_codebooks: int, num_frames: int,
-                    lm: EntropyLM) -> tuple[torch.Tensor, int]:
+                    lm: EntropyLM, threads: int = 1) -> tuple[torch.Tensor, int]:
     """Entropy-decode one chunk starting at byte `pos`: codes `(K, F)` and the end offset.
 
     Codes are collected as they decode, so memory grows with the data actually decoded, not
     with the frame count the header claims."""
-    state = lm.initial_state(num_codebooks)
     decoder = ArithmeticDecoder(data, pos)
     decoded: list[list[int]] = []
-    prev = None
-    for t in range(num_frames):
-        probs = lm.step(state, prev)
-        try:
-            symbols = decoder.pull_many(quantized_cdf(probs[0].numpy()))
-        except EntropyDecodingError as error:
-            raise EcdcError(f"corrupted entropy-coded data in frame {t}: {error}") from None
-        decoded.append(symbols)
-        prev = torch.tensor([symbols])
+    with torch_threads(threads):
+        state = lm.initial_state(num_codebooks, cache_keys=threads == 1)
+        prev = None
+        for t in range(num_frames):
+            probs = lm.step(state, prev)
+            try:
+                symbols = decoder.pull_many(quantized_cdf(probs[0].numpy()))
+            except EntropyDecodingError as error:
+                raise EcdcError(f"corrupted entropy-coded data in frame {t}: {error}") from None
+            decoded.append(symbols)
+            prev = torch.tensor([symbols])
     codes = torch.tensor(decoded, dtype=torch.long).reshape(num_frames, num_codebooks).t()
     return codes.contiguous(), decoder.position
 
 
 def parse_ecdc(data: bytes | bytearray | memoryview, layout: CodecLayout,
                lm: EntropyLM | None = None, *,
-               max_duration: float | None = DEFAULT_MAX_DURATION_S,
+               max_duration: float | None = DEFAULT_MAX_DURATION_S, lm_threads: int = 1,
                ) -> tuple[EcdcHeader, list[EncodedFrame]]:
     """Read an .ecdc file's header and codes without running the codec.
 
@@ -388,7 +415,8 @@ def parse_ecdc(data: bytes | bytearray | memoryview, layout: CodecLayout,
         if layout.normalize:
             scale, pos = _read_scale(data, pos)
         if header.use_lm:
-            codes, pos = decode_chunk_lm(data, pos, header.num_codebooks, num_frames, lm)
+            codes, pos = decode_chunk_lm(data, pos, header.num_codebooks, num_frames, lm,
+                                         lm_threads)
         else:
             size = -(-num_frames * header.num_codebooks * bits // 8)
             values = unpack_bits(data[pos:pos + size], bits, num_frames * header.num_codebooks)
@@ -422,15 +450,17 @@ def _check_lm(lm: EntropyLM, layout: CodecLayout, num_codebooks: int) -> None:
 
 def read_ecdc(fileobj: BinaryIO, model=None, *, lm: EntropyLM | None = None,
               models_dir: str | Path | None = None,
-              max_duration: float | None = DEFAULT_MAX_DURATION_S) -> tuple[torch.Tensor, int]:
+              max_duration: float | None = DEFAULT_MAX_DURATION_S,
+              lm_threads: int = 1) -> tuple[torch.Tensor, int]:
     """Read an .ecdc file to its end and decode it; see `decompress`."""
     return decompress(fileobj.read(), model, lm=lm, models_dir=models_dir,
-                      max_duration=max_duration)
+                      max_duration=max_duration, lm_threads=lm_threads)
 
 
 def decompress(data: bytes | bytearray | memoryview, model=None, *, lm: EntropyLM | None = None,
                models_dir: str | Path | None = None,
-               max_duration: float | None = DEFAULT_MAX_DURATION_S) -> tuple[torch.Tensor, int]:
+               max_duration: float | None = DEFAULT_MAX_DURATION_S,
+               lm_threads: int = 1) -> tuple[torch.Tensor, int]:
     """Decode .ecdc bytes to `(wav (C, T), sample_rate)`.
 
     Args:
@@ -438,6 +468,8 @@ def decompress(data: bytes | bytearray | memoryview, model=None, *, lm: EntropyL
             `codec.formats.load_model` from `models_dir` (names only, never paths).
         lm: the entropy-coding prior for files coded with it; default: `load_entropy_lm`.
         max_duration: refuse files claiming more audio than this many seconds (None: any).
+        lm_threads: torch threads for the LM; must be what the file was coded with (see the
+            module docstring).
     Raises:
         EcdcError: for any file that cannot be decoded, including unknown models.
     """
@@ -450,7 +482,8 @@ def decompress(data: bytes | bytearray | memoryview, model=None, *, lm: EntropyL
             lm = load_entropy_lm(layout, models_dir=models_dir)
         except FileNotFoundError as error:
             raise EcdcError(str(error)) from None
-    header, frames = parse_ecdc(data, layout, lm, max_duration=max_duration)
+    header, frames = parse_ecdc(data, layout, lm, max_duration=max_duration,
+                                lm_threads=lm_threads)
     param = next(model.parameters(), None)
     if param is not None:
         frames = [EncodedFrame(codes.to(param.device),

@@ -284,6 +284,8 @@ def _read_pickle(path: Path) -> Any:
                       lines[0] if lines else type(error).__name__)
         if "Weights only load failed" in str(error):
             reason = "it holds Python objects or code that a weights-only load refuses: " + reason
+        if kind.startswith("a file"):
+            raise CheckpointError(f"{path}: expected a torch checkpoint, found {kind}") from None
         raise CheckpointError(f"{path}: expected a torch checkpoint of tensors, found {kind} "
                               f"that cannot be loaded ({reason})") from None
 
@@ -450,7 +452,8 @@ def _infer_architecture(state: StateDict, path: Path) -> dict[str, Any]:
         match = re.match(r"encoder\.model\.(\d+)\.(conv|block|shortcut|lstm)\.", key)
         if match:
             kinds[int(match[1])] = {"block": "res", "shortcut": "res"}.get(match[2], match[2])
-    codebooks = [k for k in state if re.fullmatch(r"quantizer\.vq\.layers\.\d+\._codebook\.embed", k)]
+    codebooks = [k for k in state
+                 if re.fullmatch(r"quantizer\.vq\.layers\.\d+\._codebook\.embed", k)]
     if not kinds or not codebooks:
         raise CheckpointError(f"{path}: expected EnCodec weights (keys 'encoder.model.N.*' and "
                               f"'quantizer.vq.layers.N._codebook.embed'), found keys like "
@@ -483,7 +486,8 @@ def _infer_architecture(state: StateDict, path: Path) -> dict[str, Any]:
         dimension=last.shape[0], last_kernel_size=last.shape[-1], norm=norm,
         ratios=tuple(conv_weight(i).shape[-1] // 2 for i in reversed(downs)),
         n_residual_layers=sum(1 for i in residual if not downs or i < downs[0]),
-        residual_kernel_size=block.shape[-1] if block is not None else defaults.residual_kernel_size,
+        residual_kernel_size=(block.shape[-1] if block is not None
+                              else defaults.residual_kernel_size),
         compress=block.shape[1] // block.shape[0] if block is not None else defaults.compress,
         true_skip=not any(k.startswith(f"encoder.model.{i}.shortcut.") for i in residual
                           for k in state),
@@ -714,7 +718,7 @@ def _read_tokenwave(folder: Path, data: dict) -> Checkpoint:
     data.pop("format")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{folder / CONFIG_NAME}: expected format_version <= "
-                              f"{FORMAT_VERSION}, found {version!r} (written by a newer tokenwave?)")
+                              f"{FORMAT_VERSION}, found {version!r} (from a newer tokenwave?)")
     try:
         config = EncodecConfig.from_dict(data)
     except (TypeError, ValueError) as error:

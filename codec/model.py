@@ -77,11 +77,14 @@ PRESETS: dict[str, EncodecConfig] = {
         name="encodec_48khz", sample_rate=48_000, channels=2, causal=False,
         norm="time_group_norm", num_codebooks=16, normalize=True, segment=1.0,
         target_bandwidths=(3.0, 6.0, 12.0, 24.0)),
-    # MusicGen's tokenizer (audiocraft config: constant padding, identity shortcut).
+    # MusicGen's tokenizer. The released weights are only published as the transformers
+    # folder facebook/encodec_32khz (audiocraft's export is a pointer to it), whose config
+    # pads by reflection; audiocraft trained it with constant padding. A checkpoint's own
+    # config always wins; this preset follows the released model.
     "encodec_32khz": EncodecConfig(
         name="encodec_32khz", sample_rate=32_000, causal=False, ratios=(8, 5, 4, 4),
         n_filters=64, num_codebooks=4, codebook_size=2048, true_skip=True,
-        pad_mode="constant", target_bandwidths=(2.2,)),
+        pad_mode="reflect", target_bandwidths=(2.2,)),
     # AudioGen's tokenizer.
     "encodec_16khz": EncodecConfig(
         name="encodec_16khz", sample_rate=16_000, causal=False, ratios=(8, 5, 4, 2),

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .fast import version_key
+
 
 def _sample_vectors(samples: torch.Tensor, num: int, generator: torch.Generator | None = None
                     ) -> torch.Tensor:
@@ -64,13 +66,26 @@ class EuclideanCodebook(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code of each row of ``x`` ``(N, D)`` -> ``(N,)``.
 
-        The distance is written exactly as the references write it so that ties and rounding
-        give the same codes.
+        The distance is the references' ``-(|x|^2 - (2x) @ E^T + |E|^2)`` with the same
+        operands and the same rounding, so ties and near-ties give the same codes; only the
+        elementwise steps run in place and ``|E|^2`` is computed once per codebook version.
         """
-        embed = self.embed.t()
-        dist = -(x.pow(2).sum(1, keepdim=True) - 2 * x @ embed
-                 + embed.pow(2).sum(0, keepdim=True))
-        return dist.max(dim=-1).indices
+        with torch.no_grad():  # codes carry no gradient; the straight-through path does
+            embed = self.embed.t()
+            scores = (2 * x) @ embed
+            # a - s == a + (-s) exactly in IEEE arithmetic: neg_ then add_ rounds like a - s.
+            dist = scores.neg_().add_(x.pow(2).sum(1, keepdim=True)).add_(self._embed_norms())
+            return dist.neg_().max(dim=-1).indices
+
+    def _embed_norms(self) -> torch.Tensor:
+        """``|E|^2`` as ``(1, codebook_size)``, the references' expression, cached per version."""
+        key = version_key(self.embed)
+        cached = getattr(self, "_norms_cache", None)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        norms = self.embed.t().pow(2).sum(0, keepdim=True)
+        self._norms_cache = (key, norms) if key is not None else None
+        return norms
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., D) -> (...)`` code indices."""
@@ -208,7 +223,7 @@ class ResidualVectorQuantizer(nn.Module):
                              f"[{int(codes.min())}, {int(codes.max())}]")
         out = self.vq.layers[0].decode(codes[:, 0])
         for k in range(1, codes.shape[1]):
-            out = out + self.vq.layers[k].decode(codes[:, k])
+            out = out.add_(self.vq.layers[k].decode(codes[:, k]))  # out is a fresh lookup
         return out
 
     def forward(self, x: torch.Tensor, num_codebooks: int | None = None) -> QuantizedResult:

@@ -45,7 +45,8 @@ HOW_TO_GET: dict[str, str] = {
     "encodec_32khz": "copy the Hugging Face repository facebook/encodec_32khz (config.json and "
                      "model.safetensors) into <folder>/encodec_32khz/",
     "encodec_16khz": "copy AudioGen's compression_state_dict.bin (Hugging Face repository "
-                     "facebook/audiogen-medium) to <folder>/encodec_16khz/compression_state_dict.bin",
+                     "facebook/audiogen-medium) to "
+                     "<folder>/encodec_16khz/compression_state_dict.bin",
 }
 MODEL_NAMES = ("encodec_24khz", "encodec_48khz", "encodec_32khz", "encodec_16khz")
 
@@ -58,7 +59,8 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def get_models_dir(directory: str | os.PathLike | None = None) -> Path:
-    """The models directory: the argument, else ``$TOKENWAVE_MODELS``, else ``~/.cache/tokenwave``."""
+    """The models directory: the argument, else ``$TOKENWAVE_MODELS``, else
+    ``~/.cache/tokenwave``."""
     if directory is None:
         directory = os.environ.get(ENV_MODELS_DIR) or Path.home() / ".cache" / "tokenwave"
     return Path(directory).expanduser()

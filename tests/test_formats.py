@@ -347,8 +347,9 @@ def test_audiocraft_config_parsing_matches_the_preset():
 
     config = formats._audiocraft_config(yaml.safe_load(AUDIOCRAFT_32K_YAML), Path("c.bin"))
     assert config == PRESETS["encodec_32khz"]
-    renamed = AUDIOCRAFT_32K_YAML.replace("pad_mode: constant", "pad_mode: reflect")
-    config = formats._audiocraft_config(yaml.safe_load(renamed), Path("x/compression_state_dict.bin"))
+    reflect = AUDIOCRAFT_32K_YAML.replace("pad_mode: constant", "pad_mode: reflect")
+    config = formats._audiocraft_config(yaml.safe_load(reflect),
+                                        Path("x/compression_state_dict.bin"))
     assert config == replace(PRESETS["encodec_32khz"], name="x", pad_mode="reflect")
 
 
@@ -519,7 +520,8 @@ def test_registry_finds_every_layout(tmp_path, monkeypatch):
     assert registry.resolve("encodec_24khz-d7cc33bc.th") == release
     (tmp_path / "encodec_48khz").mkdir()
     (tmp_path / "encodec_48khz" / "config.json").write_text("{}")
-    assert registry.resolve("//pretrained/facebook/encodec_48khz") == tmp_path / "encodec_48khz"
+    folder = registry.resolve("//pretrained/facebook/encodec_48khz")
+    assert folder == tmp_path / "encodec_48khz"
     (tmp_path / "encodec_16khz.bin").write_bytes(b"x")
     assert registry.resolve("encodec_16khz") == tmp_path / "encodec_16khz.bin"
     (tmp_path / "facebook" / "encodec_32khz").mkdir(parents=True)

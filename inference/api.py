@@ -1,0 +1,79 @@
+"""One call from prompts to audio: ``generate(prompts, duration=...)``.
+
+    from inference import generate
+    wav, sample_rate = generate("calm piano melody at night", duration=10, seed=0)
+
+The model (default ``musicgen-small``, looked up in ``$TOKENWAVE_MODELS``; see
+:mod:`inference.registry`) is loaded on the first call and kept for the next ones with the
+same model, device and dtype. Every sampling argument and its default is
+:meth:`inference.generator.MusicGen.generate`'s.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .generator import DEFAULT_DURATION, GeneratedAudio, GeneratedAudioTokens, MusicGen
+from .registry import DEFAULT_MODEL
+
+_CACHE: dict[tuple, MusicGen] = {}
+
+
+def load(model: str | os.PathLike | MusicGen = DEFAULT_MODEL, *, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None, t5_path: str | os.PathLike | None = None) -> MusicGen:
+    """A generator for ``model`` (a loaded generator, a folder or a name), cached by arguments.
+
+    One generator is kept at a time: loading another frees the previous one.
+    """
+    if isinstance(model, MusicGen):
+        return model
+    key = (os.fspath(model), None if device is None else str(torch.device(device)), dtype,
+           None if t5_path is None else os.fspath(t5_path))
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = MusicGen.from_pretrained(model, device=device, dtype=dtype, t5_path=t5_path)
+    return _CACHE[key]
+
+
+def generate(prompts, duration: float = DEFAULT_DURATION, *,
+             model: str | os.PathLike | MusicGen = DEFAULT_MODEL, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None, t5_path: str | os.PathLike | None = None,
+             **options) -> GeneratedAudio | GeneratedAudioTokens:
+    """Generate ``duration`` seconds per prompt; returns ``(wav (B, C, T), sample_rate)``.
+
+    ``prompts``: one string (one prompt), a list (a batch), ``None``/``""`` entries for
+    unconditional generation. ``options`` are :meth:`MusicGen.generate`'s: ``top_k=250``,
+    ``top_p=0.0``, ``temperature=1.0``, ``cfg_coef=3.0``, ``two_step_cfg=False``,
+    ``use_sampling=True``, ``seed=None``, ``progress=False`` (True: tqdm bar; or a
+    ``callback(step, total)``), ``return_tokens=False`` (then ``(wav, sample_rate, tokens)``),
+    ``audio_prompt=(wav, sample_rate)`` (continuation), ``melody=(wavs, sample_rate)``,
+    ``extend_stride=None`` (the model's: 18 s for MusicGen).
+    """
+    generator = load(model, device=device, dtype=dtype, t5_path=t5_path)
+    return generator.generate(prompts, duration, **options)
+
+
+def output_paths(output: str | os.PathLike, count: int) -> list[Path]:
+    """Where ``count`` generated files go: ``out.wav`` for one, ``out_0.wav``, ``out_1.wav``, ... for more."""
+    output = Path(output)
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[str]:
+    """One prompt per line (UTF-8); surrounding whitespace is stripped and blank lines skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read prompts file {path}: {error}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompt (one per line expected)")
+    return prompts
+
+
+__all__ = ["generate", "load", "output_paths", "read_prompts_file"]

@@ -2,8 +2,9 @@
 
 A MusicGen-small-sized decoder (dim 1024, 24 layers, 16 heads, 4 codebooks, card 2048) with
 cross-attention to a random projected condition, classifier-free guidance on (so twice the
-rows), top-k 250 sampling. Reports pattern steps per second; tokenwave also in bfloat16, with
-the accuracy that costs (teacher-forced logits against float32).
+rows), top-k 250 sampling. Reports pattern steps per second; tokenwave also with bfloat16
+matrix weights (``bf16-w``: activations, norms and cache stay float32) and fully in bfloat16
+(``bf16``), with the accuracy each costs (teacher-forced logits against float32).
 
     python -m bench.generate --threads 2 --steps 24 --batch 1 8
 
@@ -71,8 +72,14 @@ def time_ours(model: LMModel, batch: int, steps: int, condition, mask) -> float:
     return time.perf_counter() - start
 
 
-def bf16_accuracy(model: LMModel, model_bf16: LMModel, condition, mask, length: int = 48) -> dict:
-    """Teacher-forced logits of the bf16 model against float32 on one random sequence."""
+def copy_of(model: LMModel) -> LMModel:
+    clone = LMModel(model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def accuracy(model: LMModel, model_bf16: LMModel, condition, mask, length: int = 48) -> dict:
+    """Teacher-forced logits of a low-precision variant against float32 on one random sequence."""
     gen = torch.Generator().manual_seed(1)
     sequence = torch.randint(0, model.config.card, (condition.shape[0], model.num_codebooks, length),
                              generator=gen)
@@ -80,9 +87,11 @@ def bf16_accuracy(model: LMModel, model_bf16: LMModel, condition, mask, length: 
         ref = model(sequence, condition=condition, condition_mask=mask).float()
         low = model_bf16(sequence, condition=condition, condition_mask=mask).float()
     err = (low - ref).abs()
+    kl = torch.nn.functional.kl_div(low.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean()
     return {"max_abs_err": err.max().item(), "logit_std": ref.std().item(),
             "rel_rms_err": (err.pow(2).mean().sqrt() / ref.std()).item(),
-            "top1_agree": (low.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+            "kl_nats": kl.item(), "top1_agree": (low.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
 def main() -> None:
@@ -92,19 +101,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--layers", type=int, default=24, help="fewer layers for a quick smoke run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best is kept")
-    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 variants")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     reference, ours = build_models(args.layers)
-    ours_bf16 = None if args.no_bf16 else LMModel(ours.config).to(torch.bfloat16).eval()
-    if ours_bf16 is not None:
-        ours_bf16.load_state_dict(ours.state_dict())
-    runners = [("transformers", "fp32", lambda b, n, c, m: time_reference(reference, b, n, c, m)),
-               ("tokenwave", "fp32", lambda b, n, c, m: time_ours(ours, b, n, c, m))]
-    if ours_bf16 is not None:
-        runners.append(("tokenwave", "bf16", lambda b, n, c, m: time_ours(ours_bf16, b, n, c, m)))
+    variants = {"fp32": ours}
+    if not args.no_bf16:
+        variants["bf16-w"] = copy_of(ours).low_precision_weights(torch.bfloat16)
+        variants["bf16"] = copy_of(ours).to(torch.bfloat16)
+    runners = [("transformers", "fp32", lambda b, n, c, m: time_reference(reference, b, n, c, m))]
+    runners += [("tokenwave", name, lambda b, n, c, m, model=model: time_ours(model, b, n, c, m))
+                for name, model in variants.items()]
 
     print(f"MusicGen-small-sized LM ({args.layers} layers), CFG on, top-k 250, "
           f"{torch.get_num_threads()} threads, {args.steps} steps per run, best of {args.repeats}")
@@ -122,11 +131,12 @@ def main() -> None:
             rate = args.steps / elapsed
             print(f"{name:<13}{dtype:<7}{batch:>6}{2 * batch:>6}{1000 / rate:>10.1f}{rate:>9.2f}"
                   f"{rate / base:>7.2f}x")
-    if ours_bf16 is not None:
-        condition, mask = make_condition(1)
-        acc = bf16_accuracy(ours, ours_bf16, condition, mask)
-        print("bf16 vs fp32 (teacher-forced logits, 48 steps): "
-              + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
+    condition, mask = make_condition(1)
+    for name, model in variants.items():
+        if name != "fp32":
+            acc = accuracy(ours, model, condition, mask)
+            print(f"{name} vs fp32 (teacher-forced logits, 48 steps): "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
 
 
 if __name__ == "__main__":

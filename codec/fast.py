@@ -19,6 +19,8 @@ Both walk the very modules whose ``forward`` defines the model (``encoder.model`
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,14 +30,23 @@ from .lstm import StreamableLSTM
 from .seanet import SEANetResnetBlock
 
 
-def version_key(tensor: torch.Tensor) -> tuple | None:
-    """What identifies a tensor's current contents, for caches; ``None`` = do not cache.
+def cached(owner: object, name: str, source: torch.Tensor,
+           make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``make(source)``, kept on ``owner`` until ``source`` is replaced or changed in place.
 
-    Inference tensors keep no version counter, so nothing derived from them is cached.
+    The entry holds ``source`` itself (so its memory cannot be reused by another tensor), its
+    version counter and storage. Inference tensors have no version counter: never cached.
     """
-    if tensor.is_inference():
-        return None
-    return (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
+    if source.is_inference():
+        return make(source)
+    # ``module.to()`` swaps ``param.data`` without a version bump: the storage is checked too.
+    state = (source._version, source.data_ptr(), source.dtype, source.device)
+    entry = owner.__dict__.get(name)
+    if entry is not None and entry[0] is source and entry[1] == state:
+        return entry[2]
+    value = make(source)
+    owner.__dict__[name] = (source, state, value)
+    return value
 
 
 # -- channel-major (bitwise equal to the modules) ----------------------------------------------
@@ -98,18 +109,14 @@ def pad_time_major(x: torch.Tensor, left: int, right: int, mode: str) -> torch.T
 def _channels_last_weight(conv: nn.Module) -> torch.Tensor:
     """The conv's weight as a ``(O, I, 1, K)`` channels-last tensor, cached on the module.
 
-    The cache is keyed on the weight's storage and version, so loading new weights (in place
-    or not) refreshes it.
+    Loading new weights (in place or not) refreshes it, see :func:`cached`.
     """
-    weight = conv.current_weight() if hasattr(conv, "current_weight") else conv.weight
-    # A weight-normed conv that is not folded rebuilds its weight at each call: no cache.
-    key = version_key(weight) if getattr(conv, "folded", True) else None
-    cached = getattr(conv, "_channels_last_cache", None)
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    packed = weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
-    conv._channels_last_cache = (key, packed) if key is not None else None
-    return packed
+    def pack(weight: torch.Tensor) -> torch.Tensor:
+        return weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+    if not getattr(conv, "folded", True):  # weight norm rebuilds the weight at each call
+        return pack(conv.current_weight())
+    return cached(conv, "_channels_last_weight", conv.weight, pack)
 
 
 def _group_norm_time_major(norm: nn.Module, y: torch.Tensor) -> torch.Tensor:

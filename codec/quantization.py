@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .fast import version_key
+from .fast import cached
 
 
 def _sample_vectors(samples: torch.Tensor, num: int, generator: torch.Generator | None = None
@@ -79,13 +79,8 @@ class EuclideanCodebook(nn.Module):
 
     def _embed_norms(self) -> torch.Tensor:
         """``|E|^2`` as ``(1, codebook_size)``, the references' expression, cached per version."""
-        key = version_key(self.embed)
-        cached = getattr(self, "_norms_cache", None)
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        norms = self.embed.t().pow(2).sum(0, keepdim=True)
-        self._norms_cache = (key, norms) if key is not None else None
-        return norms
+        return cached(self, "_embed_norms_cache", self.embed,
+                      lambda embed: embed.t().pow(2).sum(0, keepdim=True))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., D) -> (...)`` code indices."""

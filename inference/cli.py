@@ -484,6 +484,56 @@ def cmd_decompress(args) -> int:
     return run_jobs(jobs, work, args)
 
 
+def cmd_generate(args) -> int:
+    """Prompts -> audio files with a MusicGen/AudioGen generator (``out.wav``, or
+    ``out_0.wav``, ``out_1.wav``, ... for several prompts)."""
+    from inference.api import output_paths, read_prompts_file
+    from inference.generator import MusicGen
+
+    prompts = list(args.prompts) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        if args.continue_from is None and args.melody is None:
+            raise CliError('give at least one prompt or --prompts-file ("" generates without text)')
+        prompts = [""]
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    targets = output_paths(args.output, len(prompts))
+    for target in targets:
+        check_audio_target(target)
+    existing = [t for t in targets if t.exists()]
+    if existing and not args.force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise CliError(f"output exists: {existing[0]}{more}; use --force to overwrite")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    generator = MusicGen.from_pretrained(args.model, device=parse_device(args.device), dtype=dtype,
+                                         t5_path=args.t5_path)
+    conditioning = {}
+    for key, path in (("audio_prompt", args.continue_from), ("melody", args.melody)):
+        if path is not None:
+            wav, sr = audio.read_audio(path)
+            if wav.shape[-1] == 0:
+                raise CliError(f"{path} holds no audio (0 samples)")
+            conditioning[key] = (wav, sr)
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start: start + args.batch_size]
+        extra = {key: (wav[None].expand(len(batch), -1, -1), sr) for key, (wav, sr) in conditioning.items()}
+        began = time.perf_counter()
+        out = generator.generate(
+            batch, args.duration, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+            cfg_coef=args.cfg_coef, two_step_cfg=args.two_step_cfg, use_sampling=not args.greedy,
+            seed=None if args.seed is None else args.seed + start, progress=not args.quiet,
+            extend_stride=args.extend_stride, **extra)
+        elapsed = time.perf_counter() - began
+        seconds = out.wav.shape[-1] / out.sample_rate
+        for prompt, wav, target in zip(batch, out.wav, targets[start:]):
+            write_output_audio(target, wav.cpu(), out.sample_rate, args)
+            if not args.quiet:
+                print(f"generate {prompt!r} -> {target}: {args.model}, {seconds:.2f} s at {out.sample_rate} Hz, "
+                      f"batch of {len(batch)} in {elapsed:.1f} s ({speed(seconds * len(batch), elapsed)})")
+    return 0
+
+
 # -- argument parsing ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -547,6 +597,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("input", metavar="IN")
     sub.add_argument("output", metavar="OUT")
     sub.set_defaults(func=cmd_roundtrip)
+
+    from inference.generator import DEFAULT_DURATION
+    from inference.registry import DEFAULT_MODEL as DEFAULT_GENERATOR
+
+    sub = commands.add_parser(
+        "generate", parents=[common, out_audio], help="text prompt(s) -> music or sound (MusicGen, AudioGen)",
+        description="Generate audio from text prompts. One prompt writes OUT; several write OUT_0, OUT_1, ... "
+                    "(same extension). Defaults are MusicGen's: sampling with top-k 250, guidance 3.")
+    sub.add_argument("prompts", nargs="*", metavar="PROMPT", help='text prompts ("" for no text)')
+    sub.add_argument("-o", "--output", required=True, metavar="OUT", help="output .wav or .flac")
+    sub.add_argument("--model", default=DEFAULT_GENERATOR,
+                     help=f"generator folder (tokenwave, transformers or audiocraft files) or name in "
+                          f"$TOKENWAVE_MODELS; default {DEFAULT_GENERATOR}")
+    sub.add_argument("--duration", type=float, default=DEFAULT_DURATION,
+                     help=f"seconds per output, an audio prompt included (default {DEFAULT_DURATION:g}); "
+                          "beyond the model's window (30 s) by sliding window")
+    sub.add_argument("--seed", type=int, help="random seed (batch i uses seed + index of its first prompt)")
+    sub.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes (default 250)")
+    sub.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling; > 0 replaces top-k (default 0)")
+    sub.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    sub.add_argument("--cfg-coef", type=float, default=3.0, help="classifier-free guidance (default 3; 1 = off)")
+    sub.add_argument("--two-step-cfg", action="store_true", help="guidance as two passes, not one batch")
+    sub.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    sub.add_argument("--extend-stride", type=float, metavar="SECONDS",
+                     help="sliding-window step beyond the window (default: the model's, 18 s for MusicGen)")
+    sub.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line (blank lines skipped)")
+    sub.add_argument("--continue", dest="continue_from", metavar="AUDIO",
+                     help="continue this audio: the output starts with it")
+    sub.add_argument("--melody", metavar="AUDIO", help="melody to follow (melody models)")
+    sub.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                     help="LM weights' type (default float32)")
+    sub.add_argument("--t5-path", metavar="FOLDER", help="T5 folder for audiocraft checkpoints that name one")
+    sub.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    sub.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -5,7 +5,8 @@ samples codes with :meth:`lm.LMModel.generate` under classifier-free guidance an
 them with the codec. :class:`AudioGen` is the same class with AudioGen's window and stride
 (text to sound on the 16 kHz codec).
 
-Defaults (the real ones; audiocraft's MusicGen documents 30 s but uses 15 s, we do not):
+Defaults, the same in the signature, the docs and the behaviour (audiocraft's MusicGen documents
+a 30 s duration but its constructor sets 15 s):
 sampling on, ``top_k=250``, ``top_p=0`` (top-p wins when > 0), ``temperature=1``,
 ``cfg_coef=3`` (1 turns guidance off and halves the work), ``duration=10`` seconds.
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from codec import audio as audio_io
 from codec.model import EncodecModel, InterleavedStereo
-from conditioning import ChromaConditioner, ConditionFuser, ConditionProvider
+from conditioning import ChromaConditioner, ConditionFuser, ConditionProvider, FuserConfig
 from conditioning.text import as_text_batch
 from lm import LMModel
 
@@ -171,6 +172,14 @@ def _as_batch_audio(wav: torch.Tensor | Sequence[torch.Tensor | None], what: str
     return items
 
 
+def _routed(fuser: FuserConfig, name: str) -> bool:
+    try:
+        fuser.mode_of(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _unpack_audio(value, what: str) -> tuple[list[torch.Tensor | None], int]:
     if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int)):
         raise TypeError(f"{what} must be a (wav, sample_rate) tuple with an int sample rate, "
@@ -210,17 +219,15 @@ class MusicGen(nn.Module):
         if unsupported:
             raise ValueError(f"fuser modes 'sum'/'input_interpolate' are not supported by the generator "
                              f"(attributes {unsupported})")
-        unrouted = [n for n in self.condition_provider.attributes if not self.fuser._known(n)]
+        unrouted = [n for n in self.condition_provider.attributes if not _routed(fuser, n)]
         if unrouted:
             raise ValueError(f"the fuser has no mode for conditioner(s) {unrouted}")
         if fuser.cross and not lm_config.cross_attention:
             raise ValueError(f"the fuser routes {list(fuser.cross)} to cross-attention but the LM has none")
-        per_channel = self.codec.model.num_codebooks if isinstance(self.codec, InterleavedStereo) \
-            else self.codec.num_codebooks
-        channels_codebooks = per_channel * (2 if isinstance(self.codec, InterleavedStereo) else 1)
-        if lm_config.num_codebooks > channels_codebooks or lm_config.num_codebooks % self.codec.channels:
+        codec_codebooks = self.codec.num_codebooks  # both channels for InterleavedStereo
+        if lm_config.num_codebooks > codec_codebooks or lm_config.num_codebooks % self.codec.channels:
             raise ValueError(f"the LM models {lm_config.num_codebooks} codebooks; the codec has "
-                             f"{channels_codebooks} ({self.codec.channels} channel(s))")
+                             f"{codec_codebooks} ({self.codec.channels} channel(s))")
         if lm_config.card != self.codec.codebook_size:
             raise ValueError(f"the LM's vocabulary (card {lm_config.card}) differs from the codec's codebook "
                              f"size {self.codec.codebook_size}")
@@ -306,7 +313,8 @@ class MusicGen(nn.Module):
         # transformers' MusicGen-melody do.
         return LMConditions(condition, condition_mask, prefix, None)
 
-    def _resample_melodies(self, melodies: list[torch.Tensor | None], sample_rate: int) -> list[torch.Tensor | None]:
+    def _resample_melodies(self, melodies: list[torch.Tensor | None],
+                           sample_rate: int) -> list[torch.Tensor | None]:
         """Melodies resampled to the chroma's rate ``(C, T)``."""
         chroma: ChromaConditioner = self.condition_provider.conditioners["self_wav"]
         target = chroma.config.sample_rate
@@ -333,7 +341,7 @@ class MusicGen(nn.Module):
     def encode_audio(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """Audio ``(B, C, T)`` at any rate -> codes ``(B, K, frames)`` for the LM."""
         wav = audio_io.convert_audio(wav.float(), sample_rate, self.sample_rate, self.channels)
-        wav = wav.to(self.device)
+        wav = wav.to(next(self.codec.parameters()).device)
         per_channel = self.lm.config.num_codebooks // self.channels
         with torch.inference_mode():
             if isinstance(self.codec, InterleavedStereo):
@@ -343,7 +351,7 @@ class MusicGen(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Codes ``(B, K, frames)`` -> waveforms ``(B, C, frames * hop)`` float32."""
         with torch.inference_mode():
-            return self.codec.decode(tokens.to(self.device)).float()
+            return self.codec.decode(tokens.to(next(self.codec.parameters()).device)).float()
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str | None] | None, duration: float = DEFAULT_DURATION, *,
@@ -381,7 +389,6 @@ class MusicGen(nn.Module):
             else (None, None)
         melody_wavs, melody_rate = _unpack_audio(melody, "melody") if melody is not None else (None, None)
         texts = self._batch_prompts(prompts, prompt_wavs, melody_wavs)
-        batch = len(texts)
         prompt_codes = None
         if prompt_wavs is not None:
             if any(w is None for w in prompt_wavs):
@@ -398,7 +405,6 @@ class MusicGen(nn.Module):
                                       top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef,
                                       two_step_cfg=two_step_cfg, use_sampling=use_sampling, seed=seed,
                                       progress=progress, extend_stride=extend_stride)
-        assert tokens.shape[0] == batch
         wav = self.decode(tokens)
         if return_tokens:
             return GeneratedAudioTokens(wav, self.sample_rate, tokens)
@@ -458,9 +464,10 @@ class MusicGen(nn.Module):
                         self._melody_for_window(melodies, window_plan, sliding)
                     conditions = self.prepare_conditions(texts, melodies=window_melodies, guided=guided)
                 codes = self.lm.generate(
-                    max_gen_len=window_plan.length, prompt=prompt, num_samples=None if prompt is not None else batch,
-                    use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
-                    cfg_coef=cfg_coef, two_step_cfg=two_step_cfg, generator=generator, callback=callback,
+                    max_gen_len=window_plan.length, prompt=prompt,
+                    num_samples=None if prompt is not None else batch, use_sampling=use_sampling,
+                    temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef,
+                    two_step_cfg=two_step_cfg, generator=generator, callback=callback,
                     **conditions.as_kwargs())
                 pieces.append(codes[..., window_plan.prompt:])
                 prompt = codes[..., stride:] if sliding else None

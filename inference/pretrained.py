@@ -36,12 +36,12 @@ import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, fields, replace
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from codec.conv import fold_weight_norm
@@ -147,7 +147,7 @@ def save_generator(generator: MusicGen, path: str | os.PathLike, *, overwrite: b
         "conditioners": specs,
         "codec": {"folder": CODEC_DIR, "stereo": isinstance(generator.codec, InterleavedStereo)},
     }
-    state = {k: v for k, v in generator.lm.state_dict().items()}
+    state = dict(generator.lm.state_dict())
     for key, value in generator.condition_provider.state_dict().items():
         if ".t5." not in key:  # a fine-tuned T5 is written as the t5/ folder
             state[PROVIDER_PREFIX + key] = value
@@ -161,7 +161,12 @@ def save_generator(generator: MusicGen, path: str | os.PathLike, *, overwrite: b
         save_model(codec, folder / CODEC_DIR, format="tokenwave")
         if t5:
             t5[0].encoder.save_pretrained(str(folder / T5_DIR))
-            t5[0].tokenizer.save_pretrained(str(folder / T5_DIR))
+            tokenizer = t5[0].tokenizer
+            tokenizer.save_pretrained(str(folder / T5_DIR))
+            # transformers 5 writes only tokenizer.json; keep the sentencepiece model as hub folders do.
+            vocab = getattr(tokenizer, "vocab_file", None)
+            if vocab and Path(vocab).is_file() and not (folder / T5_DIR / "spiece.model").exists():
+                shutil.copyfile(vocab, folder / T5_DIR / "spiece.model")
 
     return _write_folder(path, write, overwrite)
 
@@ -190,6 +195,20 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available here")
     return device
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No per-file "Loading weights" bars from transformers while a T5 loads (one small file)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _read_json(path: Path) -> dict:
@@ -229,39 +248,70 @@ def _meta_lm(config: LMConfig, state: StateDict, where: Path | str) -> LMModel:
     return _assign(model, state, where).eval()
 
 
-def _codec(path: Path, device: torch.device, stereo: bool,
-           models_dir: str | os.PathLike | None = None) -> EncodecModel | InterleavedStereo:
-    """A ready codec (weight norm folded, eval, float32) from any format :mod:`codec.formats` reads."""
+def _codec(path: Path, device: torch.device, stereo: bool, models_dir: str | os.PathLike | None = None,
+           copy: bool = False) -> EncodecModel | InterleavedStereo:
+    """A ready codec (weight norm folded, eval, float32) from any format :mod:`codec.formats` reads;
+    ``copy`` detaches the weights from the file (which is about to be deleted)."""
     checkpoint = read_checkpoint(path, models_dir=models_dir)
     with torch.device("meta"):
         model = EncodecModel(checkpoint.config)
     if any(k.endswith((".conv.conv.weight", ".convtr.convtr.weight")) for k in checkpoint.state) \
             and checkpoint.config.norm == "weight_norm":
         fold_weight_norm(model)
-    state = {k: v.to(device=device, dtype=torch.float32) for k, v in checkpoint.state.items()}
+    state = {k: v.to(device=device, dtype=torch.float32, copy=copy) for k, v in checkpoint.state.items()}
     model = _assign(model, state, checkpoint.path).prepare_for_inference()
     return InterleavedStereo(model) if stereo else model
 
 
-def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
+class _Weights:
+    """The tensors of ``model.safetensors`` or of a sharded set (``model.safetensors.index.json``),
+    read lazily from the memory-mapped files."""
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as file:
-            return list(file.keys())
-    except Exception as error:  # SafetensorError, OSError: corrupt, truncated or not safetensors
-        raise CheckpointError(f"{path}: expected a safetensors file, found one that cannot be read "
-                              f"({error})") from None
+    def __init__(self, folder: Path, name: str = WEIGHTS_NAME) -> None:
+        single, index = folder / name, folder / (name + ".index.json")
+        if single.is_file():
+            self.files = dict.fromkeys(self._keys_of(single), single)
+        elif index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: expected a 'weight_map' from names to shard files")
+            self.files = {key: folder / file for key, file in weight_map.items()}
+        else:
+            raise CheckpointError(f"{folder}: expected the weights in {name} (or shards listed in "
+                                  f"{index.name}); found {sorted(p.name for p in folder.iterdir())[:10]}")
+        self.where = single if single.is_file() else index
 
+    @staticmethod
+    def _keys_of(path: Path) -> list[str]:
+        from safetensors import safe_open
 
-def _safetensors_groups(path: Path, groups: list[list[str]], convert: Callable[[torch.Tensor], torch.Tensor]
-                        ) -> Iterator[StateDict]:
-    """Tensors of ``path`` group by group, each converted as soon as it is read (memory-mapped file)."""
-    from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as file:
+                return list(file.keys())
+        except Exception as error:  # SafetensorError, OSError: corrupt, truncated or not safetensors
+            raise CheckpointError(f"{path}: expected a safetensors file, found one that cannot be read "
+                                  f"({error})") from None
 
-    with safe_open(str(path), framework="pt", device="cpu") as file:
-        for keys in groups:
-            yield {key: convert(file.get_tensor(key)) for key in keys}
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def groups(self, groups: list[list[str]], convert: Callable[[torch.Tensor], torch.Tensor]
+               ) -> Iterator[StateDict]:
+        """The tensors group by group, each converted as soon as it is read."""
+        from safetensors import safe_open
+
+        with ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+            for keys in groups:
+                out = {}
+                for key in keys:
+                    path = self.files[key]
+                    if path not in handles:
+                        if not path.is_file():
+                            raise CheckpointError(f"{self.where}: shard {path.name} is missing")
+                        handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                    out[key] = convert(handles[path].get_tensor(key))
+                yield out
 
 
 def _torch_load(path: Path) -> Any:
@@ -283,14 +333,19 @@ def _provider_state(state: StateDict) -> StateDict:
     return {k[len(PROVIDER_PREFIX):]: v for k, v in state.items() if k.startswith(PROVIDER_PREFIX)}
 
 
-def _load_provider(provider: ConditionProvider, state: StateDict, target: _Target, where: Path | str
-                   ) -> ConditionProvider:
-    """Conditioner weights (output projections, lookup tables; T5 weights only when fine-tuned)."""
+def _load_provider(provider: ConditionProvider, state: StateDict, target: _Target, where: Path | str, *,
+                   t5_loaded: bool = False) -> ConditionProvider:
+    """Conditioner weights (output projections, lookup tables; fine-tuned T5 weights unless
+    ``t5_loaded``: they came with the T5 folder)."""
     try:
-        provider.load_state_dict(state, strict=True)
-    except RuntimeError as error:
+        missing, unexpected = provider.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
         raise CheckpointError(f"{where}: conditioner weights do not fit: {' '.join(str(error).split())}") \
             from None
+    missing = [k for k in missing if not (t5_loaded and ".t5." in k)]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: conditioner weights do not fit: missing {_brief(missing)}; "
+                              f"unexpected {_brief(unexpected)}")
     return provider.to(device=target.device, dtype=target.dtype).eval()
 
 
@@ -313,9 +368,10 @@ def _conditioner_from_spec(name: str, spec: dict, folder: Path, target: _Target)
     kind = spec.get("kind")
     try:
         if kind == "t5":
-            return T5Conditioner.from_pretrained(folder / spec["folder"], output_dim=spec["output_dim"],
-                                                 finetune=spec["finetune"], word_dropout=spec["word_dropout"],
-                                                 empty_is_null=spec["empty_is_null"], dtype=target.t5_dtype)
+            with _quiet_transformers():
+                return T5Conditioner.from_pretrained(folder / spec["folder"], output_dim=spec["output_dim"],
+                                                     finetune=spec["finetune"], word_dropout=spec["word_dropout"],
+                                                     empty_is_null=spec["empty_is_null"], dtype=target.t5_dtype)
         if kind == "lut":
             return LUTConditioner(vocab=spec["vocab"], dim=spec["dim"], output_dim=spec["output_dim"],
                                   split_words=spec["split_words"])
@@ -342,15 +398,14 @@ def _load_tokenwave(folder: Path, target: _Target) -> dict:
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{folder / CONFIG_NAME}: not a valid tokenwave generator config ({error})") \
             from None
-    weights = folder / WEIGHTS_NAME
-    keys = _safetensors_keys(weights)
-    lm_keys = [k for k in keys if not k.startswith(PROVIDER_PREFIX)]
-    provider_keys = [k for k in keys if k.startswith(PROVIDER_PREFIX)]
-    lm_state, provider_state = _safetensors_groups(weights, [lm_keys, provider_keys], target.lm)
-    lm = _meta_lm(lm_config, lm_state, weights)
+    weights = _Weights(folder)
+    lm_keys = [k for k in weights.keys() if not k.startswith(PROVIDER_PREFIX)]
+    provider_keys = [k for k in weights.keys() if k.startswith(PROVIDER_PREFIX)]
+    lm_state, provider_state = weights.groups([lm_keys, provider_keys], target.lm)
+    lm = _meta_lm(lm_config, lm_state, weights.where)
     provider = ConditionProvider({name: _conditioner_from_spec(name, spec, folder, target)
                                   for name, spec in specs.items()})
-    provider = _load_provider(provider, _provider_state(provider_state), target, weights)
+    provider = _load_provider(provider, _provider_state(provider_state), target, weights.where, t5_loaded=True)
     codec = _codec(folder / codec_spec.get("folder", CODEC_DIR), target.device, bool(codec_spec.get("stereo")))
     return dict(lm=lm, codec=codec, condition_provider=provider, fuser=ConditionFuser(fuser), config=config)
 
@@ -386,41 +441,40 @@ def _transformers_lm_config(data: dict, where: Path) -> LMConfig:
         delays=tuple(stereo_delays(num_codebooks // 2)) if channels == 2 else None)
 
 
-def _transformers_lm_state(weights: Path, keys: list[str], target: _Target) -> StateDict:
+def _transformers_lm_state(weights: _Weights, target: _Target) -> StateDict:
     """Decoder and projection weights in audiocraft names, translated one layer at a time (q, k, v
     are packed per layer), so only one layer's worth of extra memory is ever held."""
     groups: dict[str, list[str]] = defaultdict(list)
-    for key in keys:
+    for key in weights.keys():
         if key.startswith(_LM_PREFIXES) and not key.endswith("embed_positions.weights"):
             match = _LAYER_INDEX.search(key)
             groups[match[1] if match else "rest"].append(key)
     state: StateDict = {}
-    for group in _safetensors_groups(weights, list(groups.values()), target.lm):
+    for group in weights.groups(list(groups.values()), target.lm):
         try:
             state.update(transformers_to_audiocraft_lm(group))
         except KeyError as error:
-            raise CheckpointError(f"{weights}: {error.args[0]}") from None
+            raise CheckpointError(f"{weights.where}: {error.args[0]}") from None
     return state
 
 
-def _transformers_t5(data: dict, weights: Path, keys: list[str], target: _Target) -> nn.Module:
+def _transformers_t5(data: dict, weights: _Weights, target: _Target) -> nn.Module:
     from transformers import T5Config, T5EncoderModel
 
     text = data.get("text_encoder")
     if not isinstance(text, dict) or text.get("model_type") not in ("t5", None):
-        raise CheckpointError(f"{weights.parent / CONFIG_NAME}: expected a T5 text_encoder, found "
+        raise CheckpointError(f"{weights.where.parent / CONFIG_NAME}: expected a T5 text_encoder, found "
                               f"{None if not isinstance(text, dict) else text.get('model_type')!r}")
     config = T5Config.from_dict({k: v for k, v in text.items() if k != "model_type"})
     with torch.device("meta"):
         encoder = T5EncoderModel(config)
     prefix = "text_encoder."
-    names = [k for k in keys if k.startswith(prefix)]
-    (state,) = _safetensors_groups(weights, [names], target.t5)
+    (state,) = weights.groups([[k for k in weights.keys() if k.startswith(prefix)]], target.t5)
     state = {k[len(prefix):]: v for k, v in state.items()}
     tied = "encoder.embed_tokens.weight"
     if tied not in state and "shared.weight" in state:
         state[tied] = state["shared.weight"]  # transformers stores the tied embedding once
-    return _assign(encoder, state, weights).eval()
+    return _assign(encoder, state, weights.where).eval()
 
 
 def _transformers_tokenizer(folder: Path, t5_path: str | os.PathLike | None):
@@ -450,23 +504,38 @@ def _chroma_config_from_transformers(folder: Path, chroma_length: int) -> Chroma
     return config
 
 
+def _transformers_codec(folder: Path, data: dict, weights: _Weights, device: torch.device,
+                        stereo: bool) -> EncodecModel | InterleavedStereo:
+    """The audio encoder; :mod:`codec.formats` reads one weights file, so the codec of a sharded
+    folder (tens of millions of parameters) is handed to it as a folder of its own."""
+    if (folder / WEIGHTS_NAME).is_file():
+        return _codec(folder, device, stereo)
+    from safetensors.torch import save_file
+
+    prefix = "audio_encoder."
+    (state,) = weights.groups([[k for k in weights.keys() if k.startswith(prefix)]], lambda t: t)
+    with tempfile.TemporaryDirectory(prefix="tokenwave-codec-") as tmp:
+        (Path(tmp) / CONFIG_NAME).write_text(json.dumps(data["audio_encoder"]), encoding="utf-8")
+        save_file({k[len(prefix):]: v.contiguous() for k, v in state.items()}, str(Path(tmp) / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+        return _codec(Path(tmp), device, stereo, copy=True)
+
+
 def _load_transformers(folder: Path, target: _Target, t5_path: str | os.PathLike | None) -> dict:
     where = folder / CONFIG_NAME
     data = _read_json(where)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: expected the weights in {WEIGHTS_NAME} next to {CONFIG_NAME}")
+    weights = _Weights(folder)
     try:
         lm_config = _transformers_lm_config(data, where)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{where}: not a usable MusicGen config ({error})") from None
-    keys = _safetensors_keys(weights)
-    state = _transformers_lm_state(weights, keys, target)
+    state = _transformers_lm_state(weights, target)
     provider_state = _provider_state(state)
-    lm = _meta_lm(lm_config, {k: v for k, v in state.items() if not k.startswith(PROVIDER_PREFIX)}, weights)
+    lm_state = {k: v for k, v in state.items() if not k.startswith(PROVIDER_PREFIX)}
+    lm = _meta_lm(lm_config, lm_state, weights.where)
 
-    encoder = _transformers_t5(data, weights, keys, target)
-    projected = "description.output_proj.weight" in {k.removeprefix("conditioners.") for k in provider_state}
+    encoder = _transformers_t5(data, weights, target)
+    projected = "conditioners.description.output_proj.weight" in provider_state
     text = T5Conditioner(encoder=encoder, tokenizer=_transformers_tokenizer(folder, t5_path),
                          output_dim=lm_config.dim if projected else None, empty_is_null=False)
     conditioners: dict[str, nn.Module] = {"description": text}
@@ -475,11 +544,10 @@ def _load_transformers(folder: Path, target: _Target, t5_path: str | os.PathLike
         chroma = _chroma_config_from_transformers(folder, int(data.get("chroma_length", 235)))
         conditioners["self_wav"] = ChromaConditioner(output_dim=lm_config.dim, config=chroma, match_length=True)
         fuser = FUSER_PRESETS["chroma2music"]
-    provider = _load_provider(ConditionProvider(conditioners), provider_state, target, weights)
+    provider = _load_provider(ConditionProvider(conditioners), provider_state, target, weights.where)
     stereo = int(data["decoder"].get("audio_channels", 1)) == 2
-    codec = _codec(folder, target.device, stereo)
-    window = TRANSFORMERS_WINDOW
-    config = GeneratorConfig(max_duration=window, extend_stride=18.0, mask_condition_padding=True)
+    codec = _transformers_codec(folder, data, weights, target.device, stereo)
+    config = GeneratorConfig(max_duration=TRANSFORMERS_WINDOW, extend_stride=18.0, mask_condition_padding=True)
     return dict(lm=lm, codec=codec, condition_provider=provider, fuser=ConditionFuser(fuser), config=config)
 
 
@@ -512,9 +580,10 @@ def _audiocraft_conditioner(name: str, spec: dict, xp_cfg: dict, dim: int, folde
             raise CheckpointError(f"{folder}: conditioners.{name}.t5.normalize_text=true (spacy text "
                                   f"normalization) is not supported")
         t5 = registry.find_t5(str(options["name"]), near=folder, t5_path=t5_path, models_dir=models_dir)
-        return T5Conditioner.from_pretrained(t5, output_dim=dim, finetune=bool(options.get("finetune", False)),
-                                             word_dropout=float(options.get("word_dropout", 0.0)),
-                                             empty_is_null=True, dtype=target.t5_dtype)
+        with _quiet_transformers():
+            return T5Conditioner.from_pretrained(t5, output_dim=dim, finetune=bool(options.get("finetune", False)),
+                                                 word_dropout=float(options.get("word_dropout", 0.0)),
+                                                 empty_is_null=True, dtype=target.t5_dtype)
     if kind in ("chroma_stem", "chroma"):
         n_fft = 2 ** int(options.get("radix2_exp", 12))
         config = ChromaConfig(sample_rate=int(options.get("sample_rate", _cfg_get(xp_cfg, "sample_rate"))),

@@ -189,6 +189,25 @@ class LMModel(nn.Module):
     def num_codebooks(self) -> int:
         return self.config.num_codebooks
 
+    def low_precision_weights(self, dtype: torch.dtype = torch.bfloat16) -> LMModel:
+        """Store the matrix weights (projections, feed-forward, heads) in ``dtype``; keep
+        embeddings, norms, activations and the KV cache in float32.
+
+        Decoding reads every weight once per step, so halving their size nearly halves the
+        step on a CPU with bf16 instructions, at about half the logit error of running the
+        whole model in bf16 (measured by ``bench/generate.py``). Returns ``self``.
+        """
+        for layer in self.transformer.layers:
+            for attn in (layer.self_attn, layer.cross_attention):
+                if attn is not None:
+                    attn.in_proj_weight.data = attn.in_proj_weight.data.to(dtype)
+                    attn.out_proj.weight.data = attn.out_proj.weight.data.to(dtype)
+            layer.linear1.weight.data = layer.linear1.weight.data.to(dtype)
+            layer.linear2.weight.data = layer.linear2.weight.data.to(dtype)
+        for head in self.linears:
+            head.weight.data = head.weight.data.to(dtype)
+        return self
+
     def set_attention_backend(self, backend: str) -> None:
         """'sdpa' (default) or 'xformers' (CUDA only, when installed)."""
         self.transformer.set_attention_backend(backend)

@@ -90,12 +90,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Ten
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that, for a few float32 rows on CPU, computes ``(weight @ x^T)^T`` instead.
+    """``F.linear`` with two decoding fast paths.
 
-    A decoding step multiplies 2-8 rows by every weight; there MKL's ``x @ W^T`` kernel runs
-    about half as fast as ``W @ x^T`` (measured on AVX-512 CPUs), while the results agree to
-    float rounding.
+    - Weights stored in a lower precision than the activations (see
+      ``LMModel.low_precision_weights``): the product runs in the weights' dtype and comes
+      back in the activations' dtype, so norms, residuals and attention stay float32.
+    - A few float32 rows on CPU: computed as ``(weight @ x^T)^T``. A decoding step multiplies
+      2-8 rows by every weight, where MKL's ``x @ W^T`` kernel runs about half as fast as
+      ``W @ x^T`` (measured on AVX-512 CPUs); results agree to float rounding.
     """
+    if weight.dtype != x.dtype:
+        bias = None if bias is None else bias.to(weight.dtype)
+        return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or x.dtype != torch.float32 or not 2 <= rows <= 8:
         return F.linear(x, weight, bias)

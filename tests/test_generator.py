@@ -17,7 +17,7 @@ import yaml
 from t5_fixture import tiny_t5_folder  # noqa: F401  (fixture)
 
 from codec.formats import save_model
-from codec.model import EncodecConfig
+from codec.model import EncodecConfig, EncodecModel
 from conditioning import (
     FUSER_PRESETS,
     ChromaConditioner,
@@ -65,14 +65,15 @@ def tiny_lm(seed: int = 0, **overrides) -> LMModel:
 
 
 def build_tiny_generator(*, seed: int = 0, t5_folder=None, config: GeneratorConfig = WINDOW,
-                         cls: type[MusicGen] = MusicGen) -> MusicGen:
+                         cls: type[MusicGen] = MusicGen, codec_seed: int | None = None) -> MusicGen:
     """A tiny text-to-music generator: LUT (or tiny T5) text, cross-attention, random codec."""
     if t5_folder is None:
         text = LUTConditioner(vocab=VOCAB, dim=8, output_dim=DIM)
     else:
         text = T5Conditioner.from_pretrained(t5_folder, output_dim=DIM, empty_is_null=True)
     unit_scale(text, seed + 1)
-    return cls(lm=tiny_lm(seed), codec=random_model(CODEC, seed=seed),
+    codec = random_model(CODEC, seed=seed if codec_seed is None else codec_seed)
+    return cls(lm=tiny_lm(seed), codec=codec,
                condition_provider=ConditionProvider({"description": text}), config=config)
 
 
@@ -151,6 +152,18 @@ def test_defaults_are_the_documented_ones():
     assert MusicGen.default_config == GeneratorConfig(max_duration=30.0, extend_stride=18.0)
     assert AudioGen.default_config == GeneratorConfig(max_duration=10.0, extend_stride=2.0)
     assert inspect.signature(api.generate).parameters["duration"].default == 10.0
+
+
+def test_audiogen_text_to_sound_on_the_16khz_codec():
+    """AudioGen is the same machinery on AudioGen's tokenizer (16 kHz, 50 frames/s, 4 x 2048 codes)."""
+    codec = EncodecModel.from_preset("encodec_16khz").prepare_for_inference()
+    text = LUTConditioner(vocab=["dog", "barking", "rain"], dim=8, output_dim=DIM)
+    generator = AudioGen(lm=tiny_lm(card=2048), codec=codec,
+                         condition_provider=ConditionProvider({"description": text}))
+    assert generator.config == GeneratorConfig(max_duration=10.0, extend_stride=2.0)
+    out = generator.generate(["dog barking", "rain"], 0.1, seed=0, return_tokens=True)
+    assert out.sample_rate == 16_000 and generator.frame_rate == 50
+    assert out.tokens.shape == (2, K, 5) and out.wav.shape == (2, 1, 5 * 320)
 
 
 # -- continuation and the sliding window --------------------------------------------------------------
@@ -313,6 +326,16 @@ def test_tokenwave_format_with_t5_and_melody_round_trip(tiny_t5_folder, tmp_path
     b = loaded.generate(["calm piano melody at night", ""], 0.05, seed=1, return_tokens=True)
     assert torch.equal(a.tokens, b.tokens)
 
+    # A fine-tuned T5 travels in t5/ with its new weights.
+    text = T5Conditioner.from_pretrained(tiny_t5_folder, output_dim=DIM, finetune=True)
+    with torch.no_grad():
+        text.t5.shared.weight.mul_(1.5)
+    tuned = MusicGen(lm=generator.lm, codec=generator.codec, condition_provider=ConditionProvider(
+        {"description": text}), config=WINDOW)
+    loaded = MusicGen.from_pretrained(tuned.save_pretrained(tmp_path / "gen_tuned"), device="cpu")
+    reloaded = loaded.condition_provider.conditioners["description"]
+    assert reloaded.finetune and torch.equal(reloaded.t5.shared.weight, text.t5.shared.weight)
+
     melody = tiny_melody_generator(seed=5)
     loaded = MusicGen.from_pretrained(melody.save_pretrained(tmp_path / "gen_melody"), device="cpu")
     assert loaded.condition_provider.conditioners["self_wav"].config == \
@@ -388,7 +411,7 @@ def models_dir(tmp_path, monkeypatch, tiny_t5_folder):  # noqa: F811
 
 
 def test_audiocraft_format_loads_and_generates_like_ours(models_dir, tmp_path):
-    ours = build_tiny_generator(t5_folder=models_dir / "t5-tiny", seed=6,
+    ours = build_tiny_generator(t5_folder=models_dir / "t5-tiny", seed=6, codec_seed=0,  # the pointed-at codec
                                 config=GeneratorConfig(max_duration=0.1, extend_stride=None))
     folder = tmp_path / "audiocraft"
     write_audiocraft(folder, ours, AUDIOCRAFT_YAML, codec_pointer="facebook/tiny_codec")
@@ -404,7 +427,8 @@ def test_audiocraft_format_loads_and_generates_like_ours(models_dir, tmp_path):
     assert torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(a.wav, b.wav, atol=1e-6, rtol=0)
     # The state_dict.bin path itself works too, and an explicit T5 folder wins.
-    loaded = MusicGen.from_pretrained(folder / "state_dict.bin", t5_path=models_dir / "t5-tiny", extend_stride=0.05)
+    loaded = MusicGen.from_pretrained(folder / "state_dict.bin", t5_path=models_dir / "t5-tiny",
+                                      extend_stride=0.05)
     assert loaded.config.extend_stride == 0.05
 
 
@@ -418,6 +442,35 @@ def test_audiocraft_codec_file_and_audiogen_settings(models_dir, tmp_path):
     assert loaded.config == GeneratorConfig(max_duration=2.5, extend_stride=2.0)  # AudioGen's 2 s stride
     a = ours.generate("calm night", 0.04, seed=0, return_tokens=True)
     b = loaded.generate("calm night", 0.04, seed=0, return_tokens=True)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_audiocraft_melody_checkpoint(models_dir, tmp_path):
+    """chroma2music: T5 + chroma both prepended, ``${sample_rate}`` references resolved."""
+    text = T5Conditioner.from_pretrained(models_dir / "t5-tiny", output_dim=DIM, empty_is_null=True)
+    chroma = ChromaConditioner(output_dim=DIM, config=ChromaConfig(sample_rate=SR, n_fft=64, hop_length=16,
+                                                                   argmax=True, duration=0.1))
+    provider = ConditionProvider({"description": text, "self_wav": chroma})
+    unit_scale(provider, 9)
+    ours = MusicGen(lm=tiny_lm(9, cross_attention=False), codec=random_model(CODEC, seed=9),
+                    condition_provider=provider, fuser=ConditionFuser(FUSER_PRESETS["chroma2music"]),
+                    config=GeneratorConfig(max_duration=0.1, extend_stride=0.06))
+    cfg = {**AUDIOCRAFT_YAML,
+           "fuser": {**AUDIOCRAFT_YAML["fuser"], "prepend": ["self_wav", "description"], "cross": []},
+           "conditioners": {
+               "self_wav": {"model": "chroma_stem", "chroma_stem": {
+                   "sample_rate": "${sample_rate}", "n_chroma": 12, "radix2_exp": 6, "argmax": True,
+                   "match_len_on_eval": False, "eval_wavs": None, "n_eval_wavs": 100, "cache_path": None}},
+               "description": {"model": "t5", "t5": {"name": "t5-tiny", "finetune": False, "word_dropout": 0.2,
+                                                     "normalize_text": False}}}}
+    write_audiocraft(tmp_path / "melody", ours, cfg)
+    loaded = MusicGen.from_pretrained(tmp_path / "melody", device="cpu")
+    assert loaded.has_melody and not loaded.lm.config.cross_attention
+    assert loaded.condition_provider.conditioners["self_wav"].config == chroma.config
+    assert loaded.fuser.config.prepend == ("self_wav", "description")
+    tone = torch.sin(torch.arange(300) / 2.0)[None]
+    a = ours.generate(["calm piano", "happy"], 0.23, seed=4, melody=([tone, None], SR), return_tokens=True)
+    b = loaded.generate(["calm piano", "happy"], 0.23, seed=4, melody=([tone, None], SR), return_tokens=True)
     assert torch.equal(a.tokens, b.tokens)
 
 

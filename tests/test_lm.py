@@ -361,6 +361,23 @@ def test_no_condition_is_the_null_condition():
     assert torch.equal(model.generate(max_gen_len=5, num_samples=2, use_sampling=False), explicit)
 
 
+def test_low_precision_weights_stay_close_to_float32():
+    model = _tiny()
+    low = _tiny().low_precision_weights(torch.bfloat16)
+    assert low.linears[0].weight.dtype == torch.bfloat16 and low.emb[0].weight.dtype == torch.float32
+    assert low.transformer.layers[0].norm1.weight.dtype == torch.float32
+    sequence = torch.randint(0, CARD + 1, (2, K, 6))
+    condition, mask = _condition(2)
+    with torch.no_grad():
+        ref = model(sequence, condition=condition, condition_mask=mask)
+        got = low(sequence, condition=condition, condition_mask=mask)
+    assert got.dtype == torch.float32
+    rel = (got - ref).pow(2).mean().sqrt() / ref.std()
+    assert 0 < rel < 0.02  # bf16 rounding of the weights, nothing more
+    out = low.generate(max_gen_len=4, num_samples=2, condition=torch.cat([condition, condition]))
+    assert out.shape == (2, K, 4)
+
+
 def test_compute_predictions_alignment():
     """Valid logits at (k, t) are the forward logits at step t + k of the pattern sequence."""
     model = _tiny()

@@ -225,3 +225,19 @@ def test_stereo_model_matches(tiny_t5_folder, tmp_path):  # noqa: F811
     assert torch.equal(out.tokens, expected_codes)
     assert out.wav.shape == expected_audio.shape == (2, 2, frames * HOP)
     torch.testing.assert_close(out.wav, expected_audio, atol=1e-4, rtol=0)
+
+
+def test_sharded_folder_loads_the_same(mono, tmp_path):
+    """Large hub models come in shards (model-0000i-of-0000n.safetensors + an index)."""
+    reference, ours, folder = mono
+    sharded = tmp_path / "sharded"
+    reference.save_pretrained(str(sharded), max_shard_size="20KB")
+    transformers.T5Tokenizer.from_pretrained(str(folder)).save_pretrained(str(sharded))
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    loaded = MusicGen.from_pretrained(sharded, device="cpu")
+    for key, value in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    a = ours.generate(TEXTS, 0.04, seed=0, return_tokens=True)
+    b = loaded.generate(TEXTS, 0.04, seed=0, return_tokens=True)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.wav, b.wav)

@@ -27,7 +27,8 @@ original release:
   padding. MusicGen's released ``compression_state_dict.bin`` is only the pointer
   ``facebook/encodec_32khz`` and audiocraft loads it through transformers' ``EncodecModel``, so
   released MusicGen runs the codec with reflect padding. Each file's own config decides ours;
-  the ``encodec_32khz`` preset (constant) matches audiocraft-trained exports.
+  the ``encodec_32khz`` preset follows the released model (reflect); audiocraft-trained
+  exports carry ``pad_mode: constant`` in their YAML and get it from there.
 - transformers' ``encode(bandwidth=None)`` uses the smallest of ``target_bandwidths``; the
   original release and tokenwave use all codebooks. transformers derives the number of
   codebooks from the largest bandwidth:

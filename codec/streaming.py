@@ -95,6 +95,14 @@ def _length(x: MaybeTensor) -> int:
     return 0 if x is None else x.shape[-1]
 
 
+def _rest(x: torch.Tensor, start: int) -> MaybeTensor:
+    """A compact copy of ``x[..., start:]`` (None if empty).
+
+    A slice would keep the whole block it was cut from alive until the next push.
+    """
+    return x[..., start:].clone() if start < x.shape[-1] else None
+
+
 def _check_no_norm(layer: nn.Module, norm: nn.Module) -> None:
     if not isinstance(norm, nn.Identity):
         raise ValueError(f"{type(layer).__name__} has a {type(norm).__name__} normalization over "
@@ -177,7 +185,7 @@ class _Conv(_Node):
         y = self.layer.conv(window)
         self.emitted += ready
         keep_from = max(self.start, min(self.emitted * self.stride, end - self.reserve))
-        self.buffer = self.buffer[..., keep_from - self.start:]
+        self.buffer = _rest(self.buffer, keep_from - self.start)
         self.start = keep_from
         return y
 
@@ -270,9 +278,8 @@ class _Residual(_Node):
         if n == 0:
             return None
         out = self.pending_shortcut[..., :n] + self.pending_block[..., :n]
-        self.pending_block = self.pending_block[..., n:] if _length(self.pending_block) > n else None
-        self.pending_shortcut = (self.pending_shortcut[..., n:]
-                                 if _length(self.pending_shortcut) > n else None)
+        self.pending_block = _rest(self.pending_block, n)
+        self.pending_shortcut = _rest(self.pending_shortcut, n)
         return out
 
     def push(self, x: torch.Tensor) -> MaybeTensor:
@@ -517,7 +524,7 @@ class ChunkedStreamingEncoder(_Stream):
         frames = []
         while _length(self._buffer) >= minimum and _length(self._buffer) > 0:
             frames.append(self._encode(self._buffer[..., :segment]))
-            self._buffer = self._buffer[..., stride:] if _length(self._buffer) > stride else None
+            self._buffer = _rest(self._buffer, stride)
         return frames
 
     @torch.no_grad()
@@ -566,8 +573,10 @@ class ChunkedStreamingDecoder(_Stream):
         self.segments = 0
 
     def _take(self, n: int) -> torch.Tensor:
+        if self._sum is None:
+            return self._weight.new_zeros(self._batch, self.model.channels, 0)
         out = self._sum[..., :n] / self._weight_sum[:n]
-        self._sum, self._weight_sum = self._sum[..., n:], self._weight_sum[n:]
+        self._sum, self._weight_sum = _rest(self._sum, n), _rest(self._weight_sum, n)
         return out
 
     @torch.no_grad()

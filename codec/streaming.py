@@ -6,9 +6,9 @@ The encoder/decoder are walked layer by layer and each layer keeps its own state
 convolution keeps the input samples its next windows still need (left context), the LSTM
 keeps ``(h, c)``, a transposed convolution keeps the overlap-add tail its last input frame
 adds to the next frame's samples, a residual block keeps whichever of its two branches ran
-ahead. Nothing is recomputed from the past. A layer emits an output sample as soon as that
-sample can no longer change, so the result is the offline ``model.encode`` / ``model.decode``
-of the whole stream: codes are identical, audio agrees to float rounding (< 1e-5).
+ahead. Nothing is recomputed from the past. A layer emits an output sample as soon as no
+later input can change it, and each output sums the same products as offline, so the stream
+gives the offline ``model.encode`` / ``model.decode`` of the whole signal (see Exactness).
 
 This works for every model whose layers can be streamed: the causal 24 kHz model and the
 non-causal 32/16 kHz models (weight norm, no chunking). A non-causal convolution is a causal
@@ -16,49 +16,75 @@ one that needs ``padding_total // 2`` samples of lookahead; the stream waits for
 The 48 kHz model normalizes each 1 s chunk as a whole (GroupNorm over time and an RMS scale),
 so it streams chunk by chunk instead (:class:`ChunkedStreamingEncoder`/``Decoder``).
 
-Stream start. Offline, every convolution pads its input on the left (reflect mode: it
-mirrors samples ``1..left``; constant mode: zeros). A layer therefore holds its first outputs
-back until ``left + 1`` input samples are in, then emits them at once, and from then on runs
-with no delay of its own. The largest hold-back is the encoder's last convolution (kernel 7
-at the frame rate): with reflect padding, frame 0 mirrors frames 1..6, so the first 7 codes
-of the 24 kHz encoder arrive together once 7 * 320 = 2240 samples (93 ms) are in. The
-decoder's first convolution does the same on code frames: the first audio comes once 7
-frames are pushed, 7 * 320 samples at once.
+Stream start. Offline, every convolution pads its input on the left (reflect: it mirrors
+samples ``1..left``; constant: zeros). A layer holds its first outputs back until ``left + 1``
+input samples are in (reflect), emits them at once, and from then on adds no delay of its
+own. For the causal 24 kHz model the largest hold-back is the encoder's last convolution
+(kernel 7 at the frame rate): frame 0 mirrors frames 1..6, so the first 7 codes arrive
+together once 7 * 320 = 2240 samples (93 ms) are in. The decoder's first convolution does the
+same on code frames: no audio until 7 frames are pushed, then 7 * 320 samples at once. For
+the non-causal models the lookahead already covers the mirrored samples: no extra hold-back.
 
 Stream end. Offline, a strided convolution pads the right end so that its last window is
-full (``extra`` samples, reflect or zeros, depending on the total length) and a non-causal
-one also pads ``padding_total // 2``; a transposed convolution trims its output. ``flush()``
-knows the total length and reproduces exactly that: the last, partial frame is encoded with
-the same right padding, and (non-causal decoders) the held-back tail is emitted.
+full (``extra`` samples, by reflection or zeros, depending on the total length), a
+non-causal one also pads ``padding_total // 2``, and a transposed convolution trims its
+output. ``flush()`` knows the total length and does exactly that: the last, partial frame is
+encoded with the offline right padding, and a non-causal decoder emits its held-back tail.
+Streams too short to have emitted anything run each layer offline at ``flush()``.
 
-Algorithmic latency after the start (measured by the tests / ``StreamingEncoder.lookahead``):
+Algorithmic latency after the start (asserted by tests/test_streaming.py; the encoder's is
+``StreamingEncoder.lookahead`` samples beyond the end of the frame):
 
-* 24 kHz causal encoder: a code comes as soon as its frame's 320 samples are in: 320
-  samples = 13.3 ms (the paper's figure); the decoder turns each pushed frame into its 320
-  samples at once (no lookahead).
-* 32 kHz non-causal (MusicGen tokenizer): encoder lookahead 2386 samples beyond the frame's
-  640, i.e. 3026 samples = 94.6 ms; decoder: frame ``i``'s samples are final once frame
-  ``i + 3`` is pushed (3 frames = 60 ms of lookahead, plus 640 samples of frame).
-* 16 kHz non-causal (AudioGen tokenizer): encoder lookahead 1193 samples beyond the frame's
-  320, i.e. 1513 samples = 94.6 ms; decoder: 3 frames of lookahead (60 ms).
-These are exact: the streamed codes equal the offline ones (measured: 100 % agreement,
-audio max difference below 1e-5), so no approximate windowed mode is needed for them.
+* 24 kHz, causal: a code comes out when the last of its frame's 320 samples goes in: 320
+  samples = 13.3 ms (the paper's figure), lookahead 0. The decoder turns each pushed frame
+  into its 320 samples at once; ``flush()`` returns nothing (the causal trim drops the tail).
+* 32 kHz (MusicGen tokenizer): a code needs 2386 samples beyond its 640-sample frame:
+  3026 samples = 94.6 ms. The decoder holds back the last 2402 samples (75.1 ms) of what the
+  pushed frames span; ``flush()`` returns them.
+* 16 kHz (AudioGen tokenizer): 1195 samples beyond the 320-sample frame: 1515 samples =
+  94.7 ms; the decoder holds back 1203 samples (75.2 ms).
+No approximate windowed mode is needed for the non-causal models: their streams are exact.
+
+Exactness. In float64 the streamed codes are bit-identical to ``model.encode`` for every
+chunking (tested, 1-sample chunks included). In float32 the convolution and LSTM kernels
+(oneDNN) round differently for different input lengths - ``model.encode`` of a prefix of a
+signal does not reproduce the prefix's bits either - so streamed latents differ from offline
+ones by ~1e-7, and a code can flip where its two nearest codewords are that close to a tie.
+Measured on this machine (random weights, codebooks from k-means on the model's own latents,
+20 s of tones and noise, full-size presets, one thread), share of codes equal to offline and
+decoded-audio difference to ``model.decode``:
+
+============  ===========================  ================  ===============  ============
+model         chunks pushed                codes equal       audio max diff   audio RMS diff
+============  ===========================  ================  ===============  ============
+24 kHz, 6 kbps one frame (320 samples)     99.83 %           1.1e-7           2.1e-8
+24 kHz, 6 kbps 5 s blocks                  100 %             5.2e-8           1.1e-9
+32 kHz, 4 cb  one frame (640 samples)      99.98 %           1.4e-7           2.4e-8
+32 kHz, 4 cb  5 s blocks                   100 %             1.4e-7           2.4e-8
+16 kHz, 4 cb  one frame / 5 s blocks       100 % / 100 %     2.1e-7           4.0e-8
+48 kHz, 6 kbps 320 samples / 5 s blocks    100 % / 100 %     1.7e-6           2.9e-7
+============  ===========================  ================  ===============  ============
+
+(audio RMS 0.05-0.07, 48 kHz 0.2; a prepared 48 kHz model decodes offline with batched,
+time-major kernels, hence its larger but still float-rounding difference).
 
 Chunked streaming (:class:`ChunkedStreamingEncoder`, :class:`ChunkedStreamingDecoder`)
 --------------------------------------------------------------------------------------
 For models that encode in segments (48 kHz: 1 s windows, 0.99 s apart, each scaled by its
-RMS): a segment is encoded when its last sample is in, the decoder overlap-adds each decoded
-segment onto the previous one's 1 % tail with the same triangular weights as offline. Output
-equals the offline call (codes and scales identical, audio to float rounding); latency is one
-segment (1 s) for the encoder, the decoder emits 0.99 s per segment as it arrives and the last
-10 ms at ``flush()``.
+RMS): a segment is encoded as soon as its last sample is in, through the model's own
+per-segment step, so codes and scales are the offline ones whatever the chunking. The
+decoder overlap-adds each decoded segment onto the previous one's 1 % tail with offline's
+triangular weights; only that tail is kept. Latency: one segment (1 s) for the encoder; the
+decoder emits 0.99 s per segment as it arrives and the last 10 ms at ``flush()``.
 
 Long files
 ----------
 :func:`encode_blocks` / :func:`decode_blocks` turn iterators of audio blocks into iterators of
 :class:`~codec.model.EncodedFrame` and back; :func:`encode_file` / :func:`decode_to_file` read
-and write with soundfile block by block. Memory is bounded by the block size whatever the file
-length, and the codes are those of a whole-file ``model.encode``.
+(converting rate and channels) and write files block by block through :mod:`codec.audio`.
+Peak memory is set by the block size, not the file length (``bench/memory.py``: 10 and 60
+minute files peak at the same RSS), and the codes are those of a whole-file ``model.encode``
+(to the float32 near-tie caveat above; with 5 s blocks no code differed in the measurements).
 """
 from __future__ import annotations
 
@@ -379,15 +405,19 @@ class _Stream:
             raise RuntimeError(f"{type(self).__name__} was flushed; call reset() to start a new "
                                "stream")
 
-    def _param(self) -> torch.Tensor:
-        return next(self.model.parameters())
+    def _param(self, net: nn.Module) -> torch.Tensor:
+        return next(net.parameters())
+
+    def _book(self) -> torch.Tensor:
+        return self.model.quantizer.vq.layers[0]._codebook.embed
 
 
 class StreamingEncoder(_Stream):
     """Audio chunks of any length in, codes out as soon as each frame is final.
 
     ``push(chunk (B, C, n)) -> codes (B, K, f)`` with ``f >= 0``; ``flush() -> codes (B, K, f)``
-    ends the stream. The concatenated codes equal ``model.encode(whole_stream)`` exactly.
+    ends the stream. The concatenated codes are ``model.encode(whole_stream)``'s (bit for bit
+    in float64; in float32 up to codeword near-ties, see the module docstring).
     """
 
     def __init__(self, model: EncodecModel, *, num_codebooks: int | None = None,
@@ -407,11 +437,13 @@ class StreamingEncoder(_Stream):
         return self._layers.lookahead()[0]
 
     def _codes(self, latent: MaybeTensor) -> torch.Tensor:
+        book = self._book()
         if latent is None:
             return torch.empty(self._batch or 0, self.num_codebooks, 0, dtype=torch.long,
-                               device=self._param().device)
+                               device=book.device)
         self.frames += latent.shape[-1]
-        return self.model.quantizer.encode(latent, self.num_codebooks)
+        # As model.encode: the codebooks may stay float32 under a half-precision encoder.
+        return self.model.quantizer.encode(latent.to(book.dtype), self.num_codebooks)
 
     @torch.no_grad()
     def push(self, chunk: torch.Tensor) -> torch.Tensor:
@@ -422,7 +454,8 @@ class StreamingEncoder(_Stream):
         if chunk.shape[-1] == 0:
             return self._codes(None)
         self.samples += chunk.shape[-1]
-        return self._codes(self._layers.push(chunk))
+        param = self._param(self.model.encoder)
+        return self._codes(self._layers.push(chunk.to(device=param.device, dtype=param.dtype)))
 
     @torch.no_grad()
     def flush(self) -> torch.Tensor:
@@ -455,11 +488,11 @@ class StreamingDecoder(_Stream):
 
     def _audio(self, audio: MaybeTensor) -> torch.Tensor:
         if audio is None:
-            param = self._param()
-            return torch.empty(self._batch or 0, self.model.channels, 0, dtype=param.dtype,
-                               device=param.device)
+            param = self._param(self.model.decoder)
+            audio = param.new_empty(self._batch or 0, self.model.channels, 0)
         self.samples += audio.shape[-1]
-        return audio
+        # As model.decode: half-precision decoders give float32 audio.
+        return audio.float() if audio.dtype in (torch.float16, torch.bfloat16) else audio
 
     @torch.no_grad()
     def push(self, codes: torch.Tensor) -> torch.Tensor:
@@ -478,7 +511,8 @@ class StreamingDecoder(_Stream):
         if codes.shape[-1] == 0:
             return self._audio(None)
         self.frames += codes.shape[-1]
-        return self._audio(self._layers.push(self.model.quantizer.decode(codes)))
+        latent = self.model.quantizer.decode(codes.to(self._book().device))
+        return self._audio(self._layers.push(latent.to(self._param(self.model.decoder).dtype)))
 
     @torch.no_grad()
     def flush(self) -> torch.Tensor:
@@ -558,8 +592,8 @@ class ChunkedStreamingDecoder(_Stream):
 
     ``push(frame) -> audio (B, C, n)``: the samples before the next segment's start are final
     (they are covered by this segment and the previous one only). ``flush()`` returns the last
-    segment's overlap. The concatenation equals ``model.decode(frames)`` bit for bit when the
-    decoder itself is deterministic.
+    segment's overlap. The concatenation equals ``model.decode(frames)`` to float rounding
+    (bit for bit against a model not prepared for inference, which decodes segment by segment).
     """
 
     def __init__(self, model: EncodecModel) -> None:
@@ -640,18 +674,17 @@ def encode_blocks(blocks: Iterable[AudioBlock], model: EncodecModel, *,
     concatenated along time they are ``model.encode(all)[0].codes``); segment models yield
     one frame per segment, as ``model.encode`` returns them. Blocks may have any length.
     """
-    param = next(model.parameters())
     if model.segment_length is None:
         encoder = StreamingEncoder(model, num_codebooks=num_codebooks, bandwidth=bandwidth)
         for block in blocks:
-            codes = encoder.push(_as_batch(block).to(param))
+            codes = encoder.push(_as_batch(block))
             if codes.shape[-1]:
                 yield EncodedFrame(codes, None)
         yield EncodedFrame(encoder.flush(), None)
     else:
         chunked = ChunkedStreamingEncoder(model, num_codebooks=num_codebooks, bandwidth=bandwidth)
         for block in blocks:
-            yield from chunked.push(_as_batch(block).to(param))
+            yield from chunked.push(_as_batch(block))
         yield from chunked.flush()
 
 

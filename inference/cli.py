@@ -631,6 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--t5-path", metavar="FOLDER", help="T5 folder for audiocraft checkpoints that name one")
     sub.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     sub.set_defaults(func=cmd_generate)
+    from inference.cli_codec_train import register as register_train_codec
+    register_train_codec(commands)
+    from inference.cli_train import register as register_training  # prepare, finetune
+    register_training(commands)
     return parser
 
 

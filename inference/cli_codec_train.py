@@ -1,0 +1,277 @@
+"""``tokenwave train-codec``: train an EnCodec codec, or its entropy-coding LM, on a folder.
+
+A run writes everything under ``--out DIR``: ``checkpoints/`` (resumable training state, the
+last ``--keep-last``), ``train_log.jsonl`` and the model as ``DIR/<name>/`` (tokenwave format;
+``--name`` defaults to DIR's name), which ``tokenwave compress|roundtrip --model DIR/<name>``
+and :func:`codec.formats.load_model` read. ``--train-entropy-lm`` trains the ``.ecdc`` prior
+of a trained codec (``--from``, default ``DIR/<name>``) into ``DIR/<lm name>.th``, with its own
+``entropy_lm_checkpoints/`` and ``entropy_lm_log.jsonl``.
+
+A folder that already holds a run is only continued with ``--resume`` (which takes the codec
+and the recipe from the checkpoint; flags given again override the recipe's values, for
+example a larger ``--steps``). On many GPUs: ``accelerate launch -m inference train-codec ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+from codec.model import PRESETS, EncodecConfig
+
+from .cli import CliError
+
+DEFAULT_PRESET = "encodec_24khz"
+# Flags that set a LoopConfig / CodecTrainConfig field of the same name.
+_LOOP_FLAGS = ("steps", "batch_size", "segment_seconds", "lr", "seed", "log_every", "valid_every",
+               "valid_clips", "checkpoint_every", "keep_last", "num_workers")
+_CODEC_FLAGS = ("loss_weights", "disc_update_prob")
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["n_filters=16", "ratios=8,5,4,2", "lstm=0"]`` -> typed EncodecConfig overrides."""
+    fields = {f.name: f for f in dataclasses.fields(EncodecConfig)}
+    defaults = EncodecConfig()
+    out = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise CliError(f"--set expects KEY=VALUE with KEY one of {', '.join(sorted(fields))}; "
+                           f"got {item!r}")
+        if key == "name":
+            raise CliError("use --name to name the model, not --set name=...")
+        default = getattr(defaults, key)
+        text = text.strip()
+        try:
+            if text.lower() in ("none", "null"):
+                value = None
+            elif isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                kind = type(default[0]) if default else float
+                value = tuple(kind(part) for part in text.split(",") if part.strip())
+            elif isinstance(default, (int, float)):
+                value = type(default)(text)
+            else:
+                value = text
+        except ValueError:
+            raise CliError(f"--set {key}: cannot read {text!r} as the type of {key} "
+                           f"(default {default!r})") from None
+        out[key] = value
+    return out
+
+
+def _model_name(args) -> str:
+    name = args.name or Path(args.out).resolve().name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise CliError(f"model name {name!r} must be letters, digits, '_', '.' or '-'; "
+                       f"give one with --name")
+    return name
+
+
+def _loop_values(args, names: tuple[str, ...]) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _accelerator(args):
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        raise CliError("training needs accelerate: pip install 'tokenwave[train]'") from None
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
+                              log_with=args.log_with, project_dir=args.out)
+    if args.log_with:
+        accelerator.init_trackers("tokenwave-train-codec")
+    return accelerator
+
+
+def _corpora(args):
+    from codec.training.data import scan_audio_folder, warn_skipped
+
+    try:
+        corpus = scan_audio_folder(args.data)
+        valid = scan_audio_folder(args.valid) if args.valid else corpus
+    except (FileNotFoundError, ValueError) as error:
+        raise CliError(str(error)) from None
+    warn_skipped(corpus)
+    if valid is not corpus:
+        warn_skipped(valid)
+    return corpus, valid
+
+
+def _clips(corpus, model, segment_seconds: float, seed: int):
+    from codec.training.data import RandomClips
+
+    return RandomClips(corpus.files, sample_rate=model.sample_rate, channels=model.channels,
+                       segment_samples=round(segment_seconds * model.sample_rate), seed=seed)
+
+
+def cmd_train_codec(args) -> int:
+    if args.train_entropy_lm:
+        return _train_entropy_lm(args)
+    import torch  # noqa: F401  (fail here, not mid-setup, when torch is broken)
+
+    from codec.training.trainer import (CheckpointManager, CodecTrainConfig, CodecTrainer,
+                                        build_codec, load_codec_for_training)
+
+    out = Path(args.out)
+    latest = CheckpointManager(out / CodecTrainer.checkpoint_dir).latest()
+    values = _loop_values(args, _LOOP_FLAGS + _CODEC_FLAGS)
+    if latest is not None and not args.resume:
+        raise CliError(f"{out} already holds a training run ({latest.name}); pass --resume to "
+                       f"continue it or choose another --out")
+    if args.resume:
+        if latest is None:
+            raise CliError(f"--resume: no checkpoint in {out / CodecTrainer.checkpoint_dir}")
+        if args.preset or args.set or args.from_checkpoint or args.name:
+            raise CliError("--resume continues the checkpoint's codec: leave out --preset, "
+                           "--set, --from and --name")
+        state = CheckpointManager.load(latest, CodecTrainer.kind)
+        model = build_codec(EncodecConfig.from_dict(state["codec_config"]))
+        config = CodecTrainConfig(**{**state["train_config"], **values})
+    else:
+        name = _model_name(args)
+        if args.from_checkpoint:
+            if args.set or args.preset:
+                raise CliError("--from takes the codec's config from the checkpoint: leave out "
+                               "--preset and --set")
+            try:
+                model = load_codec_for_training(args.from_checkpoint, name=name)
+            except (FileNotFoundError, ValueError) as error:
+                raise CliError(str(error)) from None
+        else:
+            preset = args.preset or DEFAULT_PRESET
+            try:
+                codec_config = dataclasses.replace(PRESETS[preset], name=name,
+                                                   **parse_overrides(args.set))
+            except (TypeError, ValueError) as error:
+                raise CliError(f"--set: {error}") from None
+            model = build_codec(codec_config, seed=values.get("seed", 0))
+        config = CodecTrainConfig(**values)
+    corpus, valid = _corpora(args)
+    accelerator = _accelerator(args)
+    trainer = CodecTrainer(model, out, config, accelerator=accelerator,
+                           valid_data=_clips(valid, model, config.segment_seconds,
+                                             config.seed + 1))
+    trainer.echo = not args.quiet
+    if args.resume:
+        trainer.resume(latest)
+    if not args.quiet and accelerator.is_main_process:
+        print(f"train-codec: {len(corpus.files)} files ({corpus.duration / 3600:.2f} h), "
+              f"{model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+              f"parameters), step {trainer.step} -> {config.steps} on {accelerator.device} "
+              f"x{accelerator.num_processes}")
+    trainer.fit(_clips(corpus, model, config.segment_seconds, config.seed))
+    accelerator.end_training()
+    if not args.quiet and accelerator.is_main_process:
+        print(f"train-codec: model written to {out / model.name}")
+    return 0
+
+
+def _train_entropy_lm(args) -> int:
+    import torch
+
+    from codec.entropy import EntropyLM
+    from codec.formats import load_model
+    from codec.training.trainer import (CheckpointManager, EntropyLMTrainConfig,
+                                        EntropyLMTrainer)
+
+    out = Path(args.out)
+    if args.preset or args.set:
+        raise CliError("--train-entropy-lm trains the prior of an existing codec (--from, or "
+                       "the one in --out): leave out --preset and --set")
+    source = Path(args.from_checkpoint) if args.from_checkpoint else out / _model_name(args)
+    try:
+        codec = load_model(source, inference=True)
+    except (FileNotFoundError, ValueError) as error:
+        raise CliError(f"--train-entropy-lm needs a trained codec: {error}") from None
+    latest = CheckpointManager(out / EntropyLMTrainer.checkpoint_dir).latest()
+    if latest is not None and not args.resume:
+        raise CliError(f"{out} already holds an entropy-LM run ({latest.name}); pass --resume "
+                       f"to continue it or choose another --out")
+    if args.resume and latest is None:
+        raise CliError(f"--resume: no checkpoint in {out / EntropyLMTrainer.checkpoint_dir}")
+    values = _loop_values(args, _LOOP_FLAGS)
+    if args.resume:
+        saved = CheckpointManager.load(latest, EntropyLMTrainer.kind)["train_config"]
+        values = {**saved, **values}
+    if codec.segment_length is not None:  # .ecdc codes each segment with a fresh LM state
+        values["segment_seconds"] = codec.config.segment
+    config = EntropyLMTrainConfig(**values)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        lm = EntropyLM.for_codec(num_codebooks=codec.num_codebooks, card=codec.codebook_size,
+                                 frame_rate=codec.frame_rate)
+    corpus, valid = _corpora(args)
+    accelerator = _accelerator(args)
+    trainer = EntropyLMTrainer(codec, lm, out, config, accelerator=accelerator,
+                               valid_data=_clips(valid, codec, config.segment_seconds,
+                                                 config.seed + 1))
+    trainer.echo = not args.quiet
+    if args.resume:
+        trainer.resume(latest)
+    trainer.fit(_clips(corpus, codec, config.segment_seconds, config.seed))
+    accelerator.end_training()
+    if not args.quiet and accelerator.is_main_process:
+        from codec.ecdc import lm_name
+
+        print(f"train-codec: entropy LM written to {out / (lm_name(codec.name) + '.th')}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``train-codec`` to the ``tokenwave`` command line."""
+    sub = subparsers.add_parser(
+        "train-codec", help="train an EnCodec codec (or its entropy-coding LM) on a folder of audio",
+        description="Train an EnCodec codec on random clips from a folder of audio with the "
+                    "paper's recipe (L1 + multi-scale mel + MS-STFT adversarial and feature "
+                    "losses, loss balancer, quantizer dropout, Adam 3e-4 (0.5, 0.9)). The model "
+                    "is written to OUT/NAME. Runs on many GPUs with "
+                    "`accelerate launch -m inference train-codec ...`.")
+    sub.add_argument("data", metavar="DATA", help="folder of audio files (searched recursively; "
+                     "any rate and channel count, converted to the codec's)")
+    sub.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    sub.add_argument("--name", help="model name (default: the name of --out)")
+    sub.add_argument("--preset", choices=sorted(PRESETS),
+                     help=f"architecture to train from scratch (default {DEFAULT_PRESET})")
+    sub.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="change a field of the preset, e.g. --set n_filters=16 --set "
+                          "num_codebooks=8 --set ratios=8,5,4,2 (repeatable)")
+    sub.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
+                     help="start from this codec (any format tokenwave reads); with "
+                          "--train-entropy-lm: the codec whose LM to train")
+    sub.add_argument("--steps", type=int, help="total training steps (codec default 100000, "
+                     "entropy LM 20000)")
+    sub.add_argument("--batch-size", type=int, help="clips per step and process (codec 8, LM 16)")
+    sub.add_argument("--segment-seconds", type=float,
+                     help="clip length (codec 1 s as the paper, LM 5 s)")
+    sub.add_argument("--lr", type=float, help="learning rate (codec 3e-4, LM 5e-4)")
+    sub.add_argument("--loss-weights", choices=("paper", "audiocraft"),
+                     help="paper: l1 0.1, mel 1, adv 3, feat 3 (default); audiocraft: 0.1, 2, 4, 4")
+    sub.add_argument("--disc-update-prob", type=float,
+                     help="probability of a discriminator update per step (default 2/3)")
+    sub.add_argument("--valid", metavar="DIR", help="validation folder (default: other random "
+                     "clips of DATA, so not held out)")
+    sub.add_argument("--valid-clips", type=int, help="validation clips (default 16; 0 = none)")
+    sub.add_argument("--valid-every", type=int, help="steps between validations (default 1000)")
+    sub.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000)")
+    sub.add_argument("--keep-last", type=int, help="checkpoints kept (default 3)")
+    sub.add_argument("--log-every", type=int, help="steps between log lines (default 50)")
+    sub.add_argument("--num-workers", type=int, help="data loader processes (default 2)")
+    sub.add_argument("--seed", type=int, help="seed of weights, clips and every step's draws")
+    sub.add_argument("--resume", action="store_true", help="continue the run in --out")
+    sub.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                     help="autocast on GPU (the quantizer and losses stay float32)")
+    sub.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    sub.add_argument("--log-with", metavar="TRACKER",
+                     help="also log through accelerate (tensorboard, wandb, ...) into --out")
+    sub.add_argument("--train-entropy-lm", action="store_true",
+                     help="train the .ecdc entropy-coding LM of a trained codec instead")
+    sub.add_argument("-q", "--quiet", action="store_true", help="print no progress")
+    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="show tracebacks on errors")
+    sub.set_defaults(func=cmd_train_codec)

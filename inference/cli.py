@@ -635,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_train_codec(commands)
     from inference.cli_train import register as register_training  # prepare, finetune
     register_training(commands)
+    from inference.cli_demo import register as register_demo  # demo
+    register_demo(commands)
     return parser
 
 

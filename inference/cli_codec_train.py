@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 from pathlib import Path
 
 from codec.model import PRESETS, EncodecConfig
@@ -90,16 +91,17 @@ def _accelerator(args):
 
 
 def _corpora(args):
-    from codec.training.data import scan_audio_folder, warn_skipped
+    from codec.training.data import scan_audio_folder, skipped_message
 
     try:
         corpus = scan_audio_folder(args.data)
         valid = scan_audio_folder(args.valid) if args.valid else corpus
     except (FileNotFoundError, ValueError) as error:
         raise CliError(str(error)) from None
-    warn_skipped(corpus)
-    if valid is not corpus:
-        warn_skipped(valid)
+    for found in {id(corpus): corpus, id(valid): valid}.values():
+        message = skipped_message(found)
+        if message:
+            print(f"tokenwave: warning: {message}", file=sys.stderr)
     return corpus, valid
 
 

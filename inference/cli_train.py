@@ -92,9 +92,9 @@ def _finetune_config(args):
     for name in ("sample_prompts", "betas"):
         if name in given:
             given[name] = tuple(given[name])
-    if args.resume:
+    if args.resume:  # the stored settings, but a stop is never carried over
         stored = read_run_config(given["out"])
-        return replace(stored, **given)
+        return replace(stored, **{"stop_after": None, **given})
     missing = [f"--{name}" for name in ("data",) if name not in given]
     if missing:
         raise CliError(f"{', '.join(missing)} is required (unless --resume continues an existing run)")
@@ -109,12 +109,13 @@ def cmd_finetune(args) -> int:
     except (ValueError, TypeError) as error:
         raise CliError(" ".join(str(error).split())) from None
     result = finetune(config, resume=args.resume, progress=not args.quiet)
-    if not args.quiet:
+    if not args.quiet and result.main_process:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k in ("train/loss", "valid/loss"))
+        shown = f" ({shown})" if shown else ""
         if result.model_dir is not None:
-            print(f"finetune: {result.step} steps ({shown}) -> {result.model_dir}")
+            print(f"finetune: {result.step} steps{shown} -> {result.model_dir}")
         else:
-            print(f"finetune: stopped after step {result.step} ({shown}); continue with "
+            print(f"finetune: stopped after step {result.step}{shown}; continue with "
                   f"`tokenwave finetune --out {result.out} --resume`")
     return 0
 

@@ -436,11 +436,12 @@ class CodecTokenizer:
 
 # -- text embeddings ----------------------------------------------------------------------------
 def text_encoder_fingerprint(conditioner: torch.nn.Module) -> str:
-    """sha256 of a T5 conditioner's encoder config and token embeddings."""
-    encoder = conditioner.encoder
-    digest = hashlib.sha256(encoder.config.to_json_string(use_diff=False).encode())
-    weight = encoder.get_input_embeddings().weight.detach().to("cpu", torch.float32).contiguous()
-    digest.update(weight.numpy().tobytes())
+    """sha256 over a T5 conditioner's encoder weights (names, shapes, values): which encoder the
+    cached text states come from. Configs are left out, as their incidental fields change on save."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(conditioner.encoder.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -209,12 +209,14 @@ class FinetuneConfig:
 
 class FinetuneResult(NamedTuple):
     """out: the run folder; model_dir: the exported generator (None when stopped early);
-    step: optimizer steps done; metrics: the last logged and validation values."""
+    step: optimizer steps done; metrics: the last logged and validation values (averaged over
+    processes); main_process: whether this process is the one that wrote the outputs."""
 
     out: Path
     model_dir: Path | None
     step: int
     metrics: dict[str, float]
+    main_process: bool = True
 
 
 # -- the trained module --------------------------------------------------------------------------
@@ -606,6 +608,10 @@ class _Run:
         if acc.distributed_type == DistributedType.FSDP:
             raise ValueError("FSDP is not supported by tokenwave finetune (see lm.finetune's docs); use DDP")
         self.rank, self.world = acc.process_index, acc.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world == 1:  # each process would train alone, all writing to one folder
+            raise RuntimeError(f"launched as {launched} processes but accelerate runs them as one each; for several "
+                               "processes on CPU pass --cpu (accelerate launch --cpu, or cpu=True)")
         self.checkpoint = self._prepare_folder(resume)
 
         set_seed(config.seed)  # the same initial weights on every process
@@ -949,12 +955,18 @@ class _Run:
                 self.save_checkpoint()
         model_dir = self.export() if self.step >= config.steps else None
         acc.end_training()
-        return FinetuneResult(self.out, model_dir, self.step, metrics)
+        return FinetuneResult(self.out, model_dir, self.step, metrics, acc.is_main_process)
 
     def _log(self, window: list[dict[str, float]], seconds: float) -> dict[str, float]:
-        values = {key: float(np.mean([m[key] for m in window])) for key in window[0] if key != "train/tokens"}
-        tokens = sum(m["train/tokens"] for m in window)
-        values["train/tokens_per_s"] = tokens * self.world / max(seconds, 1e-9)
+        keys = [key for key in window[0] if key != "train/tokens"]
+        means = torch.tensor([float(np.mean([m[key] for m in window])) for key in keys], dtype=torch.float64)
+        tokens = torch.tensor(sum(m["train/tokens"] for m in window), dtype=torch.float64)
+        if self.world > 1:  # every process's share: mean of the metrics, sum of the tokens
+            device = self.accelerator.device
+            means = self.accelerator.reduce(means.to(device), reduction="mean").cpu()
+            tokens = self.accelerator.reduce(tokens.to(device), reduction="sum").cpu()
+        values = dict(zip(keys, means.tolist()))
+        values["train/tokens_per_s"] = float(tokens) / max(seconds, 1e-9)
         values["train/steps_per_s"] = len(window) / max(seconds, 1e-9)
         self.accelerator.log(values, step=self.step)
         self._print(self.step, values)

@@ -72,6 +72,7 @@ def clips(corpus_dir: Path, seed: int = 0, seconds: float = SEGMENT) -> RandomCl
 
 
 # -- losses --------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:At least one mel filter has all zero values")
 @pytest.mark.parametrize("n_fft, num_mels, f_min, f_max", [(1024, 64, 0.0, None),
                                                             (64, 64, 0.0, None),
                                                             (512, 40, 64.0, 8000.0)])
@@ -302,7 +303,11 @@ def test_codebook_choices():
 
 
 def test_training_steps_reduce_the_reconstruction_loss(tmp_path, accelerator, corpus_dir):
-    config = replace(FAST, quantizer_dropout=False, disc_update_prob=1.0)
+    """The generator path (straight-through quantizer, balancer, surrogate backward, Adam)
+    fits a fixed batch. Reconstruction losses only: with the paper's weights 6/7 of the
+    gradient comes from a discriminator that has not learnt anything yet after 20 steps."""
+    config = replace(FAST, quantizer_dropout=False, loss_weights={"l1": 0.1, "mel": 1.0},
+                     lr=1e-3)
     trainer = _trainer(tmp_path, accelerator, corpus_dir, config)
     data = clips(corpus_dir)
     batch = torch.stack([data[i] for i in range(4)])
@@ -313,12 +318,33 @@ def test_training_steps_reduce_the_reconstruction_loss(tmp_path, accelerator, co
 
     trainer.train_step(batch)  # k-means initializes the codebooks on this batch
     before = reconstruction()
-    history = [trainer.train_step(batch) for _ in range(25)]
-    after = reconstruction()
-    assert after < 0.8 * before, (before, after)
-    assert all(h["codebooks"] == 4 and "disc" in h for h in history)
+    history = [trainer.train_step(batch) for _ in range(20)]
+    assert reconstruction() < 0.75 * before
+    assert all(h["codebooks"] == 4 and "disc" not in h for h in history)
+
+
+def test_full_recipe_step_trains_both_networks(tmp_path, accelerator, corpus_dir):
+    """With the paper's losses, each step updates the discriminator (probability 1 here) so
+    that it separates real from decoded audio better, and the generator's losses are finite."""
+    config = replace(FAST, quantizer_dropout=False, disc_update_prob=1.0)
+    trainer = _trainer(tmp_path, accelerator, corpus_dir, config)
+    data = clips(corpus_dir)
+    batch = torch.stack([data[i] for i in range(4)])
+    with torch.no_grad():
+        decoded = trainer.reconstruct(batch, 4)
+
+    def disc_loss() -> float:
+        with torch.no_grad():
+            real, _ = trainer.plain_discriminator(batch)
+            fake, _ = trainer.plain_discriminator(decoded)
+        return hinge_discriminator_loss(real, fake).item()
+
+    before = disc_loss()
+    history = [trainer.train_step(batch) for _ in range(4)]
+    assert disc_loss() < before
+    assert all({"l1", "mel", "adv", "feat", "disc", "commitment"} <= set(h) for h in history)
     assert all(math.isfinite(v) for h in history for v in h.values())
-    assert history[-1]["mel"] < history[0]["mel"]
+    assert trainer.balancer.metrics["scale_adv"] > 0
 
 
 def test_resume_is_exact_and_checkpoints_are_atomic(tmp_path, accelerator, corpus_dir):
@@ -470,6 +496,7 @@ def test_cli_train_codec_end_to_end(tmp_path, capsys, corpus_dir):
                             *TINY_SETS)
     assert code == 0, err
     assert "model written to" in stdout and "valid_si_snr@" in err
+    assert "warning: skipped 1 unreadable audio file(s)" in err and "broken.wav" in err
     model = load_model(out / "mini")
     assert model.num_codebooks == 4 and model.name == "mini"
 

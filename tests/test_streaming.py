@@ -126,7 +126,7 @@ def test_streamed_codes_full_size_24khz_model():
     assert torch.equal(streamed, offline)
 
 
-def test_float32_stream_matches_offline_latents_and_codes():
+def test_float32_stream_codes_agree_up_to_near_ties():
     model = _model("encodec_24khz", dtype=torch.float32)
     length = 13 * model.hop_length
     audio = _audio(model, length)

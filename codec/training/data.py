@@ -12,7 +12,6 @@ Unreadable or empty files are skipped when the folder is scanned and listed in t
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -142,10 +141,10 @@ class StepBatchSampler(Sampler[list[int]]):
             step += 1
 
 
-def warn_skipped(corpus: Corpus, limit: int = 5) -> None:
-    """One warning naming the skipped files (the first ``limit``) and why."""
-    if corpus.skipped:
-        listed = "; ".join(f"{p}: {why}" for p, why in corpus.skipped[:limit])
-        more = f" (and {len(corpus.skipped) - limit} more)" if len(corpus.skipped) > limit else ""
-        warnings.warn(f"skipped {len(corpus.skipped)} unreadable audio file(s): {listed}{more}",
-                      stacklevel=2)
+def skipped_message(corpus: Corpus, limit: int = 5) -> str | None:
+    """One line naming the skipped files (the first ``limit``) and why; None if none."""
+    if not corpus.skipped:
+        return None
+    listed = "; ".join(f"{p}: {why}" for p, why in corpus.skipped[:limit])
+    more = f" (and {len(corpus.skipped) - limit} more)" if len(corpus.skipped) > limit else ""
+    return f"skipped {len(corpus.skipped)} unreadable audio file(s): {listed}{more}"

@@ -1,0 +1,188 @@
+"""The corpus recipe: captions state the facts the MIDI was played from; builds are deterministic.
+
+Caption checks read the facts back from the written MIDI file (tempo event, program changes,
+key signature) rather than from the parameters that made it. The build tests render a tiny
+corpus with fluidsynth (skipped when fluidsynth or a GM soundfont is not installed:
+``apt-get install -y fluidsynth timgm6mb-soundfont``).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mido = pytest.importorskip("mido")
+sf = pytest.importorskip("soundfile")
+
+from recipes.corpus import make_corpus, render  # noqa: E402
+from recipes.corpus.captions import caption, metadata, tempo_word  # noqa: E402
+from recipes.corpus.compose import compose, sample_spec, swung  # noqa: E402
+from recipes.corpus.instruments import DRUM_CHANNEL, DRUM_KITS, instrument  # noqa: E402
+from recipes.corpus.styles import STYLES  # noqa: E402
+
+BPM = re.compile(r"(\d+)\s*(?:bpm|BPM|beats per minute)")
+KEY = re.compile(r"\b([A-G][#b]?) (major|minor)\b")
+
+
+def midi_facts(midi: mido.MidiFile) -> dict:
+    """Tempo (bpm), key signature, time signature and the program of every channel, as written."""
+    facts: dict = {"programs": {}}
+    for track in midi.tracks:
+        for message in track:
+            if message.type == "set_tempo":
+                facts["bpm"] = mido.tempo2bpm(message.tempo)
+            elif message.type == "key_signature":
+                facts["key"] = message.key
+            elif message.type == "time_signature":
+                facts["meter"] = (message.numerator, message.denominator)
+            elif message.type == "program_change":
+                facts["programs"][message.channel] = message.program
+    return facts
+
+
+def check_caption_against_midi(text: str, meta: dict, midi: mido.MidiFile) -> None:
+    facts = midi_facts(midi)
+    bpm = round(facts["bpm"])
+    assert meta["bpm"] == bpm
+    for number in BPM.findall(text):
+        assert int(number) == bpm, text
+    corpus = meta["tokenwave_corpus"]
+    assert corpus["tempo_word"] == tempo_word(bpm)
+    featured = corpus["featured"]
+    program = facts["programs"][DRUM_CHANNEL if featured["role"] == "drums" else
+                                next(p["channel"] for p in corpus["parts"] if p["role"] == featured["role"])]
+    assert featured["program"] == program
+    names = (DRUM_KITS[program], "drums") if featured["role"] == "drums" else instrument(program).names
+    assert any(name in text.lower() for name in names), (text, names)
+    for part in corpus["parts"]:  # every part plays the program the metadata names
+        assert facts["programs"][part["channel"]] == part["program"]
+        assert part["name"] in meta["instrument"]
+    tonic, mode = meta["key"].split()
+    assert facts["key"] == tonic + ("m" if mode == "minor" else "")
+    for named in KEY.findall(text):  # a key a caption names is the MIDI file's key
+        assert " ".join(named) == meta["key"], text
+    assert facts["meter"] == (corpus["beats_per_bar"], 4)
+
+
+def test_captions_state_what_the_midi_plays():
+    styles, with_bpm = set(), 0
+    for index in range(120):
+        spec = sample_spec(7, index)
+        text = caption(spec)
+        meta = metadata(spec, text)
+        check_caption_against_midi(text, meta, compose(spec, 4.0))
+        styles.add(spec.style)
+        with_bpm += bool(BPM.search(text))
+    assert styles == set(STYLES)  # 120 clips cover every style
+    assert 30 < with_bpm < 110  # numbers in some captions, not all
+
+
+def test_specs_depend_on_seed_and_index_only():
+    assert sample_spec(3, 5) == sample_spec(3, 5)
+    assert caption(sample_spec(3, 5)) == caption(sample_spec(3, 5))
+    assert sample_spec(3, 5) != sample_spec(4, 5)
+    first = compose(sample_spec(3, 5), 3.0)
+    again = compose(sample_spec(3, 5), 3.0)
+    assert [list(t) for t in first.tracks] == [list(t) for t in again.tracks]
+    assert len({caption(sample_spec(0, i)) for i in range(50)}) == 50
+
+
+def test_midi_covers_the_clip_and_swing_moves_offbeats():
+    spec = sample_spec(1, 2)
+    midi = compose(spec, 5.0)
+    assert midi.length >= 5.0
+    assert swung(1.5, 0.64) == pytest.approx(1.64)
+    assert swung(2.0, 0.64) == 2.0 and swung(2.25, 0.5) == 2.25
+
+
+# -- rendering --------------------------------------------------------------------------------------
+def _soundfont() -> Path | None:
+    if shutil.which("fluidsynth") is None:
+        return None
+    for path in ("/usr/share/sounds/sf2/TimGM6mb.sf2", *render.SOUNDFONT_PATHS):  # the small font is faster
+        if Path(path).is_file():
+            return Path(path)
+    return None
+
+
+SOUNDFONT = _soundfont()
+needs_fluidsynth = pytest.mark.skipif(SOUNDFONT is None, reason="fluidsynth or a GM soundfont is not installed "
+                                      "(apt-get install -y fluidsynth timgm6mb-soundfont)")
+
+
+def build(out: Path, *extra: str) -> int:
+    return make_corpus.main(["--out", str(out), "--clips", "3", "--clip-seconds", "2", "--seed", "11",
+                             "--soundfont", str(SOUNDFONT), "--valid-fraction", "0.4", "-q", *extra])
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.suffix in (".wav", ".mid", ".txt", ".json")}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    if SOUNDFONT is None:
+        pytest.skip("fluidsynth or a GM soundfont is not installed")
+    out = tmp_path_factory.mktemp("corpus")
+    assert build(out, "--workers", "2") == 0
+    return out
+
+
+@needs_fluidsynth
+def test_tiny_corpus_builds_with_captions_that_match(corpus):
+    clips = sorted(corpus.glob("*/*.wav"))
+    assert len(clips) == 3
+    assert {p.parent.name for p in clips} <= {"train", "valid"}
+    for wav in clips:
+        audio, rate = sf.read(wav, dtype="float32", always_2d=True)
+        assert rate == 32_000 and audio.shape == (64_000, 1)
+        assert 0.05 < np.abs(audio).max() <= 0.9  # normalized below full scale, not silent
+        meta = json.loads(wav.with_suffix(".json").read_text())
+        text = wav.with_suffix(".txt").read_text().strip()
+        assert meta["description"] == text
+        assert meta["tokenwave_corpus"]["split"] == wav.parent.name
+        check_caption_against_midi(text, meta, mido.MidiFile(wav.with_suffix(".mid")))
+    assert "licence" in (corpus / "LICENSE").read_text().lower()
+    assert "make_corpus.py" in (corpus / "README.md").read_text()
+
+
+@needs_fluidsynth
+def test_corpus_reads_as_tokenwave_prepare_data(corpus):
+    from lm.data import scan_corpus
+
+    result = scan_corpus(corpus)
+    assert len(result.entries) == 3 and not result.skipped
+    for entry in result.entries:
+        meta = json.loads(entry.path.with_suffix(".json").read_text())
+        assert entry.meta.description == meta["description"]
+        assert entry.meta.bpm == meta["bpm"]
+        assert entry.meta.key == meta["key"].lower()
+
+
+@needs_fluidsynth
+def test_build_is_deterministic_and_resumable(corpus, tmp_path):
+    again = tmp_path / "again"
+    assert build(again, "--workers", "1") == 0
+    assert files(again) == files(corpus)  # same bytes, whatever the number of workers
+
+    victim = next(again.glob("*/*.json"))
+    victim.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in again.glob("*/*.wav") if p.with_suffix(".json").exists()}
+    assert build(again, "--workers", "1") == 0
+    assert victim.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # complete clips were skipped
+    assert files(again) == files(corpus)
+
+    with pytest.raises(SystemExit, match="other settings"):
+        build(again, "--sample-rate", "16000")
+
+
+def test_missing_fluidsynth_says_how_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)
+    assert make_corpus.main(["--out", str(tmp_path / "x"), "--clips", "1", "-q"]) == 2
+    assert "apt-get install -y fluidsynth" in capsys.readouterr().err

@@ -3,12 +3,14 @@
 Every implementation gets the same random weights (codebooks re-drawn so that codes are
 non-trivial), the same clip and bandwidth, in one process. Implementations are timed in turns,
 round after round, so that they share whatever else the machine is doing; the table gives the
-median over rounds as x real time (clip seconds / wall seconds), the ratio of tokenwave to the
-fastest reference, and whether codes are identical and audio within 1e-5 of the reference.
+median over rounds as x real time (clip seconds / seconds taken), the ratio of tokenwave to the
+fastest reference, whether codes are identical to the reference's and the largest audio error.
+The load average before and after is printed: on a shared machine, compare runs with care.
 Run from the repo root:
 
     python -m bench.codec                      # 5 s clips, 2 CPU threads, CUDA too if present
     python -m bench.codec --presets encodec_24khz --repeats 9 --json out.json
+    python -m bench.codec --threads 1 --clock cpu   # busy machine: CPU time of one thread
 
 Rows: ``tokenwave`` is ``prepare_for_inference()`` (codes bitwise the reference's, time-major
 decoder); ``tokenwave-fast`` is ``prepare_for_inference(exact_codes=False)`` (time-major
@@ -184,18 +186,18 @@ def test_audio(channels: int, sample_rate: int, seconds: float, seed: int) -> to
     return wav[None].float()
 
 
-def _timed(fn: Callable, arg, device: str) -> tuple[float, object]:
+def _timed(fn: Callable, arg, device: str, clock: Callable[[], float]) -> tuple[float, object]:
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     out = fn(arg)
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+    return clock() - start, out
 
 
-def bench_preset(preset: str, device: str, seconds: float, repeats: int, seed: int
-                 ) -> list[Row]:
+def bench_preset(preset: str, device: str, seconds: float, repeats: int, seed: int,
+                 clock: Callable[[], float] = time.perf_counter) -> list[Row]:
     bandwidth = BANDWIDTH[preset]
     impls = runners(preset, device, seed, bandwidth)
     probe = impls[0]
@@ -209,8 +211,8 @@ def bench_preset(preset: str, device: str, seconds: float, repeats: int, seed: i
             outputs[impl.name] = (frames, impl.decode(frames))
         for _ in range(repeats):  # in turns, so that all see the same machine load
             for impl in impls:
-                enc_s, frames = _timed(impl.encode, wav, device)
-                dec_s, _ = _timed(impl.decode, frames, device)
+                enc_s, frames = _timed(impl.encode, wav, device, clock)
+                dec_s, _ = _timed(impl.decode, frames, device, clock)
                 times[impl.name][0].append(enc_s)
                 times[impl.name][1].append(dec_s)
     length = wav.shape[-1]
@@ -274,25 +276,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tune-malloc", action="store_true",
                         help="glibc keeps freed memory (all implementations alike)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this thread's CPU time, blind to other processes on a busy "
+                             "machine; needs --threads 1 (worker threads are not counted)")
     parser.add_argument("--json", help="also write the rows (with every timing) here")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts the calling thread only: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     if args.tune_malloc and not tune_malloc():
         print("--tune-malloc: not glibc, ignored", file=sys.stderr)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    load_before = os.getloadavg()
     rows = []
     for device in devices:
         for preset in args.presets:
-            rows += bench_preset(preset, device, args.seconds, args.repeats, args.seed)
+            if device != "cpu" and args.clock == "cpu":
+                continue
+            rows += bench_preset(preset, device, args.seconds, args.repeats, args.seed, clock)
             print(table([r for r in rows if r.preset == preset and r.device == device]),
                   file=sys.stderr, flush=True)
-    print(f"\n{args.seconds:g} s clips, {args.threads} CPU threads, median of {args.repeats} "
-          f"rounds; x = real time factor; ratios against the faster reference"
-          f"{'; malloc tuned' if args.tune_malloc else ''}")
+    print(f"\n{args.seconds:g} s clips, {args.threads} CPU thread(s), median of {args.repeats} "
+          f"rounds, {args.clock} clock; x = real time factor; ratios against the faster "
+          f"reference{'; malloc tuned' if args.tune_malloc else ''}")
+    load_after = os.getloadavg()
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
+          f"torch {torch.__version__}")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "rows": [asdict(r) for r in rows]}, handle, indent=1)
+            json.dump({"args": vars(args), "torch": torch.__version__,
+                       "load_before": load_before, "load_after": load_after,
+                       "rows": [asdict(r) for r in rows]}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -195,24 +195,26 @@ class EncodecModel(nn.Module):
         """Fold weight norm, switch to eval and the inference runners; returns self.
 
         ``dtype`` applies to the encoder and decoder (float16/bfloat16 are for GPUs; on CPU
-        bfloat16 runs but costs accuracy, see ``tests/test_codec_model.py``); the codebooks stay
-        float32 so that distances are not rounded to half precision.
+        bfloat16 runs but costs accuracy, see ``tests/test_codec_model.py``); with a half
+        precision dtype the codebooks stay float32 so that distances are not rounded to it.
 
         On CPU the decoder then runs time-major with channels-last convolutions
-        (:func:`codec.fast.run_time_major`): 1.5-2x faster, audio within ~1e-7 relative of the
-        reference. The encoder keeps the reference's kernels unless ``exact_codes=False``:
-        codes are then bitwise those of the reference implementations run with the same
-        threads on the same machine. ``exact_codes=False`` runs the encoder time-major as well
-        and batches equal-length chunks; a code can then differ from the reference's where
-        its two nearest codewords are within float rounding of each other (the reference
-        itself flips such codes between 1 and 2 threads).
+        (:func:`codec.fast.run_time_major`), 1.5-2x faster than the references, audio within
+        ~1e-7 relative of theirs. By default the encoder keeps the reference's kernels
+        (:func:`codec.fast.run_channel_major`): codes are bitwise those the reference
+        implementations give with the same threads on the same machine. ``exact_codes=False``
+        runs the encoder time-major too and stacks equal-length chunks into batches, 1.3-2x
+        faster; a code can then differ from the reference's where its two nearest codewords
+        are within float rounding of each other (the reference itself flips such codes between
+        1 and 2 threads). On GPUs both run the modules' own kernels, without autograd.
         """
         fold_weight_norm(self)
         self.eval()
         self.requires_grad_(False)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
-            self.quantizer.float()
+            if dtype in (torch.float16, torch.bfloat16):
+                self.quantizer.float()
         self._runner = "exact" if exact_codes else "fast"
         return self
 

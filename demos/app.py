@@ -575,7 +575,7 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
                     prompts = gr.Textbox(label=f"Prompt (one per line, up to {MAX_PROMPTS})", lines=3,
                                          placeholder=EXAMPLES[0])
                     with gr.Row():
-                        duration = gr.Slider(1, 60, value=10, step=0.5, label="Duration (seconds)")
+                        duration = gr.Slider(0.5, 60, value=10, step=0.5, label="Duration (seconds)")
                         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
                     with gr.Accordion("Sampling", open=False):
                         top_k = gr.Slider(0, 1000, value=250, step=1, label="top-k (0: off)")
@@ -602,7 +602,7 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
                                             label=f"{index + 1}", scale=2))
                     outputs.append(gr.Image(type="numpy", interactive=False, visible=index == 0,
                                             label="mel spectrogram", scale=3, height=180))
-            files = gr.File(label="Download", file_count="multiple", interactive=False)
+            files = gr.File(label="Download", file_count="multiple", interactive=False, height=120)
             generate.click(on_generate, inputs=[prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model,
                                                 model_path, audio_prompt, melody],
                            outputs=[*outputs, files, info])
@@ -619,7 +619,7 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
                     compress = gr.Button("Compress and decode", variant="primary")
                 with gr.Column():
                     decoded = gr.Audio(type="filepath", interactive=False, label="Round trip (decoded from the .ecdc)")
-                    ecdc_file = gr.File(label=".ecdc file", interactive=False)
+                    ecdc_file = gr.File(label=".ecdc file", interactive=False, height=120)
                     codec_info = gr.Markdown()
             codec.change(on_codec_change, codec, bitrate)
             compress.click(on_codec, [upload, codec, bitrate, use_lm], [decoded, ecdc_file, codec_info])

@@ -27,7 +27,7 @@ DEFAULT_PRESET = "encodec_24khz"
 # Flags that set a LoopConfig / CodecTrainConfig field of the same name.
 _LOOP_FLAGS = ("steps", "batch_size", "segment_seconds", "lr", "seed", "log_every", "valid_every",
                "valid_clips", "checkpoint_every", "keep_last", "num_workers")
-_CODEC_FLAGS = ("loss_weights", "disc_update_prob")
+_CODEC_FLAGS = ("loss_weights", "disc_update_prob", "disc_filters")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -232,7 +232,7 @@ def register(subparsers) -> None:
         description="Train an EnCodec codec on random clips from a folder of audio with the "
                     "paper's recipe (L1 + multi-scale mel + MS-STFT adversarial and feature "
                     "losses, loss balancer, quantizer dropout, Adam 3e-4 (0.5, 0.9)). The model "
-                    "is written to OUT/NAME. Runs on many GPUs with "
+                    "is written to DIR/NAME. Runs on many GPUs with "
                     "`accelerate launch -m inference train-codec ...`.")
     sub.add_argument("data", metavar="DATA", help="folder of audio files (searched recursively; "
                      "any rate and channel count, converted to the codec's)")
@@ -256,6 +256,9 @@ def register(subparsers) -> None:
                      help="paper: l1 0.1, mel 1, adv 3, feat 3 (default); audiocraft: 0.1, 2, 4, 4")
     sub.add_argument("--disc-update-prob", type=float,
                      help="probability of a discriminator update per step (default 2/3)")
+    sub.add_argument("--disc-filters", type=int,
+                     help="discriminator width (default 32 as the paper; less is cheaper, "
+                          "e.g. 8 for trials on CPU)")
     sub.add_argument("--valid", metavar="DIR", help="validation folder (default: other random "
                      "clips of DATA, so not held out)")
     sub.add_argument("--valid-clips", type=int, help="validation clips (default 16; 0 = none)")

@@ -42,11 +42,13 @@ function of the step (:class:`lm.data.SegmentBatches`), so on CPU a resumed run 
 run that was never interrupted. Hyper-parameters cannot change on resume (only the run-control
 fields in :data:`RESUMABLE_FIELDS`).
 
-Several GPUs or machines: ``accelerate launch [--multi_gpu --num_processes N ...] -m inference
-finetune ...`` runs DDP: every process takes its own ``batch_size`` samples per micro-batch (the
-global batch is ``batch_size * processes * grad_accum``), gradients are averaged by DDP, the
-main process writes checkpoints, logs, samples and the result. Changing the number of processes
-on resume changes the data order (a warning says so).
+Several GPUs or machines: ``accelerate launch --multi_gpu --num_processes N [--num_machines M
+--machine_rank R --main_process_ip ...] -m inference finetune ...`` runs DDP (several CPU
+processes: ``torchrun --nproc_per_node N -m inference finetune ... --cpu``, gloo). Every process
+takes its own ``batch_size`` samples per micro-batch (the global batch is ``batch_size *
+processes * grad_accum``), gradients are averaged by DDP, logged metrics are averaged over the
+processes, and the main process writes checkpoints, logs, samples and the result. Changing the
+number of processes on resume changes the data order (a warning says so).
 
 FSDP: refused for now. This loop keeps full weights on every process for its EMA, checkpoints
 (optimizer state saved once, by the main process) and export; under FSDP those hold shards, so
@@ -67,7 +69,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -623,55 +625,9 @@ class _Run:
             write_json_atomic(self.out / RUN_FILE, {"format": RUN_FORMAT, "version": RUN_VERSION,
                                                     "config": config.to_dict(), "cache_items": len(self.cache)})
         acc.wait_for_everyone()
-
-        self.text = self.generator.condition_provider.conditioners["description"]
-        self.cached_text = config.use_cached_text
-        self.word_dropout = config.word_dropout
-        if self.cached_text:
-            self._check_cached_text()
-            if self.word_dropout or config.merge_text_p:
-                warnings.warn("cached text embeddings: caption augmentation and word dropout are off", stacklevel=3)
-            self.word_dropout = 0.0
-        # Word dropout is applied here for every conditioner kind; the conditioner's own is paused.
-        self._own_word_dropout = getattr(self.text, "word_dropout", None)
-        if self._own_word_dropout is not None:
-            self.text.word_dropout = 0.0
-
-        frame_rate = self.cache.frame_rate
-        self.segment_frames = max(1, round((config.segment_seconds or self.cache.segment_seconds) * frame_rate))
-        special = self.generator.lm.special_token_id
-        augmentation = config.augmentation() if not self.cached_text else CaptionAugmentation(0, 0, 0)
-        self.batches = SegmentBatches(self.cache, self.train_indices, segment_frames=self.segment_frames,
-                                      batch_size=config.batch_size, special_token=special, seed=config.seed,
-                                      augmentation=augmentation)
-        valid = self.valid_indices[self.rank::self.world]
-        self.valid_batches = validation_batches(self.cache, valid, segment_frames=self.segment_frames,
-                                                batch_size=config.batch_size, special_token=special)
-
-        module = ConditionedLM(lm=self.generator.lm, condition_provider=self.generator.condition_provider,
-                               fuser=self.generator.fuser,
-                               mask_condition_padding=self.generator.config.mask_condition_padding)
-        module.requires_grad_(True)
-        module.train()
-        if config.grad_checkpointing:
-            set_gradient_checkpointing(module.lm)
-        self.module = module
-        named = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        self.ema = EMA(named, decay=config.ema_decay, every=config.ema_every) if config.ema else None
-        if self.checkpoint is not None:
-            self._load_weights(self.checkpoint)
-
-        self.model = acc.prepare(module)
-        decay = [p for p in named.values() if p.dim() >= 2]
-        no_decay = [p for p in named.values() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=config.lr, betas=config.betas, eps=1e-8)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_schedule(warmup=config.warmup, total=config.steps, min_ratio=config.min_lr_ratio))
-        self.optimizer = acc.prepare(optimizer)
-        self.params = list(named.values())
-
+        self._setup_text()
+        self._setup_data()
+        self._setup_model()
         self.rng = _RNG(ClassifierFreeGuidanceDropout(config.cfg_dropout, seed=_stream_seed(config.seed, 1, self.rank)),
                         torch.Generator().manual_seed(_stream_seed(config.seed, 2, self.rank)))
         self.rng.cfg_dropout.train()
@@ -682,6 +638,60 @@ class _Run:
         acc.init_trackers("tokenwave-finetune", config=_hparams(config))
         if self.checkpoint is not None:
             acc.log({"event_resumed_from": float(self.step)}, step=self.step)
+
+    def _setup_text(self) -> None:
+        """Cached text states or live captions; word dropout is applied by the run for every
+        conditioner kind, so a T5 conditioner's own is paused (and restored on export)."""
+        self.text = self.generator.condition_provider.conditioners["description"]
+        self.cached_text = self.config.use_cached_text
+        self.word_dropout = self.config.word_dropout
+        if self.cached_text:
+            self._check_cached_text()
+            if self.word_dropout or self.config.merge_text_p:
+                warnings.warn("cached text embeddings: caption augmentation and word dropout are off", stacklevel=4)
+            self.word_dropout = 0.0
+        self._own_word_dropout = getattr(self.text, "word_dropout", None)
+        if self._own_word_dropout is not None:
+            self.text.word_dropout = 0.0
+
+    def _setup_data(self) -> None:
+        config = self.config
+        seconds = config.segment_seconds or self.cache.segment_seconds
+        self.segment_frames = max(1, round(seconds * self.cache.frame_rate))
+        special = self.generator.lm.special_token_id
+        augmentation = CaptionAugmentation(0, 0, 0) if self.cached_text else config.augmentation()
+        self.batches = SegmentBatches(self.cache, self.train_indices, segment_frames=self.segment_frames,
+                                      batch_size=config.batch_size, special_token=special, seed=config.seed,
+                                      augmentation=augmentation)
+        self.valid_batches = validation_batches(self.cache, self.valid_indices[self.rank::self.world],
+                                                segment_frames=self.segment_frames, batch_size=config.batch_size,
+                                                special_token=special)
+
+    def _setup_model(self) -> None:
+        """The trained module (weights from the checkpoint when resuming), EMA, optimizer, schedule."""
+        config, acc = self.config, self.accelerator
+        module = ConditionedLM(lm=self.generator.lm, condition_provider=self.generator.condition_provider,
+                               fuser=self.generator.fuser,
+                               mask_condition_padding=self.generator.config.mask_condition_padding)
+        module.requires_grad_(True)
+        module.train()
+        if config.grad_checkpointing:
+            set_gradient_checkpointing(module.lm)
+        self.module = module
+        named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.params = list(named.values())
+        self.ema = EMA(named, decay=config.ema_decay, every=config.ema_every) if config.ema else None
+        if self.checkpoint is not None:
+            self._load_weights(self.checkpoint)
+        self.model = acc.prepare(module)
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=config.lr, betas=config.betas, eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(warmup=config.warmup, total=config.steps, min_ratio=config.min_lr_ratio))
+        self.optimizer = acc.prepare(optimizer)
 
     # -- setup helpers -----------------------------------------------------------------------------
     def _prepare_folder(self, resume: bool) -> Path | None:
@@ -869,7 +879,8 @@ class _Run:
         folder = self.out / SAMPLES_DIR / checkpoint_name(self.step)
         folder.mkdir(parents=True, exist_ok=True)
         prompts = self.sample_prompts()
-        with self._inference_weights(), self.accelerator.autocast():
+        # In float32: the codec's decoder does not run under autocast (and samples are rare).
+        with self._inference_weights():
             out = self.generator.generate(prompts, self.config.sample_seconds, seed=self.config.seed)
         for i, wav in enumerate(out.wav):
             audio_io.write_audio(folder / f"sample_{i}.wav", wav.float().cpu(), out.sample_rate, normalize="peak")

@@ -330,6 +330,7 @@ def test_decode_batch_takes_code_tensors_of_different_lengths():
 
 
 def test_equal_length_chunks_are_stacked_when_codes_need_not_be_bitwise(monkeypatch):
+    """48 kHz: the full chunks of a file go through the encoder as one batch."""
     model = tiny("encodec_48khz").prepare_for_inference(exact_codes=False)
     calls = []
     original = run_time_major
@@ -389,6 +390,39 @@ def test_runners_against_the_modules(preset):
             fast_audio = run_time_major(model.decoder.model, latent.transpose(1, 2))
         assert (fast_latent.transpose(1, 2) - latent).abs().max() < 1e-5 * latent.abs().max()
         assert (fast_audio.transpose(1, 2) - audio).abs().max() < 1e-5 * audio.abs().max()
+
+
+@pytest.mark.parametrize("preset", ["encodec_24khz", "encodec_48khz"])
+def test_time_major_without_onednn_and_in_float64(preset, monkeypatch):
+    """The plain-op fallback (no prepacked oneDNN kernels, or a dtype they do not take)."""
+    model = tiny(preset).prepare_for_inference()
+    wav = noise(model, 1500, batch=2)
+    with torch.inference_mode():
+        latent = model.encoder(wav)
+        want = model.decoder(latent)
+        monkeypatch.setattr("codec.fast._HAS_ONEDNN", False)
+        got = run_time_major(model.decoder.model, latent.transpose(1, 2)).transpose(1, 2)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    monkeypatch.undo()
+    wide = copy.deepcopy(model).prepare_for_inference(dtype=torch.float64, exact_codes=False)
+    codes = wide.encode(wav.double(), num_codebooks=2)
+    assert all(torch.equal(a.codes, b.codes)
+               for a, b in zip(codes, model.encode(wav, num_codebooks=2)))
+    assert (wide.decode(codes).float() - model.decode(codes)).abs().max() < 1e-5
+
+
+def test_encode_and_decode_run_in_inference_mode(monkeypatch):
+    model = tiny("encodec_24khz").prepare_for_inference(exact_codes=False)
+    modes = []
+    original = run_time_major
+
+    def spy(seq, x, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return original(seq, x, **kwargs)
+
+    monkeypatch.setattr("codec.model.run_time_major", spy)
+    model.decode(model.encode(noise(model, 900)))
+    assert modes == [True, True]
 
 
 def test_cached_weights_follow_new_weights():

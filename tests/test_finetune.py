@@ -299,3 +299,24 @@ def test_cli_prepare_finetune_generate(tmp_path, capsys):
     assert out.is_file()
     assert main(["finetune", "--out", str(tmp_path / "other")]) == 1
     assert "--data is required" in capsys.readouterr().err
+
+
+def test_cli_codec_only_cache_and_training_from_scratch(tmp_path, capsys):
+    """prepare with a codec checkpoint (no generator), then a fresh LM with that codec."""
+    from codec.formats import save_model
+    from inference.cli import random_model
+    from test_generator import CODEC
+
+    save_model(random_model(CODEC, seed=5), tmp_path / "codec")
+    corpus = write_corpus(tmp_path / "corpus", 3, bad=False)
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    assert main(["prepare", str(corpus), "--model", str(tmp_path / "codec"), "--out", str(cache),
+                 "--text-embeddings", "-q"]) == 1
+    assert "needs a generator" in capsys.readouterr().err
+    assert main(["prepare", str(corpus), "--model", str(tmp_path / "codec"), "--out", str(cache),
+                 "--segment-seconds", "0.2", "--codebooks", "3", "-q"]) == 0
+    assert main(["finetune", "--from-scratch", "tiny", "--data", str(cache), "--out", str(run), "--steps", "2",
+                 "--batch-size", "2", "--eval-every", "0", "-q"]) == 0
+    generator = MusicGen.from_pretrained(run / "model", device="cpu")
+    assert generator.lm.config.num_codebooks == 3 and generator.codec.name == CODEC.name
+    assert generator.generate("happy", 0.05, seed=0, return_tokens=True).tokens.shape == (1, 3, 10)

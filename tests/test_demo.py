@@ -1,0 +1,208 @@
+"""The demo's handlers, called directly, and the Gradio app served on localhost.
+
+A tiny generator (lookup-table text, 2-layer LM over 4 codebooks of 16 codes, an 800 Hz random
+codec with hop 4) is saved to a folder as a user's checkpoint would be; the handlers load it
+from there. The app tests need gradio and are skipped without it; the handler tests do not.
+"""
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from codec import ecdc
+from codec.model import EncodecConfig
+from conditioning import ConditionProvider, LUTConditioner
+from demos import app
+from inference.cli import random_model
+from inference.generator import GeneratorConfig, MusicGen
+from lm import LMConfig, LMModel
+
+SR, HOP = 800, 4
+CODEC = EncodecConfig(name="tiny_demo_codec", sample_rate=SR, channels=1, causal=False, ratios=(2, 2), n_filters=4,
+                      dimension=8, num_codebooks=4, codebook_size=16, true_skip=True, lstm=1, pad_mode="constant",
+                      target_bandwidths=(3.2,))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A models folder holding one tiny generator and one folder that is not a model."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    lm = LMModel(LMConfig(dim=32, num_heads=4, num_layers=2, ffn_dim=64, num_codebooks=4, card=16))
+    text = LUTConditioner(vocab=["calm", "piano", "happy", "rock"], dim=8, output_dim=32)
+    generator = MusicGen(lm=lm, codec=random_model(CODEC), condition_provider=ConditionProvider({"description": text}),
+                         config=GeneratorConfig(max_duration=0.2, extend_stride=0.1))
+    generator.save_pretrained(root / "tiny")
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not a model")
+    return root
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    return tmp_path / "out"
+
+
+def test_generation_handler_writes_what_it_returns(models, workdir):
+    seen = []
+    result = app.generate_music("calm piano\nhappy rock", duration=0.25, seed=5, model=str(models / "tiny"),
+                                workdir=workdir, progress=lambda fraction, text: seen.append(fraction))
+    assert [c.prompt for c in result.clips] == ["calm piano", "happy rock"]
+    for clip in result.clips:
+        assert clip.sample_rate == SR and clip.audio.shape == (50 * HOP, 1)  # 0.25 s = 50 frames of 4 samples
+        data, rate = sf.read(clip.path, dtype="float32", always_2d=True)
+        assert rate == SR and data.shape == clip.audio.shape
+        np.testing.assert_allclose(data, clip.audio, atol=1 / 32_000)  # 16-bit file
+        assert clip.spectrogram.dtype == np.uint8 and clip.spectrogram.shape[2] == 3
+    assert "seed 5" in result.info and "UNTRAINED" not in result.info
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen) and len(seen) > 3
+    again = app.generate_music("calm piano\nhappy rock", duration=0.25, seed=5, model=app.RANDOM_MODEL,
+                               model_path=str(models / "tiny"), workdir=workdir)  # the typed folder wins
+    np.testing.assert_array_equal(again.clips[1].audio, result.clips[1].audio)
+    other = app.generate_music("calm piano", duration=0.25, seed=6, model=str(models / "tiny"), workdir=workdir)
+    assert not np.array_equal(other.clips[0].audio, result.clips[0].audio)
+    drawn = app.generate_music("calm piano", duration=0.1, seed=-1, model=str(models / "tiny"), workdir=workdir)
+    assert f"seed {drawn.seed}" in drawn.info and drawn.seed >= 0
+
+
+def test_continuation_starts_with_the_audio_prompt(models, workdir, tmp_path):
+    first = app.generate_music("calm", duration=0.1, seed=1, model=str(models / "tiny"), workdir=workdir)
+    result = app.generate_music("", duration=0.25, seed=2, model=str(models / "tiny"), workdir=workdir,
+                                audio_prompt=str(first.clips[0].path))
+    assert result.clips[0].audio.shape == (50 * HOP, 1) and result.clips[0].prompt == ""
+
+
+def test_bad_requests_are_messages(models, workdir, tmp_path):
+    tiny = str(models / "tiny")
+    garbage = tmp_path / "broken.wav"
+    garbage.write_bytes(b"RIFF not really a wave file")
+    long_prompt = tmp_path / "long.wav"
+    sf.write(long_prompt, np.zeros(SR), SR)
+    cases = [
+        (dict(prompts="   \n "), "Type a prompt"),
+        (dict(prompts="calm", duration=1e6), "Duration"),
+        (dict(prompts="calm", duration=float("nan")), "Duration"),
+        (dict(prompts="calm", temperature=0), "Temperature"),
+        (dict(prompts="a\nb\nc\nd\ne"), "At most 4"),
+        (dict(prompts="calm", audio_prompt=str(garbage)), "Cannot read the audio prompt"),
+        (dict(prompts="calm", melody=str(long_prompt)), "no melody"),
+        (dict(prompts="calm", audio_prompt=str(long_prompt), duration=0.5), "shorter than the duration"),
+        (dict(prompts="calm", model_path=str(tmp_path / "missing")), "Cannot load the model"),
+        (dict(prompts="calm", model_path=str(models / "notes")), "Cannot load the model"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(app.DemoError, match=message):
+            app.generate_music(**{"model": tiny, "duration": 0.1, "workdir": workdir, **kwargs})
+
+
+def test_codec_handler_reports_the_real_size(models, workdir, tmp_path):
+    codec = str(models / "tiny" / "codec")
+    assert [n for _, n in app.bitrate_choices(codec)] == [1, 2, 3, 4]  # one target bandwidth: every count
+    source = tmp_path / "tone.wav"
+    sf.write(source, 0.3 * np.sin(2 * np.pi * 440 * np.arange(16_000) / 16_000), 16_000)  # 1 s at 16 kHz
+    result = app.codec_roundtrip(str(source), codec, 2, workdir=workdir)
+    data = result.ecdc_path.read_bytes()
+    assert result.ecdc_bytes == len(data) and ecdc.read_header(data)[0].num_codebooks == 2
+    assert result.sample_rate == SR and result.audio.shape == (SR, 1)
+    assert result.kbps == pytest.approx(len(data) * 8 / 1.0 / 1000)
+    assert f"{len(data):,} bytes" in result.info and f"{result.kbps:.2f} kbps" in result.info
+    decoded, rate = sf.read(result.decoded_path, always_2d=True)
+    assert rate == SR and decoded.shape == (SR, 1)
+    with pytest.raises(app.DemoError, match="Upload an audio file"):
+        app.codec_roundtrip(None, codec, 2, workdir=workdir)
+    with pytest.raises(app.DemoError, match="No entropy-coding LM"):
+        app.codec_roundtrip(str(source), codec, 2, use_lm=True, workdir=workdir)
+    with pytest.raises(app.DemoError, match="num_codebooks"):
+        app.codec_roundtrip(str(source), codec, 9, workdir=workdir)
+    with pytest.raises(app.DemoError, match="Cannot load the codec"):
+        app.codec_roundtrip(str(source), str(tmp_path / "nowhere"), 2, workdir=workdir)
+
+
+def test_model_discovery(models, monkeypatch):
+    found = app.find_generators(models)
+    assert [c.value for c in found] == [str((models / "tiny").resolve())]
+    choices, default = app.model_choices(None, models)
+    assert default == found[0].value and choices[-1].value == app.RANDOM_MODEL
+    assert "UNTRAINED" in choices[-1].label
+    monkeypatch.setenv("TOKENWAVE_MODELS", str(models / "notes"))
+    choices, default = app.model_choices(None)
+    assert default == app.RANDOM_MODEL or default.startswith(str(app.Path(__file__).parents[1] / "assets"))
+    with pytest.raises(app.DemoError, match="--model"):
+        app.model_choices("no-such-model", models)
+    codecs = app.codec_choices(models)
+    assert str((models / "tiny" / "codec").resolve()) in [c.value for c in codecs]
+    assert codecs[-1].value.startswith("random:")
+
+
+def test_untrained_stand_in_is_labelled(workdir):
+    result = app.generate_music("calm piano", duration=0.1, seed=0, model=app.RANDOM_MODEL, workdir=workdir)
+    assert "UNTRAINED" in result.info and result.clips[0].sample_rate == 32_000
+    assert result.clips[0].audio.shape == (3_200, 1) and np.abs(result.clips[0].audio).max() <= 0.26
+    assert "UNTRAINED" in app.model_summary(app.RANDOM_MODEL)
+
+
+def test_spectrogram_puts_high_notes_higher():
+    rate = 32_000
+    t = np.arange(rate) / rate
+    rows = []
+    for hz in (200.0, 4_000.0):
+        image = app.spectrogram_image(np.sin(2 * np.pi * hz * t), rate, width=64, height=100)
+        assert image.shape == (100, 64, 3) and image.dtype == np.uint8
+        rows.append(int(image.astype(int).sum(axis=(1, 2)).argmax()))
+    assert rows[1] < rows[0]  # row 0 is the top of the picture: high frequencies
+
+
+def test_cli_has_a_demo_command(monkeypatch):
+    import builtins
+
+    from inference.cli import build_parser, main
+
+    args = build_parser().parse_args(["demo", "--port", "7999", "--model", "x"])
+    assert (args.host, args.port, args.model, args.share) == ("127.0.0.1", 7999, "x", False)
+    real_import = builtins.__import__
+
+    def no_gradio(name, *rest, **kwargs):
+        if name == "gradio":
+            raise ImportError("no gradio here")
+        return real_import(name, *rest, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    assert main(["demo"]) == 1
+
+
+# -- the app itself (gradio) -----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's own pandas deprecations
+def test_app_builds_serves_and_generates_through_the_queue(models, tmp_path):
+    gr = pytest.importorskip("gradio")
+    client_module = pytest.importorskip("gradio_client")
+    demo = app.launch(str(models / "tiny"), host="127.0.0.1", port=_free_port(), models_dir=models,
+                      workdir=tmp_path / "served", block=False)
+    try:
+        assert isinstance(demo, gr.Blocks)
+        url = demo.local_url
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and b"<html" in response.read().lower()
+        client = client_module.Client(url, verbose=False)
+        outputs = client.predict("calm piano", 0.5, 250, 0.0, 1.0, 3.0, 4, str((models / "tiny").resolve()), "",
+                                 None, None, api_name="/on_generate")
+        audio = outputs[0]
+        data, rate = sf.read(audio if isinstance(audio, str) else audio["value"], always_2d=True)
+        assert rate == SR and data.shape == (100 * HOP, 1)  # 0.5 s: beyond the 0.2 s window, slid
+        assert "seed 4" in outputs[-1]
+        with pytest.raises(Exception, match="Type a prompt"):
+            client.predict("", 0.5, 250, 0.0, 1.0, 3.0, 4, str((models / "tiny").resolve()), "", None, None,
+                           api_name="/on_generate")
+    finally:
+        demo.close()

@@ -103,14 +103,16 @@ def find_generators(models_dir: str | os.PathLike | None = None) -> list[ModelCh
 
 def model_choices(model_path: str | os.PathLike | None = None,
                   models_dir: str | os.PathLike | None = None) -> tuple[list[ModelChoice], str]:
-    """The model dropdown's entries and its default: ``model_path`` (a folder or a registry
-    name) when given, else the registry's default model when installed, else the first found,
-    else the untrained stand-in (always offered last)."""
+    """The model dropdown's entries and its default: ``model_path`` (a folder, a registry name,
+    or :data:`RANDOM_MODEL`) when given, else the registry's default model when installed, else
+    the first found, else the untrained stand-in (always offered last)."""
     from inference import registry
 
     choices = find_generators(models_dir)
     default = None
-    if model_path is not None:
+    if model_path is not None and os.fspath(model_path) == RANDOM_MODEL:
+        default = RANDOM_MODEL
+    elif model_path is not None:
         spec = os.fspath(model_path)
         try:
             folder = Path(spec) if os.path.exists(spec) else registry.resolve(spec, models_dir=models_dir)
@@ -198,7 +200,7 @@ def model_summary(choice: str | None, path: str | None = None) -> str:
     params = sum(p.numel() for p in generator.lm.parameters()) / 1e6
     lines = [f"**{RANDOM_LABEL if key == RANDOM_MODEL else Path(key).name}**",
              f"{generator.sample_rate} Hz, {generator.channels} channel(s), {generator.lm.config.num_codebooks} "
-             f"codebooks at {generator.frame_rate} Hz; LM {params:.1f} M parameters; text: {text}; "
+             f"codebooks at {generator.frame_rate} Hz; LM {params:.3g} M parameters; text: {text}; "
              f"window {generator.max_duration:g} s; melody: {'yes' if generator.has_melody else 'no'}"]
     return "  \n".join(lines)
 
@@ -558,7 +560,9 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
             options = bitrate_choices(codec)
         except Exception as error:
             raise fail(error) from None
-        return gr.update(choices=options, value=options[-1][1])
+        per_codebook = load_codec_model(codec).bandwidth_per_codebook
+        closest = min(options, key=lambda option: abs(math.log(option[1] * per_codebook / 6.0)))
+        return gr.update(choices=options, value=closest[1])  # the bitrate nearest 6 kbps
 
     def on_codec(upload, codec, codebooks, use_lm):
         try:
@@ -654,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CodecRoundTrip", "DemoError", "GeneratedClip", "Generation", "ModelChoice", "RANDOM_MODEL", "bitrate_choices",
+__all__ = ["CodecRoundTrip", "DemoError", "GeneratedClip", "Generation", "ModelChoice", "RANDOM_MODEL",
+           "bitrate_choices",
            "build_app", "codec_choices", "codec_roundtrip", "find_generators", "generate_music", "launch",
            "load_codec_model", "load_generator", "main", "model_choices", "model_summary", "random_generator",
            "spectrogram_image"]

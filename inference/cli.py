@@ -140,6 +140,24 @@ def load_codec(spec: str, device: torch.device) -> EncodecModel:
         raise CliError(f"{_one_line(error)}{hint}") from error
 
 
+def entropy_lm_for(model: EncodecModel, spec: str | None):
+    """The codec's entropy-coding LM: beside a model given as a path (where ``train-codec``
+    writes it), else in the models folder (released LMs)."""
+    from codec import ecdc
+
+    if is_random(model):
+        return random_entropy_lm(model)
+    if spec and Path(spec).exists():
+        try:
+            return ecdc.load_entropy_lm(model, models_dir=Path(spec).resolve().parent)
+        except FileNotFoundError:
+            pass
+    try:
+        return ecdc.load_entropy_lm(model)
+    except FileNotFoundError as error:
+        raise CliError(_one_line(error)) from error
+
+
 def model_label(model: EncodecModel) -> str:
     if is_random(model):
         return f"{model.name} (UNTRAINED random weights, seed {RANDOM_SEED})"
@@ -399,9 +417,7 @@ def cmd_compress(args) -> int:
                      force=args.force)
     model = load_codec(args.model, parse_device(args.device))
     num_codebooks = resolve_codebooks(model, args)
-    lm = None
-    if args.lm:  # released models: ecdc finds their LM in the models folder
-        lm = random_entropy_lm(model) if is_random(model) else ecdc.load_entropy_lm(model.name)
+    lm = entropy_lm_for(model, args.model) if args.lm else None
 
     def work(job: Job) -> str:
         start = time.perf_counter()
@@ -451,9 +467,9 @@ def cmd_decompress(args) -> int:
         data = job.source.read_bytes()
         header = ecdc.read_header(data)[0]
         model = fixed or model_for(header.model_name)
-        lm = random_entropy_lm(model) if header.use_lm and is_random(model) else None
-        if header.use_lm and lm is None and header.model_name == model.name:
-            lm = ecdc.load_entropy_lm(model.name)
+        lm = None
+        if header.use_lm and header.model_name == model.name:
+            lm = entropy_lm_for(model, args.model)
         start = time.perf_counter()
         duration = header.audio_length / model.sample_rate
         if duration > STREAM_ABOVE_SECONDS:  # decode block by block into the file

@@ -17,7 +17,8 @@ from inference.cli import CliError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's options, shared by ``tokenwave demo`` and ``python -m demos.app``."""
     parser.add_argument("--model", metavar="PATH_OR_NAME",
-                        help="default model: a generator folder or a name in $TOKENWAVE_MODELS")
+                        help="default model: a generator folder, a name in $TOKENWAVE_MODELS, or 'random' "
+                             "(the untrained stand-in)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")

@@ -527,6 +527,17 @@ def test_cli_train_codec_end_to_end(tmp_path, capsys, corpus_dir):
     assert code == 0, err
     assert (out / "mini_lm.th").is_file() and "valid_bits_per_code@4" in err
 
+    # the CLI finds the trained entropy LM beside the model folder
+    code, _, err = run(capsys, "compress", "--model", out / "mini", "-n", 2, "--lm", wav_in,
+                       tmp_path / "lm.ecdc")
+    assert code == 0, err
+    assert ecdc.read_header((tmp_path / "lm.ecdc").read_bytes())[0].use_lm
+    code, _, err = run(capsys, "decompress", "--model", out / "mini", tmp_path / "lm.ecdc",
+                       tmp_path / "lm.wav")
+    assert code == 0, err
+    same, _ = audio.read_audio(tmp_path / "back.wav")
+    assert torch.equal(audio.read_audio(tmp_path / "lm.wav")[0], same)
+
 
 def test_cli_train_codec_errors(tmp_path, capsys, corpus_dir):
     code, _, err = run(capsys, "train-codec", corpus_dir, "--out", tmp_path / "r", "--set",

@@ -2,12 +2,19 @@
 
 A tiny generator (lookup-table text, 2-layer LM over 4 codebooks of 16 codes, an 800 Hz random
 codec with hop 4) is saved to a folder as a user's checkpoint would be; the handlers load it
-from there. The app tests need gradio and are skipped without it; the handler tests do not.
+from there. The app tests need gradio (skipped without it; the handler tests do not): one goes
+through gradio's queue with gradio_client, one drives Debian's headless ``chromium`` with
+Playwright (skipped without both) and saves screenshots.
 """
 from __future__ import annotations
 
+import io
+import os
+import shutil
 import socket
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,7 +138,8 @@ def test_model_discovery(models, monkeypatch):
     assert "UNTRAINED" in choices[-1].label
     monkeypatch.setenv("TOKENWAVE_MODELS", str(models / "notes"))
     choices, default = app.model_choices(None)
-    assert default == app.RANDOM_MODEL or default.startswith(str(app.Path(__file__).parents[1] / "assets"))
+    assert default == app.RANDOM_MODEL or default.startswith(str(Path(__file__).parents[1] / "assets"))
+    assert app.model_choices(app.RANDOM_MODEL, models)[1] == app.RANDOM_MODEL
     with pytest.raises(app.DemoError, match="--model"):
         app.model_choices("no-such-model", models)
     codecs = app.codec_choices(models)
@@ -175,34 +183,91 @@ def test_cli_has_a_demo_command(monkeypatch):
     assert main(["demo"]) == 1
 
 
-# -- the app itself (gradio) -----------------------------------------------------------------------
+# -- the app itself (gradio), served once for the tests below ----------------------------------------
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def served(models, tmp_path_factory):
+    """The app on a free localhost port: the tiny generator installed, the untrained stand-in selected."""
+    pytest.importorskip("gradio")
+    demo = app.launch(app.RANDOM_MODEL, host="127.0.0.1", port=_free_port(), models_dir=models,
+                      workdir=tmp_path_factory.mktemp("served"), block=False)
+    yield demo
+    demo.close()
+
+
 @pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's own pandas deprecations
-def test_app_builds_serves_and_generates_through_the_queue(models, tmp_path):
-    gr = pytest.importorskip("gradio")
+def test_app_serves_and_generates_through_the_queue(served, models):
+    import gradio as gr
+
     client_module = pytest.importorskip("gradio_client")
-    demo = app.launch(str(models / "tiny"), host="127.0.0.1", port=_free_port(), models_dir=models,
-                      workdir=tmp_path / "served", block=False)
-    try:
-        assert isinstance(demo, gr.Blocks)
-        url = demo.local_url
-        assert url.startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(url, timeout=30) as response:
-            assert response.status == 200 and b"<html" in response.read().lower()
-        client = client_module.Client(url, verbose=False)
-        outputs = client.predict("calm piano", 0.5, 250, 0.0, 1.0, 3.0, 4, str((models / "tiny").resolve()), "",
-                                 None, None, api_name="/on_generate")
-        audio = outputs[0]
-        data, rate = sf.read(audio if isinstance(audio, str) else audio["value"], always_2d=True)
-        assert rate == SR and data.shape == (100 * HOP, 1)  # 0.5 s: beyond the 0.2 s window, slid
-        assert "seed 4" in outputs[-1]
-        with pytest.raises(Exception, match="Type a prompt"):
-            client.predict("", 0.5, 250, 0.0, 1.0, 3.0, 4, str((models / "tiny").resolve()), "", None, None,
-                           api_name="/on_generate")
-    finally:
-        demo.close()
+    assert isinstance(served, gr.Blocks)
+    url = served.local_url
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.status == 200 and b"<html" in response.read().lower()
+    client = client_module.Client(url, verbose=False)
+    tiny = str((models / "tiny").resolve())
+    outputs = client.predict("calm piano", 0.5, 250, 0.0, 1.0, 3.0, 4, tiny, "", None, None, api_name="/on_generate")
+    audio = outputs[0]
+    data, rate = sf.read(audio if isinstance(audio, str) else audio["value"], always_2d=True)
+    assert rate == SR and data.shape == (100 * HOP, 1)  # 0.5 s: beyond the tiny model's 0.2 s window, slid
+    assert "seed 4" in outputs[-1]
+    with pytest.raises(Exception, match="Type a prompt"):
+        client.predict("", 0.5, 250, 0.0, 1.0, 3.0, 4, tiny, "", None, None, api_name="/on_generate")
+
+
+def _chromium() -> str | None:
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome")
+                 if (path := shutil.which(name)) is not None), None)
+
+
+@pytest.mark.filterwarnings("ignore:::gradio.queueing")
+def test_browser_generates_playable_audio_and_shows_errors(served, tmp_path):
+    """Headless Chromium (Debian's ``chromium``) driven by Playwright: type, click, listen.
+
+    The screenshots go to ``$TOKENWAVE_SCREENSHOTS`` when set (CI artifacts), else the test's
+    temporary folder."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no chromium (apt-get install -y chromium)")
+    shots = Path(os.environ.get("TOKENWAVE_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(served.local_url)
+            page.get_by_text("UNTRAINED random model", exact=False).first.wait_for(timeout=30_000)
+            page.get_by_label("Prompt (one per line, up to 4)").fill("a slow, sad piano ballad in A minor")
+            page.get_by_label("number input for Duration (seconds)").fill("1")
+            page.get_by_role("button", name="Generate").click()
+            page.get_by_text("1 clip(s) of 1.0 s at 32000 Hz").wait_for(timeout=60_000)
+            page.get_by_text("0:01").first.wait_for(timeout=30_000)  # the player decoded 1 s of audio
+            link = page.locator("a[href*='tokenwave-'][href$='.wav']").first.get_attribute("href")
+            with urllib.request.urlopen(urllib.parse.urljoin(served.local_url, link), timeout=30) as response:
+                data, rate = sf.read(io.BytesIO(response.read()), always_2d=True)
+            assert rate == 32_000 and data.shape == (32_000, 1)
+            page.screenshot(path=str(shots / "demo-generate.png"), full_page=True)
+
+            page.get_by_label("Prompt (one per line, up to 4)").fill("")
+            page.get_by_role("button", name="Generate").click()
+            page.get_by_text("Type a prompt (one per line)").first.wait_for(timeout=30_000)
+            assert page.get_by_text("Traceback").count() == 0
+            page.screenshot(path=str(shots / "demo-error.png"))
+
+            page.get_by_role("tab", name="Codec").click()
+            clip = Path(__file__).parents[1] / "assets" / "clip.wav"
+            page.locator("input[type=file]").first.set_input_files(str(clip))
+            page.get_by_role("button", name="Compress and decode").click()
+            page.get_by_text("kbps real").wait_for(timeout=60_000)
+            page.screenshot(path=str(shots / "demo-codec.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (shots / "demo-generate.png").stat().st_size > 10_000

@@ -14,7 +14,8 @@ from .compose import SongSpec
 from .instruments import DRUM_KITS, instrument
 from .styles import STYLES
 
-TEMPO_WORDS = {"slow": ("slow", "slow-paced", "leisurely"), "moderate": ("mid-tempo", "moderately paced", "medium-tempo"),
+TEMPO_WORDS = {"slow": ("slow", "slow-paced", "leisurely"),
+               "moderate": ("mid-tempo", "moderately paced", "medium-tempo"),
                "upbeat": ("upbeat", "lively", "brisk"), "fast": ("fast", "fast-paced", "up-tempo")}
 DYNAMICS_PHRASES = {"soft": ("played softly", "quiet and gentle", "soft and delicate"),
                     "medium": ("", "", "at a comfortable volume"),

@@ -201,7 +201,8 @@ def write_readme(out: Path, settings: Settings, soundfont: render.Soundfont, cli
         f"{settings.recipe_version}",
         f"- soundfont: {soundfont.title} (`{soundfont.path.name}`), licence {soundfont.licence}: see LICENSE",
         "",
-        "Rebuild (same files, byte for byte, with the same soundfont):",
+        f"Rebuild (the same files, byte for byte, with the same soundfont and fluidsynth "
+        f"{render.fluidsynth_version()}):",
         "",
         f"    {command}",
         "",

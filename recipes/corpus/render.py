@@ -63,6 +63,15 @@ def find_fluidsynth() -> str:
     return path
 
 
+def fluidsynth_version() -> str:
+    """``fluidsynth --version``'s version number (renders may differ between versions)."""
+    result = subprocess.run([find_fluidsynth(), "--version"], capture_output=True, text=True, timeout=30)
+    for word in result.stdout.split():
+        if word[:1].isdigit():
+            return word
+    return "unknown"
+
+
 def _debian_copyright(path: Path) -> Path | None:
     """The copyright file of the Debian package that installed ``path``, when dpkg knows it."""
     if shutil.which("dpkg-query") is None:
@@ -146,4 +155,4 @@ def licence_text(soundfont: Soundfont) -> str:
 
 
 __all__ = ["INSTALL_HINT", "RenderError", "Soundfont", "find_fluidsynth", "find_soundfont", "finish",
-           "licence_text", "render_midi"]
+           "fluidsynth_version", "licence_text", "render_midi"]

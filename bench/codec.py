@@ -41,6 +41,7 @@ try:  # before oracles: transformers chokes on the torchaudio stand-in that enco
 except ImportError:
     transformers = None
 
+from codec import PRESETS as PRESET_CONFIGS  # noqa: E402
 from codec import EncodecModel  # noqa: E402
 from codec.formats import transformers_key  # noqa: E402
 from oracles import import_encodec  # noqa: E402
@@ -200,9 +201,8 @@ def bench_preset(preset: str, device: str, seconds: float, repeats: int, seed: i
                  clock: Callable[[], float] = time.perf_counter) -> list[Row]:
     bandwidth = BANDWIDTH[preset]
     impls = runners(preset, device, seed, bandwidth)
-    probe = impls[0]
-    wav = test_audio(EncodecModel.from_preset(preset).channels,
-                     EncodecModel.from_preset(preset).sample_rate, seconds, seed).to(device)
+    config = PRESET_CONFIGS[preset]
+    wav = test_audio(config.channels, config.sample_rate, seconds, seed).to(device)
     times = {impl.name: ([], []) for impl in impls}
     outputs = {}
     with torch.inference_mode():
@@ -216,7 +216,7 @@ def bench_preset(preset: str, device: str, seconds: float, repeats: int, seed: i
                 times[impl.name][0].append(enc_s)
                 times[impl.name][1].append(dec_s)
     length = wav.shape[-1]
-    reference = next((impl for impl in impls if impl.reference), probe)
+    reference = next((impl for impl in impls if impl.reference), impls[0])
     ref_codes = reference.codes(outputs[reference.name][0])
     ref_audio = outputs[reference.name][1][..., :length]
     rows = []
@@ -258,7 +258,8 @@ def table(rows: list[Row]) -> str:
         best_enc = max((r.encode_x for r in refs), default=math.nan)
         best_dec = max((r.decode_x for r in refs), default=math.nan)
         for r in group:
-            ratio = "" if r in refs else f"{r.encode_x / best_enc:8.2f} {r.decode_x / best_dec:8.2f}"
+            ratio = ("" if r in refs else
+                     f"{r.encode_x / best_enc:8.2f} {r.decode_x / best_dec:8.2f}")
             lines.append(f"{r.preset:<14} {r.device:<6} {r.implementation:<15} "
                          f"{r.encode_x:9.1f} {r.decode_x:9.1f} {ratio:>17}  "
                          f"{'same' if r.codes_identical else 'DIFF':>5}  {r.audio_max_err:.1e}")

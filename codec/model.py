@@ -123,7 +123,7 @@ def linear_overlap_add(frames: list[torch.Tensor], stride: int) -> torch.Tensor:
     return out / weight_sum
 
 
-BATCH_SAMPLES = 1 << 19  # samples per stacked batch (~11 s at 48 kHz): bounds the memory
+BATCH_SAMPLES = 1 << 18  # samples per stacked batch (5 chunks at 48 kHz): bounds the memory
 
 
 def _equal_length_groups(inputs: list[torch.Tensor]) -> list[list[int]]:
@@ -222,6 +222,12 @@ class EncodecModel(nn.Module):
     def inference_runner(self) -> str | None:
         """``None`` (modules' forward), ``"exact"`` or ``"fast"``; see prepare_for_inference."""
         return self.__dict__.get("_runner")
+
+    def train(self, mode: bool = True) -> "EncodecModel":
+        """As ``nn.Module.train``; training mode also leaves the inference runners."""
+        if mode:
+            self.__dict__.pop("_runner", None)
+        return super().train(mode)
 
     # -- properties ---------------------------------------------------------------------
     name = property(lambda self: self.config.name)

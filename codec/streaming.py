@@ -51,22 +51,20 @@ chunking (tested, 1-sample chunks included). In float32 the convolution and LSTM
 signal does not reproduce the prefix's bits either - so streamed latents differ from offline
 ones by ~1e-7, and a code can flip where its two nearest codewords are that close to a tie.
 Measured on this machine (random weights, codebooks from k-means on the model's own latents,
-20 s of tones and noise, full-size presets, one thread), share of codes equal to offline and
-decoded-audio difference to ``model.decode``:
+20 s of tones and noise, full-size presets, one thread): share of codes equal to offline, and
+the streamed decode's difference to ``model.decode`` (audio RMS 0.05-0.07, 48 kHz 0.2):
 
-============  ===========================  ================  ===============  ============
-model         chunks pushed                codes equal       audio max diff   audio RMS diff
-============  ===========================  ================  ===============  ============
-24 kHz, 6 kbps one frame (320 samples)     99.83 %           1.1e-7           2.1e-8
-24 kHz, 6 kbps 5 s blocks                  100 %             5.2e-8           1.1e-9
-32 kHz, 4 cb  one frame (640 samples)      99.98 %           1.4e-7           2.4e-8
-32 kHz, 4 cb  5 s blocks                   100 %             1.4e-7           2.4e-8
-16 kHz, 4 cb  one frame / 5 s blocks       100 % / 100 %     2.1e-7           4.0e-8
-48 kHz, 6 kbps 320 samples / 5 s blocks    100 % / 100 %     1.7e-6           2.9e-7
-============  ===========================  ================  ===============  ============
+    model, bitrate         chunks pushed                codes equal    audio max / RMS diff
+    24 kHz, 6 kbps         one frame (320 samples)      99.83 %        1.1e-7 / 2.1e-8
+    24 kHz, 6 kbps         5 s blocks                   100 %          5.2e-8 / 1.1e-9
+    32 kHz, 2.2 kbps       one frame (640 samples)      100 %          1.3e-7 / 2.4e-8
+    32 kHz, 2.2 kbps       5 s blocks                   100 %          1.3e-7 / 2.4e-8
+    16 kHz, 2.2 kbps       one frame / 5 s blocks       100 % / 100 %  2.1e-7 / 4.0e-8
+    48 kHz, 6 kbps         320 samples / 5 s blocks     100 % / 100 %  1.7e-6 / 2.9e-7
 
-(audio RMS 0.05-0.07, 48 kHz 0.2; a prepared 48 kHz model decodes offline with batched,
-time-major kernels, hence its larger but still float-rounding difference).
+(48 kHz: random normal codebooks; a prepared 48 kHz model decodes offline with batched,
+time-major kernels, hence its larger but still float-rounding difference. Codebooks built
+from near-duplicate latents, which make ties common, gave 99.98 % at 32 kHz one-frame.)
 
 Chunked streaming (:class:`ChunkedStreamingEncoder`, :class:`ChunkedStreamingDecoder`)
 --------------------------------------------------------------------------------------
@@ -82,8 +80,10 @@ Long files
 :func:`encode_blocks` / :func:`decode_blocks` turn iterators of audio blocks into iterators of
 :class:`~codec.model.EncodedFrame` and back; :func:`encode_file` / :func:`decode_to_file` read
 (converting rate and channels) and write files block by block through :mod:`codec.audio`.
-Peak memory is set by the block size, not the file length (``bench/memory.py``: 10 and 60
-minute files peak at the same RSS), and the codes are those of a whole-file ``model.encode``
+Peak memory is set by the block size, not the file length (``bench/memory.py``, 5 s blocks,
+one thread: peak RSS 500-575 MiB at 24 kHz and ~415 MiB at 48 kHz stereo, the same for 10 and
+60 minute files; ~300-330 MiB of it is torch and the model), and the codes are those of a
+whole-file ``model.encode``
 (to the float32 near-tie caveat above; with 5 s blocks no code differed in the measurements).
 """
 from __future__ import annotations

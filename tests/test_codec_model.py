@@ -294,11 +294,12 @@ def test_overlap_add_cross_fades_and_keeps_single_coverage():
     a, b = torch.ones(1, 10), 3 * torch.ones(1, 10)
     out = linear_overlap_add([a, b], stride=6)
     assert out.shape == (1, 16)
-    assert torch.allclose(out[0, :6], torch.ones(6)) and torch.allclose(out[0, 10:], 3 * torch.ones(6))
+    assert torch.allclose(out[0, :6], torch.ones(6))
+    assert torch.allclose(out[0, 10:], 3 * torch.ones(6))
     assert (out[0, 6:10].diff() > 0).all()  # linear fade from the first to the second
 
 
-# -- ragged batches ---------------------------------------------------------------------------------
+# -- ragged batches ---------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["encodec_24khz", "encodec_48khz"])
 @pytest.mark.parametrize("exact", [True, False])
 def test_batches_of_different_lengths_equal_encoding_each_alone(preset, exact):
@@ -374,6 +375,8 @@ def test_prepare_for_inference_and_outputs_usable_afterwards():
     audio *= 0.5  # ordinary tensors: in-place edits work outside inference mode
     frames[0].codes[..., 0] = 0
     assert model.prepare_for_inference(exact_codes=False).inference_runner == "fast"
+    assert model.eval().inference_runner == "fast"
+    assert model.train().inference_runner is None  # training goes through the modules again
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)

@@ -520,9 +520,14 @@ def cmd_generate(args) -> int:
     if existing and not args.force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise CliError(f"output exists: {existing[0]}{more}; use --force to overwrite")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.dtype == "bf16-weights":  # float32 compute, bfloat16 matrix weights (CPU speed)
+        dtype = torch.float32
+    else:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     generator = MusicGen.from_pretrained(args.model, device=parse_device(args.device), dtype=dtype,
                                          t5_path=args.t5_path)
+    if args.dtype == "bf16-weights":
+        generator.lm.low_precision_weights(torch.bfloat16)
     conditioning = {}
     for key, path in (("audio_prompt", args.continue_from), ("melody", args.melody)):
         if path is not None:
@@ -642,8 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--continue", dest="continue_from", metavar="AUDIO",
                      help="continue this audio: the output starts with it")
     sub.add_argument("--melody", metavar="AUDIO", help="melody to follow (melody models)")
-    sub.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                     help="LM weights' type (default float32)")
+    sub.add_argument("--dtype", default="float32",
+                     choices=("float32", "bfloat16", "float16", "bf16-weights"),
+                     help="LM weights' type (default float32); bf16-weights keeps float32 "
+                          "activations with bfloat16 matrix weights: ~2x faster steps on CPUs "
+                          "with bf16 instructions")
     sub.add_argument("--t5-path", metavar="FOLDER", help="T5 folder for audiocraft checkpoints that name one")
     sub.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     sub.set_defaults(func=cmd_generate)

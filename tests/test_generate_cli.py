@@ -142,3 +142,17 @@ def test_melody_on_a_text_only_model(tmp_path, capsys):
     code, _, err = run(capsys, "generate", "happy", "-o", tmp_path / "x.wav", "--model", "tiny-musicgen",
                        "--duration", "0.02", "--melody", melody)
     assert code == 1 and "melody" in err and err.count("\n") == 1
+
+
+def test_bf16_weights_keep_float32_compute(tmp_path, capsys, models_dir):
+    out = tmp_path / "song.wav"
+    code, _, err = run(capsys, "generate", "calm piano", "-o", out, "--model", "tiny-musicgen",
+                       "--duration", "0.05", "--seed", "0", "--subtype", "FLOAT",
+                       "--dtype", "bf16-weights")
+    assert code == 0, err
+    reference = MusicGen.from_pretrained(models_dir / "tiny-musicgen", device="cpu")
+    reference.lm.low_precision_weights(torch.bfloat16)
+    assert reference.lm.linears[0].weight.dtype == torch.bfloat16
+    assert reference.lm.emb[0].weight.dtype == torch.float32
+    expected = reference.generate("calm piano", 0.05, seed=0).wav[0]
+    torch.testing.assert_close(read(out), expected, atol=1e-6, rtol=0)

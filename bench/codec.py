@@ -14,14 +14,13 @@ Run from the repo root:
 
 Rows: ``tokenwave`` is ``prepare_for_inference()`` (codes bitwise the reference's, time-major
 decoder); ``tokenwave-fast`` is ``prepare_for_inference(exact_codes=False)`` (time-major
-encoder too, batched chunks). ``--tune-malloc`` makes glibc keep freed memory for every
-implementation alike (see :func:`tune_malloc`).
+encoder too, batched chunks). ``--tune-malloc`` makes glibc keep freed memory, for every
+implementation alike (see :func:`codec.fast.tune_malloc`).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
 import math
 import os
@@ -43,6 +42,7 @@ except ImportError:
 
 from codec import PRESETS as PRESET_CONFIGS  # noqa: E402
 from codec import EncodecModel  # noqa: E402
+from codec.fast import tune_malloc  # noqa: E402
 from codec.formats import transformers_key  # noqa: E402
 from oracles import import_encodec  # noqa: E402
 
@@ -230,22 +230,6 @@ def bench_preset(preset: str, device: str, seconds: float, repeats: int, seed: i
         rows.append(Row(preset, device, impl.name, seconds / statistics.median(enc),
                         seconds / statistics.median(dec), enc, dec, identical, err))
     return rows
-
-
-def tune_malloc() -> bool:
-    """Let glibc keep up to 32 MiB blocks and never trim the heap (process-wide).
-
-    By default glibc returns big freed blocks to the system, and the next tensor of that size
-    page-faults its memory back in: a 5 s encode takes ~40k minor faults, ~30% of its time on
-    CPU. The same setting applies to every implementation in the benchmark.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and
-                libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 # -- report -----------------------------------------------------------------------------------

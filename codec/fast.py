@@ -10,16 +10,25 @@ Both walk the very modules whose ``forward`` defines the model (``encoder.model`
   for other batch sizes and short inputs, so an item in a batch can get other last bits than
   alone, as it does in the reference.
 * :func:`run_time_major` keeps activations as ``(B, T, C)`` and runs convolutions as
-  channels-last 2-D ones. On CPU, oneDNN's channels-last kernels are 1.5-2.5x faster than the
-  blocked ones the reference reaches through ``(B, C, T)`` (which also pays a layout reorder on
-  the way in and out of every convolution). Same arithmetic in another summation order:
-  results differ from the reference by ~1e-7 relative. That is far inside the 1e-5 audio
-  tolerance, but an encoder that must give the reference's codes bit for bit cannot use it: a
-  frame whose two nearest codes are closer than the rounding noise can flip.
+  channels-last 2-D ones through oneDNN with prepacked weights; 1x1 convolutions become
+  matrix products with the residual sum fused in; an ELU in front of a padded convolution is
+  written straight into the padded buffer. On CPU that is 1.5-2.5x faster per convolution
+  than the blocked kernels the reference reaches through ``(B, C, T)`` (which also reorders
+  the layout in and out of every convolution). Same arithmetic in another summation order:
+  results differ from the reference by ~1e-7 relative, far inside the 1e-5 audio tolerance;
+  but an encoder that must give the reference's codes bit for bit cannot use it, since a
+  frame whose two nearest codewords are closer than the rounding noise can flip.
+
+The LSTM runs as ``nn.LSTM`` in both: at batch 1 it streams its recurrent weights from
+memory at every step, a floor of ~25 ms (24/48 kHz) to ~70 ms (16/32 kHz) per 5 s on two
+cores. :func:`tune_malloc` is an opt-in, process-wide allocator setting that removes the
+page-fault cost of large short-lived tensors.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import ctypes
+import ctypes.util
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -71,7 +80,7 @@ def _conv_channel_major(layer: StreamableConv1d, x: torch.Tensor) -> torch.Tenso
     return layer.conv(x)
 
 
-def run_channel_major(seq: nn.Sequential, x: torch.Tensor, *, owned: bool = False
+def run_channel_major(seq: Iterable[nn.Module], x: torch.Tensor, *, owned: bool = False
                       ) -> torch.Tensor:
     """``seq(x)`` for ``(B, C, T)`` input, bitwise, with fewer copies.
 
@@ -271,16 +280,21 @@ def _conv_transpose_time_major(layer: StreamableConvTranspose1d, x: torch.Tensor
         x = F.elu_(x, alpha=elu) if owned else F.elu(x, alpha=elu)
     conv = layer.convtr.convtr
     x4 = x.contiguous().transpose(1, 2).unsqueeze(2)
+    left, right = layer.trim
+    # The symmetric part of the trim is the conv's own padding: those samples are never
+    # computed, and the output needs no slicing (a copy later when the batch is > 1).
+    crop = min(left, right) if isinstance(layer.convtr.norm, nn.Identity) else 0
     if _onednn_ok(x, conv):
         y = _ONEDNN._convolution_transpose_pointwise(
-            x4, _onednn_weight(conv, "conv_transpose"), conv.bias, [0, 0], [0, 0],
+            x4, _onednn_weight(conv, "conv_transpose"), conv.bias, [0, crop], [0, 0],
             [1, conv.stride[0]], [1, conv.dilation[0]], conv.groups, "none", [], "")
     else:
         y = F.conv_transpose2d(x4, _channels_last_weight(conv), conv.bias,
-                               stride=(1, conv.stride[0]), groups=conv.groups)
+                               stride=(1, conv.stride[0]), padding=(0, crop),
+                               groups=conv.groups)
     y = _group_norm_time_major(layer.convtr.norm, y.squeeze(2).transpose(1, 2))
-    left, right = layer.trim
-    return y[:, left: y.shape[1] - right]
+    left, right = left - crop, right - crop
+    return y[:, left: y.shape[1] - right] if left or right else y
 
 
 def _lstm_time_major(layer: StreamableLSTM, x: torch.Tensor) -> torch.Tensor:
@@ -296,13 +310,15 @@ def _resblock_time_major(block: SEANetResnetBlock, x: torch.Tensor) -> torch.Ten
         _conv_time_major(block.shortcut, x, elu=None, owned=False)
     layers = list(block.block)
     if _is_pointwise(layers[-1]):  # the usual [ELU, conv k, ELU, conv 1x1]: fuse the sum
-        h = run_time_major(nn.Sequential(*layers[:-1]), x)
+        h = run_time_major(layers[:-1], x)
         return _pointwise_time_major(layers[-1], h.contiguous(), add=shortcut)
     return run_time_major(block.block, x).add_(shortcut)
 
 
-def run_time_major(seq: nn.Sequential, x: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
-    """``seq`` on ``(B, T, C)`` input -> ``(B, T', C')``, with channels-last convolutions.
+def run_time_major(seq: Iterable[nn.Module], x: torch.Tensor, *, owned: bool = False
+                   ) -> torch.Tensor:
+    """``seq`` (a Sequential's layers) on ``(B, T, C)`` input -> ``(B, T', C')``, with
+    channels-last convolutions.
 
     Equal to ``seq(x.transpose(1, 2)).transpose(1, 2)`` up to float rounding (~1e-7 relative).
     Call under ``torch.inference_mode()``.
@@ -337,3 +353,29 @@ def run_time_major(seq: nn.Sequential, x: torch.Tensor, *, owned: bool = False) 
             i += 1
         owned = owned or x is not before
     return x
+
+
+def tune_malloc(max_cached: int = 32 << 20) -> bool:
+    """Make glibc keep freed memory instead of handing it back to the system (process-wide).
+
+    By default glibc returns the top of its heap to the system once more than ~2x its mmap
+    threshold is free, and serves blocks above that threshold with fresh mmaps; each time,
+    the next tensor of that size page-faults its memory back in, one fault per 4 KiB page.
+    A 5 s codec call allocates and frees tens of MB per layer: on the 2-core machines of
+    this project that is up to ~45k minor faults and 20-30% of its time, for the reference
+    implementations as much as for ours, depending on the order of earlier allocations.
+    This sets ``M_MMAP_THRESHOLD`` to ``max_cached`` (glibc caps it at 32 MiB) and
+    ``M_TRIM_THRESHOLD`` to 1 GiB, so up to that much freed memory stays with the process.
+    Opt-in: it changes allocation for the whole process (``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` in the environment do the same from outside). Returns False
+    where there is no glibc ``mallopt``.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, int(max_cached)) and
+                mallopt(m_trim_threshold, 1 << 30))

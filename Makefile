@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	$(BIN)/python bench/codec.py
+	$(BIN)/python -m bench.codec
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -105,7 +105,14 @@ class EuclideanCodebook(nn.Module):
         dead = self.cluster_size < self.threshold_ema_dead_code
         if dead.any():
             replacement = _sample_vectors(x, self.codebook_size)
-            self.embed.copy_(torch.where(dead.unsqueeze(1), replacement, self.embed))
+            mask = dead.unsqueeze(1)
+            self.embed.copy_(torch.where(mask, replacement, self.embed))
+            # The references only overwrite `embed`, which the EMA step right after recomputes
+            # from `embed_avg / cluster_size`, silently undoing the replacement. Restarting the
+            # statistics as if the code had been used `threshold` times makes it stick.
+            threshold = float(self.threshold_ema_dead_code)
+            self.embed_avg.copy_(torch.where(mask, replacement * threshold, self.embed_avg))
+            self.cluster_size.masked_fill_(dead, threshold)
 
     @torch.no_grad()
     def _ema_update(self, x: torch.Tensor, codes: torch.Tensor) -> None:

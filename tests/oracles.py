@@ -31,6 +31,10 @@ def _install_torchaudio_stand_in() -> None:
 
 def import_encodec():
     """Return the reference ``encodec`` package, or raise ImportError if not installed."""
+    try:  # transformers checks for torchaudio when first imported: let it see the real state
+        import transformers  # noqa: F401, PLC0415
+    except ImportError:
+        pass
     _install_torchaudio_stand_in()
     import encodec  # noqa: PLC0415
 

@@ -834,18 +834,23 @@ def _safetensors_writer(state: StateDict) -> Callable[[Path], None]:
     return lambda path: save_file(state, str(path), metadata={"format": "pt"})
 
 
-def _write_folder(path: Path, files: dict[str, Callable[[Path], None]],
-                  overwrite: bool) -> Path:
+def write_folder_atomically(path: Path, write: Callable[[Path], None], *,
+                            overwrite: bool = False) -> Path:
+    """Run ``write`` into a temporary folder beside ``path``, then rename it into place.
+
+    A crash leaves either the old folder or the new one, never a half-written one; a
+    non-empty existing folder is replaced only with ``overwrite``.
+    """
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} is a non-empty folder; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = tmp.with_suffix(".old")
     try:
-        for name, write in files.items():
-            write(tmp / name)
-        old = tmp.with_suffix(".old")
+        write(tmp)
         if path.exists():
             os.replace(path, old)
         try:
@@ -858,6 +863,15 @@ def _write_folder(path: Path, files: dict[str, Callable[[Path], None]],
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _write_folder(path: Path, files: dict[str, Callable[[Path], None]],
+                  overwrite: bool) -> Path:
+    def write(folder: Path) -> None:
+        for name, write_file in files.items():
+            write_file(folder / name)
+
+    return write_folder_atomically(path, write, overwrite=overwrite)
 
 
 def _write_file(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:

@@ -642,28 +642,9 @@ def _load_audiocraft(path: Path, target: _Target, cls: type[MusicGen], t5_path, 
 
 # -- writing -------------------------------------------------------------------------------------
 def _write_folder(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Run ``write`` into a temporary folder beside ``path``, then rename it into place."""
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is a non-empty folder; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = tmp.with_suffix(".old")
-    try:
-        write(tmp)
-        if path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old.exists():
-                os.replace(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    from codec.formats import write_folder_atomically
+
+    return write_folder_atomically(path, write, overwrite=overwrite)
 
 
 __all__ = ["FORMAT_MARKER", "FORMAT_VERSION", "detect_format", "load_generator", "save_generator"]

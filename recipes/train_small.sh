@@ -9,14 +9,19 @@
 #      set T5=/path/to/t5-base to use a local T5 folder instead),
 #   5. generate one sample from a text prompt            (tokenwave generate).
 #
-# Every step resumes or is skipped when its output already exists, so the script can be
-# re-run after an interruption (delete a step's folder to redo it).
+# A finished step leaves a marker ($OUT/codec/.done, $OUT/lm/.done) and is skipped on a re-run; an
+# interrupted one resumes from its last checkpoint (delete a step's folder to redo it). Note: on
+# CPU keep OMP_NUM_THREADS at or below the free cores (the script defaults it to 1 on CPU): with
+# more threads than free cores the codec ran over 10x slower in our trial.
 #
 # Usage (from the repository root, with tokenwave installed or its venv active):
 #
 #   recipes/train_small.sh                                  # GPU defaults below
-#   OUT=/tmp/run HOURS=0.17 CODEC_STEPS=150 LM_STEPS=300 \
-#     CODEC_BATCH=4 LM_BATCH=8 DEVICE=cpu recipes/train_small.sh   # small CPU setting
+#   # small CPU setting (~8 min on 2 shared cores: 10 min of audio, 0.57 M-parameter codec,
+#   # 0.29 M-parameter "tiny" LM); it proves the pipeline, it does not make music:
+#   OUT=/tmp/run HOURS=0.17 CODEC_STEPS=240 CODEC_BATCH=4 CODEC_FILTERS=8 CODEC_LSTM=0 \
+#     CODEBOOK_SIZE=1024 DISC_FILTERS=8 LM_SIZE=tiny LM_STEPS=150 LM_BATCH=8 LM_LR=1e-3 \
+#     LM_WARMUP=15 WORKERS=1 DEVICE=cpu recipes/train_small.sh
 #
 # Scale knobs (environment variables, defaults for one GPU):
 #   OUT            run folder (default runs/train_small); everything is written below it
@@ -42,9 +47,10 @@
 # Outputs: $OUT/corpus (wav + captions), $OUT/codec/train_log.jsonl and the codec $OUT/codec/codec,
 # $OUT/cache (tokens), $OUT/lm/logs/train.jsonl and the generator $OUT/lm/model, $OUT/sample.wav.
 #
-# Expect at the CPU setting (2 cores, minutes per step): a codec that reconstructs only a muffled
-# outline and an LM that has learned little beyond the token statistics; it proves the pipeline,
-# not quality. Audible results need roughly the GPU defaults (hours of audio, 1e4+ steps each).
+# Expect at the CPU setting (~0.7 codec steps/s, ~22k LM tokens/s): a codec with negative SI-SNR
+# whose codebooks have collapsed to a handful of codes, and an LM that has learned little beyond
+# those codes' statistics: noise-like audio. Audible results need roughly the GPU defaults
+# (hours of audio, 1e4+ steps each, batch 16+ clips so the quantizer sees enough latents per step).
 set -euo pipefail
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -77,10 +83,12 @@ if [[ -z "${TOKENWAVE:-}" ]]; then
     if command -v tokenwave >/dev/null 2>&1; then TOKENWAVE=tokenwave; else TOKENWAVE="python -m inference"; fi
 fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# `python -m inference` from a source checkout: make the repository's packages importable.
+export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
 
 # Periodic validation/checkpoints: ~10 per run, at least every step for tiny runs.
 every() { local n=$(( $1 / 10 )); echo $(( n > 0 ? n : 1 )); }
-CPU_FLAG=(); [[ "$DEVICE" == cpu ]] && CPU_FLAG=(--cpu)
+CPU_FLAG=(); [[ "$DEVICE" == cpu ]] && { CPU_FLAG=(--cpu); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; }
 MP=no; [[ "$DEVICE" != cpu ]] && MP=bf16
 stamp() { echo "[train_small $(date +%H:%M:%S)] $*"; }
 mkdir -p "$OUT"
@@ -94,9 +102,9 @@ CODEC_VALID=()
 [[ -d "$OUT/corpus/valid" ]] && CODEC_VALID=(--valid "$OUT/corpus/valid")
 CODEC_DATA="$OUT/corpus"; [[ -d "$OUT/corpus/train" ]] && CODEC_DATA="$OUT/corpus/train"
 
-CODEC="$OUT/codec/codec"
-if [[ -e "$CODEC" ]]; then
-    stamp "2/5 codec: $CODEC exists, skipped"
+CODEC="$OUT/codec/codec"  # train-codec also rewrites it at every checkpoint, hence the marker
+if [[ -e "$OUT/codec/.done" ]]; then
+    stamp "2/5 codec: done earlier ($OUT/codec/.done), skipped"
 else
     RESUME=(); CODEC_ARCH=(--preset encodec_32khz --set n_filters="$CODEC_FILTERS"
         --set lstm="$CODEC_LSTM" --set num_codebooks="$CODEBOOKS" --set codebook_size="$CODEBOOK_SIZE" --name codec)
@@ -107,18 +115,19 @@ else
         --segment-seconds "$CODEC_SEGMENT" --disc-filters "$DISC_FILTERS" \
         --valid-every "$(every "$CODEC_STEPS")" --checkpoint-every "$(every "$CODEC_STEPS")" \
         --log-every "$(every "$CODEC_STEPS")" --num-workers "$WORKERS" --mixed-precision "$MP" "${CPU_FLAG[@]}"
+    touch "$OUT/codec/.done"
 fi
 
-if [[ -e "$OUT/cache" ]]; then
+if [[ -e "$OUT/cache/index.json" ]]; then
     stamp "3/5 prepare: $OUT/cache exists, skipped"
 else
     stamp "3/5 prepare: tokenizing $CODEC_DATA with $CODEC"
     $TOKENWAVE prepare "$CODEC_DATA" --model "$CODEC" --out "$OUT/cache" \
-        --segment-seconds "$LM_SEGMENT" --device "$DEVICE"
+        --segment-seconds "$LM_SEGMENT" --device "$DEVICE" --force
 fi
 
-if [[ -e "$OUT/lm/model" ]]; then
-    stamp "4/5 LM: $OUT/lm/model exists, skipped"
+if [[ -e "$OUT/lm/.done" ]]; then
+    stamp "4/5 LM: done earlier ($OUT/lm/.done), skipped"
 else
     LM_ARGS=(--data "$OUT/cache" --from-scratch "$LM_SIZE")
     [[ -n "$T5" ]] && LM_ARGS+=(--t5 "$T5")
@@ -128,6 +137,7 @@ else
         --batch-size "$LM_BATCH" --lr "$LM_LR" --warmup "$LM_WARMUP" --segment-seconds "$LM_SEGMENT" \
         --eval-every "$(every "$LM_STEPS")" --save-every "$(every "$LM_STEPS")" \
         --log-every "$(every "$LM_STEPS")" "${CPU_FLAG[@]}"
+    touch "$OUT/lm/.done"
 fi
 
 stamp "5/5 generate: \"$PROMPT\" ($DURATION s) -> $OUT/sample.wav"

@@ -24,7 +24,7 @@ from codec.training import (Balancer, CheckpointManager, CodecTrainConfig, Codec
                             feature_matching_loss, hinge_discriminator_loss,
                             hinge_generator_loss, load_codec_for_training, mel_filterbank,
                             scan_audio_folder, si_snr)
-from codec.training.trainer import visqol_score
+from codec.training.trainer import codec_codes, visqol_score
 from inference import cli
 
 SR = 24_000
@@ -435,13 +435,14 @@ def test_entropy_lm_training_reduces_its_loss_and_codes_ecdc(tmp_path, accelerat
                                valid_data=clips(corpus_dir, seed=5, seconds=0.2))
     trainer.echo = False
     batch = torch.stack([data[i] for i in range(4)])
-    codes = trainer.valid_codes
+    codes = codec_codes(codec, batch)  # the LM fits the codes it is trained on
     before = trainer.evaluate(codes)
     assert before == pytest.approx(math.log2(16), abs=0.6)  # an untrained LM: about uniform
-    for _ in range(12):
+    for _ in range(30):
         trainer.train_step(batch)
     after = trainer.evaluate(codes)
     assert after < before - 0.5, (before, after)
+    assert trainer.validate()  # held-out clips are scored too
 
     trainer.fit(data)  # checkpoints and the exported prior
     lm_file = tmp_path / f"{ecdc.lm_name('tiny')}.th"

@@ -101,6 +101,12 @@ class EncodedFrame(NamedTuple):
     scale: torch.Tensor | None
 
 
+def overlap_add_weights(length: int, like: torch.Tensor) -> torch.Tensor:
+    """Triangular weights ``(length,)`` of one chunk in :func:`linear_overlap_add`."""
+    t = torch.linspace(0, 1, length + 2, device=like.device, dtype=like.dtype)[1:-1]
+    return 0.5 - (t - 0.5).abs()
+
+
 def linear_overlap_add(frames: list[torch.Tensor], stride: int) -> torch.Tensor:
     """Overlap-add ``(..., T_i)`` chunks placed ``stride`` apart with triangular weights.
 
@@ -111,9 +117,7 @@ def linear_overlap_add(frames: list[torch.Tensor], stride: int) -> torch.Tensor:
         raise ValueError("nothing to overlap-add")
     first = frames[0]
     total = stride * (len(frames) - 1) + frames[-1].shape[-1]
-    length = first.shape[-1]
-    t = torch.linspace(0, 1, length + 2, device=first.device, dtype=first.dtype)[1:-1]
-    weight = 0.5 - (t - 0.5).abs()
+    weight = overlap_add_weights(first.shape[-1], first)
     out = first.new_zeros(*first.shape[:-1], total)
     weight_sum = first.new_zeros(total)
     for i, frame in enumerate(frames):

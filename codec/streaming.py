@@ -100,7 +100,7 @@ from torch import nn
 from . import audio as audio_io
 from .conv import StreamableConv1d, StreamableConvTranspose1d, pad1d
 from .lstm import StreamableLSTM
-from .model import EncodecModel, EncodedFrame
+from .model import EncodecModel, EncodedFrame, overlap_add_weights
 from .seanet import SEANetDecoder, SEANetEncoder, SEANetResnetBlock
 
 # Layers that act on each time step alone, so streaming them needs no state.
@@ -581,12 +581,6 @@ class ChunkedStreamingEncoder(_Stream):
         return self._drain(1)
 
 
-def _triangle(length: int, like: torch.Tensor) -> torch.Tensor:
-    # The weights codec.model.linear_overlap_add gives a chunk of `length` samples.
-    t = torch.linspace(0, 1, length + 2, device=like.device, dtype=like.dtype)[1:-1]
-    return 0.5 - (t - 0.5).abs()
-
-
 class ChunkedStreamingDecoder(_Stream):
     """For segment models: decodes each :class:`EncodedFrame` and overlap-adds it.
 
@@ -626,7 +620,7 @@ class ChunkedStreamingDecoder(_Stream):
         # Hook: EncodecModel._decode_chunk is the per-segment step of model.decode.
         audio = self.model._decode_chunk(frame)
         if self._weight is None:  # offline, every segment uses the first one's weights
-            self._weight = _triangle(audio.shape[-1], audio)
+            self._weight = overlap_add_weights(audio.shape[-1], audio)
         n = audio.shape[-1]
         if n > self._weight.shape[-1]:
             raise ValueError(f"segment {self.segments} decodes to {n} samples, longer than the "

@@ -27,7 +27,7 @@ DEFAULT_PRESET = "encodec_24khz"
 # Flags that set a LoopConfig / CodecTrainConfig field of the same name.
 _LOOP_FLAGS = ("steps", "batch_size", "segment_seconds", "lr", "seed", "log_every", "valid_every",
                "valid_clips", "checkpoint_every", "keep_last", "num_workers")
-_CODEC_FLAGS = ("loss_weights", "disc_update_prob", "disc_filters")
+_CODEC_FLAGS = ("loss_weights", "disc_update_prob", "disc_filters", "dead_code_threshold")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -252,8 +252,13 @@ def register(subparsers) -> None:
     sub.add_argument("--segment-seconds", type=float,
                      help="clip length (codec 1 s as the paper, LM 5 s)")
     sub.add_argument("--lr", type=float, help="learning rate (codec 3e-4, LM 5e-4)")
-    sub.add_argument("--loss-weights", choices=("paper", "audiocraft"),
-                     help="paper: l1 0.1, mel 1, adv 3, feat 3 (default); audiocraft: 0.1, 2, 4, 4")
+    sub.add_argument("--loss-weights", choices=("paper", "audiocraft", "reconstruction"),
+                     help="paper: l1 0.1, mel 1, adv 3, feat 3 (default); audiocraft: 0.1, 2, 4, "
+                          "4; reconstruction: l1 0.1, mel 1, no discriminator (~2x faster)")
+    sub.add_argument("--dead-code-threshold", type=float,
+                     help="EMA uses per step under which a code is re-seeded (default: 2.0 as "
+                          "the paper at its 4.7 latents per code per step, scaled down for "
+                          "smaller batches)")
     sub.add_argument("--disc-update-prob", type=float,
                      help="probability of a discriminator update per step (default 2/3)")
     sub.add_argument("--disc-filters", type=int,

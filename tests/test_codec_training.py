@@ -468,11 +468,12 @@ def test_visqol_is_optional_and_gets_48khz_mono_files(monkeypatch, tmp_path):
             return types.SimpleNamespace(moslqo=4.25)
 
     monkeypatch.setitem(sys.modules, "visqol", types.SimpleNamespace(VisqolApi=FakeApi))
-    wav = torch.randn(2, 2400) * 0.1
+    wav = torch.randn(2, SR) * 0.1
     assert visqol_score(wav, wav, SR) == 4.25
     assert seen["mode"] == "audio"
     assert (seen["reference"].sample_rate, seen["reference"].channels) == (48_000, 1)
-    assert seen["degraded"].frames == 4800
+    assert seen["degraded"].frames == 48_000
+    assert visqol_score(wav[:, : SR // 2], wav[:, : SR // 2], SR) is None  # too short to score
     monkeypatch.setitem(sys.modules, "visqol", None)  # not installed: no score
     assert visqol_score(wav, wav, SR) is None
 

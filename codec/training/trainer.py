@@ -56,6 +56,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from ..model import EncodecModel
+from ..quantization import EuclideanCodebook
 from .balancer import Balancer
 from .data import RandomClips, StepBatchSampler
 from .discriminator import DEFAULT_WINDOWS, MultiScaleSTFTDiscriminator
@@ -65,6 +66,9 @@ from .losses import (MelDistance, MultiScaleMelLoss, feature_matching_loss,
 LOSS_WEIGHTS: dict[str, dict[str, float]] = {
     "paper": {"l1": 0.1, "mel": 1.0, "adv": 3.0, "feat": 3.0},
     "audiocraft": {"l1": 0.1, "mel": 2.0, "adv": 4.0, "feat": 4.0},
+    # No discriminator: about twice as fast per step; a cheap warm start (or a whole run on
+    # CPU) whose audio is smoother than the adversarial recipe's.
+    "reconstruction": {"l1": 0.1, "mel": 1.0},
 }
 CHECKPOINT_FORMAT = "tokenwave-training-state"
 CHECKPOINT_VERSION = 1
@@ -122,6 +126,11 @@ class CodecTrainConfig(LoopConfig):
     disc_windows: tuple[int, ...] = DEFAULT_WINDOWS
     mel_scales: tuple[int, ...] = tuple(range(5, 12))
     quantizer_dropout: bool = True
+    # EMA usage under which a code is re-seeded from the batch. The references' 2.0 assumes
+    # ~5 latents per code per step (64 x 1 s at 75 Hz, 1024 codes); with fewer, most codes sit
+    # under it every step and are re-seeded forever, and the codebooks collapse. None = "auto":
+    # 2.0 scaled down by the latents a step actually gives each code (at most 2.0).
+    dead_code_threshold: float | None = None
     visqol_clips: int = 4  # validation clips scored by ViSQOL when visqol-python is installed
 
     def __post_init__(self) -> None:
@@ -255,6 +264,22 @@ class CodecTrainingModule(nn.Module):
         return out, quantized.penalty
 
 
+def set_dead_code_threshold(model: EncodecModel, threshold: float | None, *,
+                            latents_per_step: int) -> float:
+    """Set every codebook's dead-code threshold; ``None`` scales the references' 2.0 by the
+    latents each code gets per step (``latents_per_step / codebook_size``) relative to the
+    paper's ~4.7, never above 2.0. Returns the threshold used."""
+    if threshold is None:
+        share = latents_per_step / model.config.codebook_size
+        threshold = min(2.0, 2.0 * share / 4.7)
+    if threshold < 0:
+        raise ValueError(f"dead_code_threshold must be >= 0, got {threshold}")
+    for module in model.modules():
+        if isinstance(module, EuclideanCodebook):
+            module.threshold_ema_dead_code = float(threshold)
+    return float(threshold)
+
+
 def codebook_choices(model: EncodecModel) -> list[int]:
     """Codebook counts of the model's target bandwidths (the paper samples among these);
     when none fits the model (a tiny test config), 1, 2, 4, ... and the maximum."""
@@ -273,7 +298,9 @@ def codebook_choices(model: EncodecModel) -> list[int]:
 def visqol_score(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: int
                  ) -> float | None:
     """ViSQOL MOS-LQO (audio mode, 48 kHz mono) of ``(C, T)`` clips, or None when the optional
-    ``visqol-python`` package is not installed."""
+    ``visqol-python`` package is not installed or the clip is under the 1 s it needs."""
+    if reference.shape[-1] < sample_rate:
+        return None
     try:
         from visqol import VisqolApi
     except ImportError:
@@ -461,6 +488,10 @@ class CodecTrainer(_TrainingLoop):
                                           scales=config.mel_scales).to(device)
         self.mel_distance = MelDistance(model.sample_rate).to(device)
         self.choices = codebook_choices(model)
+        self.dead_code_threshold = set_dead_code_threshold(
+            model, config.dead_code_threshold,
+            latents_per_step=config.batch_size * accelerator.num_processes
+            * math.ceil(self.segment_samples / model.config.hop_length))
         gen_opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
         disc_opt = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
         self.generator, self.discriminator, self.gen_opt, self.disc_opt = accelerator.prepare(
@@ -566,7 +597,8 @@ class CodecTrainer(_TrainingLoop):
         out["valid_mel"] = self.mel_loss(decoded, wav).item()
         scores = [visqol_score(wav[i], decoded[i], self.model.sample_rate)
                   for i in range(min(self.config.visqol_clips, wav.shape[0]))]
-        if scores and scores[0] is not None:
+        scores = [score for score in scores if score is not None]
+        if scores:
             out["valid_visqol"] = sum(scores) / len(scores)
         return out
 

@@ -3,7 +3,9 @@
 Both map a batch of texts to ``Condition(embeddings (B, S, D), mask (B, S))`` with padded and
 null positions zeroed after ``output_proj``, as audiocraft's conditioners do. The only weights
 an LM checkpoint holds for them are ``output_proj.weight|bias`` (and ``embed.weight`` for the
-lookup table); T5 itself comes from a local transformers folder.
+lookup table); T5 itself comes from a local transformers folder (a released T5, or one built
+from a corpus' captions by :mod:`conditioning.t5_builder`), and a trained one is written back as
+such a folder by :meth:`T5Conditioner.save_pretrained`.
 
 Null text. audiocraft turns ``None`` into "" and zeroes the mask of every "" row, so an empty
 description *is* the null condition. transformers' MusicGen has no null text: "" is tokenized
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -62,6 +65,45 @@ def _projection(dim: int, output_dim: int | None) -> nn.Module | None:
     return None if output_dim is None else nn.Linear(dim, output_dim)
 
 
+SPIECE_NAME = "spiece.model"
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No per-file "Loading weights" / "Writing model shards" bars from transformers (small files)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def read_spiece(folder: str | os.PathLike) -> bytes | None:
+    """The sentencepiece model of a T5 folder (``spiece.model``), or None when it has only
+    ``tokenizer.json``. Kept in memory so that saving does not depend on the source folder."""
+    path = Path(folder) / SPIECE_NAME
+    return path.read_bytes() if path.is_file() else None
+
+
+def _unique_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``state`` with each shared tensor once (T5's tied ``shared`` / ``embed_tokens``: the first
+    name wins and transformers re-ties on load), cast to ``dtype`` when given."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in state.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if identity in seen:
+            continue
+        seen.add(identity)
+        tensor = tensor.detach().to("cpu")
+        out[name] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+    return out
+
+
 class T5Conditioner(nn.Module):
     """T5 encoder + ``output_proj`` (t5 dim -> LM dim).
 
@@ -71,29 +113,32 @@ class T5Conditioner(nn.Module):
     still moves it, but casts leave its dtype alone (its output is cast to ``output_proj``'s).
     With ``finetune=True`` it is the submodule ``t5`` and follows the module in everything.
 
+    ``set_finetune`` switches between the two after construction (joint training of a T5 built
+    from captions: ``tokenwave finetune --train-text-encoder``).
+
     ``output_dim=None`` drops the projection (transformers omits ``enc_to_dec_proj`` when the
     T5 and decoder widths match). ``word_dropout`` acts in training mode only; MusicGen trains
-    with 0.3 (melody: 0.2).
+    with 0.3 (melody: 0.2). ``spiece_model`` (the bytes of ``spiece.model``) is written back by
+    ``save_pretrained``, so a saved folder carries the sentencepiece model whatever became of
+    the folder the tokenizer was loaded from.
     """
 
     def __init__(self, *, encoder: nn.Module, tokenizer: Callable[..., Any], output_dim: int | None,
                  finetune: bool = False, word_dropout: float = 0.0, empty_is_null: bool = True,
-                 seed: int = 1234) -> None:
+                 seed: int = 1234, spiece_model: bytes | None = None) -> None:
         super().__init__()
         if not 0.0 <= word_dropout <= 1.0:
             raise ValueError(f"word_dropout must be in [0, 1], found {word_dropout}")
         self.dim = int(encoder.config.d_model)
         self.output_dim = self.dim if output_dim is None else output_dim
-        self.finetune = finetune
         self.word_dropout = word_dropout
         self.empty_is_null = empty_is_null
         self.tokenizer = tokenizer
+        self.spiece_model = spiece_model
         self.generator = torch.Generator().manual_seed(seed)
-        if finetune:
-            self.t5 = encoder.train()
-        else:
-            encoder.eval().requires_grad_(False)
-            object.__setattr__(self, "_frozen_t5", encoder)
+        self.finetune = False
+        object.__setattr__(self, "_frozen_t5", encoder)
+        self.set_finetune(finetune)
         self.output_proj = _projection(self.dim, output_dim)
 
     @classmethod
@@ -115,13 +160,51 @@ class T5Conditioner(nn.Module):
         # T5Tokenizer(vocab_file=...) silently ignores the file in transformers 5: load the folder.
         tokenizer = T5Tokenizer.from_pretrained(str(path))
         kwargs = {} if dtype is None else {"dtype": dtype}
-        encoder = T5EncoderModel.from_pretrained(str(path), **kwargs)
+        with quiet_transformers():
+            encoder = T5EncoderModel.from_pretrained(str(path), **kwargs)
         return cls(encoder=encoder, tokenizer=tokenizer, output_dim=output_dim, finetune=finetune,
-                   word_dropout=word_dropout, empty_is_null=empty_is_null, seed=seed)
+                   word_dropout=word_dropout, empty_is_null=empty_is_null, seed=seed,
+                   spiece_model=read_spiece(path))
+
+    def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the encoder and tokenizer as a transformers T5 folder that ``from_pretrained``
+        (and transformers' ``T5EncoderModel`` / ``T5Tokenizer``) load offline: ``config.json``,
+        ``model.safetensors`` (in ``dtype`` when given, e.g. bfloat16 to halve it; the config keeps
+        the encoder's own dtype, which loaders use), ``tokenizer.json``, ``tokenizer_config.json``
+        and ``spiece.model``. ``output_proj`` is not written: it belongs to the LM checkpoint."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        encoder = self.encoder
+        with quiet_transformers():
+            encoder.save_pretrained(str(folder), state_dict=_unique_tensors(encoder.state_dict(), dtype))
+        self.tokenizer.save_pretrained(str(folder))
+        spiece = self.spiece_model
+        if spiece is None:  # a tokenizer built elsewhere: its file, if it still exists
+            vocab = getattr(self.tokenizer, "vocab_file", None)
+            spiece = Path(vocab).read_bytes() if vocab and Path(vocab).is_file() else None
+        if spiece is not None:
+            (folder / SPIECE_NAME).write_bytes(spiece)
+        return folder
 
     @property
     def encoder(self) -> nn.Module:
         return self.t5 if self.finetune else self._frozen_t5
+
+    def set_finetune(self, enabled: bool) -> T5Conditioner:
+        """Train the encoder with the rest of the model (True: a submodule ``t5``, in
+        ``parameters()`` and ``state_dict()``, following ``train()``/``eval()``) or freeze it
+        (False: outside the module tree, eval mode, no gradients). Returns self."""
+        encoder = self.encoder
+        if enabled:
+            object.__setattr__(self, "_frozen_t5", None)
+            self.finetune = True
+            self.t5 = encoder.requires_grad_(True).train(self.training)
+        else:
+            if "t5" in self._modules:
+                del self._modules["t5"]
+            self.finetune = False
+            object.__setattr__(self, "_frozen_t5", encoder.eval().requires_grad_(False))
+        return self
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
         super()._apply(fn, recurse)

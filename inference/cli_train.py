@@ -1,7 +1,10 @@
-"""``tokenwave prepare`` and ``tokenwave finetune``: token caches and LM training from the CLI.
+"""``tokenwave prepare``, ``make-text-encoder`` and ``finetune``: token caches, a caption-built
+T5 and LM training from the CLI.
 
     tokenwave prepare DATA --model MODEL --out CACHE [--segment-seconds 30] [--text-embeddings]
+    tokenwave make-text-encoder --captions DATA --out T5 [--vocab-size 1000 --d-model 256 --layers 4 --heads 4]
     tokenwave finetune --model MODEL --data CACHE --out RUN [--steps ... --resume]
+    tokenwave finetune --from-scratch SIZE --t5 T5 --train-text-encoder --data CACHE --out RUN
     accelerate launch --multi_gpu --num_processes 4 -m inference finetune ...   # DDP
 
 ``DATA`` is a folder of audio with ``.txt``/``.json`` captions or a ``.jsonl`` manifest (see
@@ -9,7 +12,9 @@
 count are used, and its T5 for ``--text-embeddings``) or a codec alone (name, checkpoint path or
 ``random:<preset>``). ``finetune`` is :func:`lm.finetune.finetune`; ``--resume`` continues
 ``--out`` with the settings it was started with (give only ``--out`` and, say, a new
-``--stop-after``). The trained generator lands in ``RUN/model``.
+``--stop-after``). The trained generator lands in ``RUN/model``. ``make-text-encoder`` is
+:func:`conditioning.t5_builder.build_text_encoder` over the captions of ``DATA`` (a corpus
+folder, ``.jsonl`` manifest or token cache).
 """
 from __future__ import annotations
 
@@ -84,6 +89,25 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_make_text_encoder(args) -> int:
+    from conditioning.t5_builder import TextEncoderSpec, build_text_encoder, caption_texts
+
+    try:
+        spec = TextEncoderSpec(vocab_size=args.vocab_size, d_model=args.d_model, num_layers=args.layers,
+                               num_heads=args.heads, d_kv=args.d_kv, d_ff=args.d_ff, feed_forward_proj=args.ff,
+                               dropout=args.dropout, case_sensitive=args.case_sensitive, seed=args.seed)
+        texts = caption_texts(args.captions)
+        built = build_text_encoder(texts, args.out, spec, overwrite=args.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        raise CliError(" ".join(str(error).split())) from None
+    if not args.quiet:
+        note = "" if built.vocab_size >= args.vocab_size else f" (of {args.vocab_size} asked: all the captions support)"
+        print(f"make-text-encoder: {len(texts)} caption text(s) -> vocabulary of {built.vocab_size} pieces{note}, "
+              f"T5 encoder of {built.num_parameters / 1e6:.2f} M parameters, {built.num_bytes / 1e6:.1f} MB "
+              f"-> {built.folder}")
+    return 0
+
+
 def _finetune_config(args):
     from lm.finetune import FinetuneConfig, read_run_config
 
@@ -150,6 +174,29 @@ def register(commands) -> None:
     sub.add_argument("--force", action="store_true", help="rebuild an existing cache")
     sub.set_defaults(func=cmd_prepare)
 
+    sub = commands.add_parser(
+        "make-text-encoder", parents=[quiet], help="corpus captions -> a small random T5 text encoder folder",
+        description="Train a sentencepiece unigram vocabulary on a corpus' captions (descriptions and metadata) "
+                    "and write it with a randomly initialised T5 encoder as a T5 folder, to be trained with the LM: "
+                    "tokenwave finetune --from-scratch SIZE --t5 FOLDER --train-text-encoder ...")
+    sub.add_argument("--captions", required=True, metavar="DATA",
+                     help="corpus folder (.txt/.json sidecars), .jsonl manifest, or token cache")
+    sub.add_argument("--out", required=True, metavar="FOLDER", help="T5 folder to write")
+    sub.add_argument("--vocab-size", type=int, default=1000,
+                     help="largest vocabulary, special ids included (default 1000; small corpora give fewer)")
+    sub.add_argument("--d-model", type=int, default=256, help="encoder width (default 256)")
+    sub.add_argument("--layers", type=int, default=4, help="encoder blocks (default 4)")
+    sub.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    sub.add_argument("--d-kv", type=int, help="width of each head (default d-model / heads)")
+    sub.add_argument("--d-ff", type=int, help="feed-forward width (default 4 x d-model)")
+    sub.add_argument("--ff", default="relu", choices=("relu", "gated-gelu"),
+                     help="feed-forward kind: relu (T5) or gated-gelu (T5 1.1 / flan-t5) (default relu)")
+    sub.add_argument("--dropout", type=float, default=0.1, help="T5 dropout while training (default 0.1)")
+    sub.add_argument("--case-sensitive", action="store_true", help="keep upper and lower case apart (default: fold)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    sub.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    sub.set_defaults(func=cmd_make_text_encoder)
+
     sup = argparse.SUPPRESS  # only the options given reach the config (resume keeps the rest)
     sub = commands.add_parser(
         "finetune", parents=[quiet], help="train the LM on a token cache (accelerate; CPU, GPU, multi-GPU)",
@@ -165,6 +212,13 @@ def register(commands) -> None:
     sub.add_argument("--t5", default=sup, metavar="FOLDER",
                      help="from scratch without --model: T5 folder (default: a lookup table of caption words)")
     sub.add_argument("--t5-path", default=sup, metavar="FOLDER", help="T5 folder an audiocraft base names")
+    sub.add_argument("--train-text-encoder", action="store_true", default=sup,
+                     help="train the T5 text encoder with the LM (default: frozen)")
+    sub.add_argument("--text-encoder-lr-scale", type=float, default=sup,
+                     help="T5 learning rate as a multiple of --lr (default 1)")
+    sub.add_argument("--save-dtype", default=sup, choices=("float32", "float16", "bfloat16"),
+                     help="storage type of the exported LM and T5 weights (default float32; the others halve "
+                          "the folder and load back as float32)")
     sub.add_argument("--steps", type=int, default=sup, help="optimizer steps (default 1000)")
     sub.add_argument("--batch-size", type=int, default=sup, help="samples per process per micro-batch (default 4)")
     sub.add_argument("--lr", type=float, default=sup, help="peak learning rate (default 1e-4)")

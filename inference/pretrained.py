@@ -6,7 +6,12 @@ Formats (:func:`detect_format`):
   config, fuser, one spec per conditioner, codec layout), ``model.safetensors`` (LM weights
   with audiocraft's names plus ``condition_provider.*``), ``codec/`` (the codec in
   :mod:`codec.formats`' tokenwave format) and, for T5-conditioned models, ``t5/`` (a
-  transformers T5 folder with its ``spiece.model``; fine-tuned weights too). Round-trips.
+  transformers T5 folder: ``config.json``, ``model.safetensors``, ``tokenizer.json``,
+  ``tokenizer_config.json``, ``spiece.model``; fine-tuned or jointly trained weights too). The
+  folder is self-contained: nothing outside it is read. Round-trips; ``save_generator(...,
+  dtype=torch.bfloat16)`` (or float16) stores the LM, conditioner and T5 weights at half size
+  (the codec stays float32), and loading converts them to the requested dtype (float32 by
+  default).
 - ``"audiocraft"``: ``state_dict.bin`` (``{'best_state', 'xp.cfg': YAML, ...}``) and
   ``compression_state_dict.bin`` (a codec, or the pointer ``{'pretrained':
   'facebook/encodec_32khz'}`` that :mod:`codec.registry` resolves locally). The YAML gives the
@@ -32,11 +37,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,7 @@ from conditioning import (
     LUTConditioner,
     T5Conditioner,
 )
+from conditioning.text import quiet_transformers, read_spiece
 from inference.loaders import read_audiocraft_lm, transformers_to_audiocraft_lm
 from lm import LMConfig, LMModel, stereo_delays
 
@@ -128,11 +133,19 @@ def load_generator(path_or_name: str | os.PathLike, *, cls: type[MusicGen] = Mus
     return cls(**parts, config=config)
 
 
-def save_generator(generator: MusicGen, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def save_generator(generator: MusicGen, path: str | os.PathLike, *, overwrite: bool = False,
+                   dtype: torch.dtype | None = None) -> Path:
     """Write ``generator`` in tokenwave's folder format (atomically); returns the folder.
 
-    An existing non-empty folder is replaced only with ``overwrite=True``.
+    An existing non-empty folder is replaced only with ``overwrite=True``. ``dtype`` (float32,
+    float16 or bfloat16; default: as they are) is the storage type of the LM, conditioner and T5
+    weights; the codec is always written in float32.
     """
+    if dtype is not None and dtype not in SAVE_DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(SAVE_DTYPES)}, found {dtype}")
     path = Path(path)
     codec = generator.codec.model if isinstance(generator.codec, InterleavedStereo) else generator.codec
     specs = {name: _conditioner_spec(c) for name, c in generator.condition_provider.conditioners.items()}
@@ -147,11 +160,13 @@ def save_generator(generator: MusicGen, path: str | os.PathLike, *, overwrite: b
         "conditioners": specs,
         "codec": {"folder": CODEC_DIR, "stereo": isinstance(generator.codec, InterleavedStereo)},
     }
+    if dtype is not None:  # informative: loading converts to the dtype asked for
+        data["weights_dtype"] = str(dtype).removeprefix("torch.")
     state = dict(generator.lm.state_dict())
     for key, value in generator.condition_provider.state_dict().items():
         if ".t5." not in key:  # a fine-tuned T5 is written as the t5/ folder
             state[PROVIDER_PREFIX + key] = value
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    state = {k: _stored(v, dtype) for k, v in state.items()}
 
     def write(folder: Path) -> None:
         from safetensors.torch import save_file
@@ -160,15 +175,16 @@ def save_generator(generator: MusicGen, path: str | os.PathLike, *, overwrite: b
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         save_model(codec, folder / CODEC_DIR, format="tokenwave")
         if t5:
-            t5[0].encoder.save_pretrained(str(folder / T5_DIR))
-            tokenizer = t5[0].tokenizer
-            tokenizer.save_pretrained(str(folder / T5_DIR))
-            # transformers 5 writes only tokenizer.json; keep the sentencepiece model as hub folders do.
-            vocab = getattr(tokenizer, "vocab_file", None)
-            if vocab and Path(vocab).is_file() and not (folder / T5_DIR / "spiece.model").exists():
-                shutil.copyfile(vocab, folder / T5_DIR / "spiece.model")
+            t5[0].save_pretrained(folder / T5_DIR, dtype=dtype)
 
     return _write_folder(path, write, overwrite)
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach().to("cpu")
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous()
 
 
 # -- shared pieces -------------------------------------------------------------------------------
@@ -195,20 +211,6 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available here")
     return device
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No per-file "Loading weights" bars from transformers while a T5 loads (one small file)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _read_json(path: Path) -> dict:
@@ -346,7 +348,16 @@ def _load_provider(provider: ConditionProvider, state: StateDict, target: _Targe
     if missing or unexpected:
         raise CheckpointError(f"{where}: conditioner weights do not fit: missing {_brief(missing)}; "
                               f"unexpected {_brief(unexpected)}")
-    return provider.to(device=target.device, dtype=target.dtype).eval()
+    for conditioner in provider.conditioners.values():
+        if isinstance(conditioner, T5Conditioner):
+            # A trained T5 (a submodule) keeps the dtype it was loaded in, as a frozen one does:
+            # T5 overflows in float16. Only the projection takes the LM's dtype.
+            conditioner.to(device=target.device)
+            if conditioner.output_proj is not None:
+                conditioner.output_proj.to(dtype=target.dtype)
+        else:
+            conditioner.to(device=target.device, dtype=target.dtype)
+    return provider.eval()
 
 
 # -- tokenwave -----------------------------------------------------------------------------------
@@ -368,7 +379,7 @@ def _conditioner_from_spec(name: str, spec: dict, folder: Path, target: _Target)
     kind = spec.get("kind")
     try:
         if kind == "t5":
-            with _quiet_transformers():
+            with quiet_transformers():
                 return T5Conditioner.from_pretrained(folder / spec["folder"], output_dim=spec["output_dim"],
                                                      finetune=spec["finetune"], word_dropout=spec["word_dropout"],
                                                      empty_is_null=spec["empty_is_null"], dtype=target.t5_dtype)
@@ -478,13 +489,14 @@ def _transformers_t5(data: dict, weights: _Weights, target: _Target) -> nn.Modul
 
 
 def _transformers_tokenizer(folder: Path, t5_path: str | os.PathLike | None):
+    """The T5 tokenizer and the bytes of its ``spiece.model`` (None when there is only tokenizer.json)."""
     from transformers import T5Tokenizer
 
     source = Path(t5_path) if t5_path is not None else folder
     if not ((source / "spiece.model").is_file() or (source / "tokenizer.json").is_file()):
         raise CheckpointError(f"{source}: no T5 tokenizer (spiece.model or tokenizer.json); the hub "
                               f"folders carry one next to config.json, or pass t5_path= to a T5 folder")
-    return T5Tokenizer.from_pretrained(str(source))
+    return T5Tokenizer.from_pretrained(str(source)), read_spiece(source)
 
 
 def _chroma_config_from_transformers(folder: Path, chroma_length: int) -> ChromaConfig:
@@ -536,8 +548,9 @@ def _load_transformers(folder: Path, target: _Target, t5_path: str | os.PathLike
 
     encoder = _transformers_t5(data, weights, target)
     projected = "conditioners.description.output_proj.weight" in provider_state
-    text = T5Conditioner(encoder=encoder, tokenizer=_transformers_tokenizer(folder, t5_path),
-                         output_dim=lm_config.dim if projected else None, empty_is_null=False)
+    tokenizer, spiece = _transformers_tokenizer(folder, t5_path)
+    text = T5Conditioner(encoder=encoder, tokenizer=tokenizer, output_dim=lm_config.dim if projected else None,
+                         empty_is_null=False, spiece_model=spiece)
     conditioners: dict[str, nn.Module] = {"description": text}
     fuser = FUSER_PRESETS["text2music"]
     if data.get("model_type") == "musicgen_melody":
@@ -580,7 +593,7 @@ def _audiocraft_conditioner(name: str, spec: dict, xp_cfg: dict, dim: int, folde
             raise CheckpointError(f"{folder}: conditioners.{name}.t5.normalize_text=true (spacy text "
                                   f"normalization) is not supported")
         t5 = registry.find_t5(str(options["name"]), near=folder, t5_path=t5_path, models_dir=models_dir)
-        with _quiet_transformers():
+        with quiet_transformers():
             return T5Conditioner.from_pretrained(t5, output_dim=dim, finetune=bool(options.get("finetune", False)),
                                                  word_dropout=float(options.get("word_dropout", 0.0)),
                                                  empty_is_null=True, dtype=target.t5_dtype)
@@ -647,4 +660,4 @@ def _write_folder(path: Path, write: Callable[[Path], None], overwrite: bool) ->
     return write_folder_atomically(path, write, overwrite=overwrite)
 
 
-__all__ = ["FORMAT_MARKER", "FORMAT_VERSION", "detect_format", "load_generator", "save_generator"]
+__all__ = ["FORMAT_MARKER", "FORMAT_VERSION", "SAVE_DTYPES", "detect_format", "load_generator", "save_generator"]

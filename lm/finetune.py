@@ -12,6 +12,13 @@ the codec and text conditioner then come from ``model`` when given, else from ``
 the codec the cache was made with) and ``t5`` (a T5 folder; default: a lookup table over the
 corpus' caption words).
 
+The T5 text encoder is frozen (as in MusicGen) unless ``train_text_encoder`` (which decides,
+whatever the base folder's conditioner spec says): it is then trained with the LM (learning rate
+``lr * text_encoder_lr_scale``, same schedule), and it is in the checkpoints, the EMA and the
+exported folder's ``t5/``. Meant for a small T5 built from the corpus' captions (``tokenwave
+make-text-encoder``, :mod:`conditioning.t5_builder`). It always runs in float32. ``save_dtype``
+bfloat16/float16 halves the exported LM and T5 weights (loaded back as float32).
+
 Recipe (audiocraft's MusicGen solver unless said otherwise): cross-entropy per codebook on the
 valid positions of the delay pattern (``LMModel.compute_predictions``), averaged over codebooks;
 frames past an item's end (items shorter than the window) are padded with the special token and
@@ -108,7 +115,9 @@ LOG_FILE = "train.jsonl"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Fields that may differ when a run is resumed: they steer the run, not the result.
 RESUMABLE_FIELDS = frozenset({"out", "data", "stop_after", "eval_every", "sample_every", "save_every", "keep_last",
-                              "log_every", "sample_prompts", "sample_seconds", "log_with", "t5_path", "cpu"})
+                              "log_every", "sample_prompts", "sample_seconds", "log_with", "t5_path", "cpu",
+                              "save_dtype"})
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,8 @@ class FinetuneConfig:
     audiocraft base names. ``segment_seconds`` None uses the cache's. ``stop_after`` ends the
     run after that step without exporting (as if killed), for tests and time-boxed jobs.
     ``mixed_precision`` "auto" is bf16 on a GPU that supports it, else "no".
+    ``train_text_encoder`` trains the T5 with the LM at ``lr * text_encoder_lr_scale``;
+    ``save_dtype`` is the storage type of the exported LM and T5 weights.
     """
 
     data: str
@@ -130,6 +141,8 @@ class FinetuneConfig:
     codec: str | None = None
     t5: str | None = None
     t5_path: str | None = None
+    train_text_encoder: bool = False
+    text_encoder_lr_scale: float = 1.0
     steps: int = 1000
     batch_size: int = 4
     lr: float = 1e-4
@@ -163,6 +176,7 @@ class FinetuneConfig:
     stop_after: int | None = None
     cpu: bool = False
     log_with: str = "auto"
+    save_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -182,6 +196,13 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be in [0, 1], found {getattr(self, name)}")
         if not self.lr > 0 or not self.max_grad_norm > 0:
             raise ValueError(f"lr and max_grad_norm must be positive, found {self.lr}, {self.max_grad_norm}")
+        if not self.text_encoder_lr_scale > 0:
+            raise ValueError(f"text_encoder_lr_scale must be positive, found {self.text_encoder_lr_scale}")
+        if self.train_text_encoder and self.use_cached_text:
+            raise ValueError("train_text_encoder needs the live text encoder; it cannot use cached text embeddings "
+                             "(use_cached_text)")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, found {self.save_dtype!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, found {self.mixed_precision!r}")
         if self.log_with not in ("auto", "jsonl", "tensorboard"):
@@ -341,6 +362,39 @@ class EMA:
             self.shadow[name].copy_(tensor)
 
 
+def _is_text_encoder(name: str) -> bool:
+    """Whether a ``ConditionedLM`` parameter belongs to a T5 encoder (``...conditioners.<n>.t5.*``)."""
+    return ".t5." in name
+
+
+def _param_groups(named: dict[str, nn.Parameter], config: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW groups: LM (and projections) then text encoder, each split into matrices (weight
+    decay) and vectors (none, as nanoGPT). The text encoder's learning rate is scaled; LambdaLR
+    applies the one schedule to every group's own rate."""
+    groups = []
+    for text, scale in ((False, 1.0), (True, config.text_encoder_lr_scale)):
+        params = [p for n, p in named.items() if _is_text_encoder(n) == text]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.dim() >= 2) == decay]
+            if chosen or not text:  # the two LM groups always exist: logs read group 0's rate
+                groups.append({"params": chosen, "lr": config.lr * scale,
+                               "weight_decay": config.weight_decay if decay else 0.0})
+    return groups
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors safetensors can write: a tensor that shares memory with an earlier one (T5's
+    tied embeddings, saved under two names) is copied, so both names load back."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone() if identity in seen else tensor.contiguous()
+        seen.add(identity)
+    return out
+
+
 def set_gradient_checkpointing(lm: LMModel, enabled: bool = True) -> None:
     """Recompute each transformer layer's activations in the backward pass (saves memory; costs
     about one extra forward). Parameter names are unchanged."""
@@ -396,7 +450,7 @@ def _scratch_generator(config: FinetuneConfig, cache: TokenCache, train_indices:
         text = base.condition_provider.conditioners["description"]
         if isinstance(text, T5Conditioner):
             text = T5Conditioner(encoder=text.encoder, tokenizer=text.tokenizer, output_dim=lm_config.dim,
-                                 empty_is_null=text.empty_is_null)
+                                 empty_is_null=text.empty_is_null, spiece_model=text.spiece_model)
         else:
             text = None
     else:
@@ -619,6 +673,7 @@ class _Run:
         set_seed(config.seed)  # the same initial weights on every process
         self.generator = self._build_generator()
         _check_generator(self.generator, self.cache)
+        self._set_text_encoder_training()
         if acc.is_main_process and not resume:
             if config.from_scratch:
                 self.generator.save_pretrained(self.out / BASE_DIR, overwrite=True)
@@ -638,6 +693,17 @@ class _Run:
         acc.init_trackers("tokenwave-finetune", config=_hparams(config))
         if self.checkpoint is not None:
             acc.log({"event_resumed_from": float(self.step)}, step=self.step)
+
+    def _set_text_encoder_training(self) -> None:
+        """The run's ``train_text_encoder`` decides whether a T5 trains, whatever the base's spec
+        says; before the from-scratch base is saved, so a resumed run rebuilds the same module."""
+        text = self.generator.condition_provider.conditioners["description"]
+        if isinstance(text, T5Conditioner):
+            text.set_finetune(self.config.train_text_encoder)
+        elif self.config.train_text_encoder:
+            raise ValueError(f"train_text_encoder needs a T5 text encoder (--t5 FOLDER, e.g. from `tokenwave "
+                             f"make-text-encoder`, or a base model with one); this model's text conditioner is a "
+                             f"{type(text).__name__}, which is always trained")
 
     def _setup_text(self) -> None:
         """Cached text states or live captions; word dropout is applied by the run for every
@@ -684,11 +750,7 @@ class _Run:
         if self.checkpoint is not None:
             self._load_weights(self.checkpoint)
         self.model = acc.prepare(module)
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=config.lr, betas=config.betas, eps=1e-8)
+        optimizer = torch.optim.AdamW(_param_groups(named, config), lr=config.lr, betas=config.betas, eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_schedule(warmup=config.warmup, total=config.steps, min_ratio=config.min_lr_ratio))
         self.optimizer = acc.prepare(optimizer)
@@ -737,7 +799,8 @@ class _Run:
 
         state = load_file(str(folder / "model.safetensors"))
         missing, unexpected = self.module.load_state_dict(state, strict=False)
-        missing = [k for k in missing if ".t5." not in k]  # a frozen T5 is not in the checkpoint
+        if not self.config.train_text_encoder:
+            missing = [k for k in missing if not _is_text_encoder(k)]  # a frozen T5 is not in the checkpoint
         if missing or unexpected:
             raise ValueError(f"{folder}: weights do not fit the model (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
@@ -905,8 +968,7 @@ class _Run:
             {"python": _json_safe_python_state(), "numpy": _json_safe_numpy_state()}), encoding="utf-8")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
+            save_file(_unshared(self.module.state_dict()), str(tmp / "model.safetensors"))
             if self.ema is not None:
                 save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -931,9 +993,12 @@ class _Run:
         if self.accelerator.is_main_process:
             if self._own_word_dropout is not None:
                 self.text.word_dropout = self._own_word_dropout
+            from inference.pretrained import save_generator
+
+            dtype = None if self.config.save_dtype == "float32" else getattr(torch, self.config.save_dtype)
             try:
                 with self._inference_weights():
-                    self.generator.save_pretrained(target, overwrite=True)
+                    save_generator(self.generator, target, overwrite=True, dtype=dtype)
             finally:
                 if self._own_word_dropout is not None:
                     self.text.word_dropout = 0.0

@@ -1,12 +1,26 @@
-"""LM generation speed: tokenwave vs transformers' MusicGen with the same random weights.
+"""LM generation speed: tokenwave (eager, static-cache/graph) vs transformers' MusicGen, same weights.
 
-A MusicGen-small-sized decoder (dim 1024, 24 layers, 16 heads, 4 codebooks, card 2048) with
-cross-attention to a random projected condition, classifier-free guidance on (so twice the
-rows), top-k 250 sampling. Reports pattern steps per second; tokenwave also with bfloat16
-matrix weights (``bf16-w``: activations, norms and cache stay float32) and fully in bfloat16
-(``bf16``), with the accuracy each costs (teacher-forced logits against float32).
+MusicGen-small- and -medium-sized decoders (small: dim 1024, 24 layers, 16 heads; medium: dim
+1536, 48 layers, 24 heads; 4 codebooks of 2048) with random weights, cross-attention to a
+random projected condition, classifier-free guidance on (twice the rows), top-k 250 sampling.
+In one run, per size and batch:
 
-    python -m bench.generate --threads 2 --steps 24 --batch 1 8
+- ``transformers``: ``MusicgenForCausalLM.generate`` with a dynamic cache; ``tf-static``: with a
+  ``StaticCache``; on CUDA ``tf-compile``: static cache with transformers' own ``torch.compile``
+  of the forward (``--no-compile`` skips it; a failure is reported, not fatal);
+- ``tw-eager``: ``LMModel.generate(fast=False)``; ``tw-graph``: ``fast=True`` (the static-cache
+  step of :mod:`lm.graph`, captured in a CUDA graph on CUDA, uncaptured on CPU; the capture is
+  part of every timed call); on CPU also ``tw-bf16w`` (bfloat16 matrix weights, float32
+  activations) with its logit error against float32;
+- ``first audio``: for tokenwave, the time from ``MusicGen.generate_stream`` to its first audio
+  chunk (``--first-chunk-frames`` frames through a random full-size 32 kHz EnCodec decoder;
+  the text encoder is a lookup table, so T5 time is not included).
+
+Then the codec: decoding speed of the random 32 kHz EnCodec, offline and streamed
+(``--chunk-frames`` per push), in times real time.
+
+    python -m bench.generate --threads 2 --sizes small --layers 4 --steps 24 --batch 1 2   # CPU smoke
+    python -m bench.generate --device cuda --sizes small medium --batch 1 4 16 --steps 256
 
 Timings on a shared machine are noisy: implementations run in interleaved rounds and the
 best round counts; compare numbers from one run only.
@@ -14,129 +28,260 @@ best round counts; compare numbers from one run only.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
+from collections.abc import Callable
 
 import torch
 
 from inference.loaders import transformers_to_audiocraft_lm
 from lm import LMConfig, LMModel
 
-SMALL = dict(dim=1024, num_heads=16, num_layers=24, ffn_dim=4096, num_codebooks=4, card=2048)
+SIZES = {
+    "small": dict(dim=1024, num_heads=16, num_layers=24, ffn_dim=4096),
+    "medium": dict(dim=1536, num_heads=24, num_layers=48, ffn_dim=6144),
+}
+CODEBOOKS, CARD = 4, 2048
 
 
-def build_models(layers: int):
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_models(size: str, layers: int | None, device: torch.device, dtype: torch.dtype):
     """transformers' MusicgenForCausalLM and our LMModel holding the same random weights."""
     import transformers  # noqa: PLC0415 -- only the benchmark needs it
 
-    s = dict(SMALL, num_layers=layers)
+    s = dict(SIZES[size], num_codebooks=CODEBOOKS, card=CARD)
+    if layers:
+        s["num_layers"] = layers
     config = transformers.MusicgenDecoderConfig(
-        vocab_size=s["card"], hidden_size=s["dim"], num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"], ffn_dim=s["ffn_dim"], num_codebooks=s["num_codebooks"],
-        pad_token_id=s["card"], bos_token_id=s["card"], max_position_embeddings=2048, dropout=0.0)
+        vocab_size=CARD, hidden_size=s["dim"], num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["num_heads"], ffn_dim=s["ffn_dim"], num_codebooks=CODEBOOKS,
+        pad_token_id=CARD, bos_token_id=CARD, max_position_embeddings=4096, dropout=0.0)
     reference = transformers.MusicgenForCausalLM(config).eval()
     ours = LMModel(LMConfig(**s)).eval()
     ours.load_state_dict(transformers_to_audiocraft_lm(reference.state_dict()))
-    return reference, ours
+    return reference.to(device, dtype), ours.to(device, dtype)
 
 
-def make_condition(batch: int, length: int = 20, dim: int = 1024):
+def make_condition(batch: int, dim: int, device: torch.device, dtype: torch.dtype, length: int = 20):
     """Rows [conditional; unconditional]: random text-like states, then the null condition."""
     gen = torch.Generator().manual_seed(0)
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[:, length // 2:] = torch.rand(batch, length - length // 2, generator=gen) > 0.5
     condition = torch.randn(batch, length, dim, generator=gen) * mask[..., None]
-    return torch.cat([condition, torch.zeros_like(condition)]), torch.cat([mask, torch.zeros_like(mask)])
+    condition = torch.cat([condition, torch.zeros_like(condition)]).to(device, dtype)
+    return condition, torch.cat([mask, torch.zeros_like(mask)]).to(device)
 
 
-def time_reference(reference, batch: int, steps: int, condition, mask) -> float:
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache  # noqa: PLC0415
+# -- runners: each returns seconds for `steps` pattern steps -------------------------------------------
 
-    card, K = reference.config.vocab_size, reference.config.num_codebooks
-    bos = torch.full((batch * K, 1), card)
+def reference_runner(reference, cache: str, max_len: int) -> Callable:
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache  # noqa: PLC0415
+
+    statics: dict[int, StaticCache] = {}  # one per batch size, reset between runs (compiled code keeps it)
+
+    def run(batch: int, steps: int, condition, mask) -> float:
+        device = reference.device
+        bos = torch.full((batch * CODEBOOKS, 1), CARD, device=device)
+        if cache == "dynamic":
+            self_cache = DynamicCache()
+        else:
+            if batch not in statics:
+                statics[batch] = StaticCache(config=reference.config, max_cache_len=max_len)
+            self_cache = statics[batch]
+            with torch.inference_mode():
+                self_cache.reset()
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            # An encoder-decoder cache and an explicit decoder mask: transformers' CausalLM generate
+            # would otherwise build a decoder-only cache (and fail) and mask the BOS column.
+            reference.generate(bos, attention_mask=torch.ones_like(bos), encoder_hidden_states=condition,
+                               encoder_attention_mask=mask, guidance_scale=3.0, do_sample=True, top_k=250,
+                               decoder_start_token_id=CARD, num_return_sequences=1, max_new_tokens=steps,
+                               past_key_values=EncoderDecoderCache(self_cache, DynamicCache()),
+                               disable_compile=cache != "compile")
+        sync(device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def ours_runner(model: LMModel, fast: bool) -> Callable:
+    def run(batch: int, steps: int, condition, mask) -> float:
+        device = model.emb[0].weight.device
+        frames = steps - (model.num_codebooks - 1)  # the delay pattern adds K-1 steps
+        sync(device)
+        start = time.perf_counter()
+        model.generate(max_gen_len=frames, num_samples=batch, condition=condition, condition_mask=mask,
+                       top_k=250, cfg_coef=3.0, fast=fast)
+        sync(device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def build_generator(lm: LMModel, device: torch.device):
+    """A MusicGen around ``lm``: a lookup-table text conditioner and a random full-size 32 kHz codec."""
+    from conditioning import ConditionProvider, LUTConditioner  # noqa: PLC0415
+    from inference.cli import random_model  # noqa: PLC0415
+    from inference.generator import GeneratorConfig, MusicGen  # noqa: PLC0415
+
+    text = LUTConditioner(vocab=["calm", "piano"], dim=32, output_dim=lm.config.dim)
+    return MusicGen(lm=lm, codec=random_model("encodec_32khz"), condition_provider=ConditionProvider(
+        {"description": text}), config=GeneratorConfig(max_duration=30.0, extend_stride=18.0)).to(device)
+
+
+def first_audio(generator, batch: int, steps: int, first_chunk_frames: int, fast: bool) -> float:
+    """Seconds from the call to the first audio chunk of ``generate_stream``."""
+    device = generator.device
+    duration = (steps - CODEBOOKS + 1) / generator.frame_rate
+    sync(device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        # An encoder-decoder cache and an explicit decoder mask: transformers' CausalLM generate
-        # would otherwise build a decoder-only cache (and fail) and mask the BOS column.
-        reference.generate(bos, attention_mask=torch.ones_like(bos), encoder_hidden_states=condition,
-                           encoder_attention_mask=mask, guidance_scale=3.0, do_sample=True, top_k=250,
-                           decoder_start_token_id=card, num_return_sequences=1, max_new_tokens=steps,
-                           past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
-    return time.perf_counter() - start
+    stream = generator.generate_stream(["calm piano"] * batch, duration, first_chunk_frames=first_chunk_frames,
+                                       top_k=250, cfg_coef=3.0, fast=fast, seed=0)
+    chunk = next(stream)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    stream.close()
+    assert chunk.shape[0] == batch
+    return elapsed
 
 
-def time_ours(model: LMModel, batch: int, steps: int, condition, mask) -> float:
-    frames = steps - (model.num_codebooks - 1)  # the delay pattern adds K-1 steps
-    start = time.perf_counter()
-    model.generate(max_gen_len=frames, num_samples=batch, condition=condition, condition_mask=mask,
-                   top_k=250, cfg_coef=3.0, generator=torch.Generator().manual_seed(0))
-    return time.perf_counter() - start
-
-
-def copy_of(model: LMModel) -> LMModel:
-    clone = LMModel(model.config).eval()
-    clone.load_state_dict(model.state_dict())
-    return clone
-
-
-def accuracy(model: LMModel, model_bf16: LMModel, condition, mask, length: int = 48) -> dict:
+def accuracy(model: LMModel, low: LMModel, condition, mask, length: int = 48) -> dict:
     """Teacher-forced logits of a low-precision variant against float32 on one random sequence."""
     gen = torch.Generator().manual_seed(1)
-    sequence = torch.randint(0, model.config.card, (condition.shape[0], model.num_codebooks, length),
-                             generator=gen)
+    sequence = torch.randint(0, CARD, (condition.shape[0], CODEBOOKS, length), generator=gen)
     with torch.inference_mode():
         ref = model(sequence, condition=condition, condition_mask=mask).float()
-        low = model_bf16(sequence, condition=condition, condition_mask=mask).float()
-    err = (low - ref).abs()
-    kl = torch.nn.functional.kl_div(low.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+        got = low(sequence, condition=condition, condition_mask=mask).float()
+    err = (got - ref).abs()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).mean()
     return {"max_abs_err": err.max().item(), "logit_std": ref.std().item(),
             "rel_rms_err": (err.pow(2).mean().sqrt() / ref.std()).item(),
-            "kl_nats": kl.item(), "top1_agree": (low.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+            "kl_nats": kl.item(), "top1_agree": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def codec_speed(device: torch.device, seconds: float, chunk_frames: int, repeats: int) -> None:
+    """Decode ``seconds`` of random codes with the random 32 kHz codec, offline and streamed."""
+    from inference.cli import random_model  # noqa: PLC0415
+    from inference.generator import CodecStream  # noqa: PLC0415
+
+    codec = random_model("encodec_32khz").to(device)
+    frames = int(seconds * codec.frame_rate)
+    codes = torch.randint(0, codec.codebook_size, (1, codec.num_codebooks, frames), device=device)
+
+    def offline() -> float:
+        sync(device)
+        start = time.perf_counter()
+        codec.decode(codes)
+        sync(device)
+        return time.perf_counter() - start
+
+    def streamed() -> float:
+        stream = CodecStream(codec)
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for piece in codes.split(chunk_frames, dim=-1):
+                stream.push(piece)
+            stream.flush()
+        sync(device)
+        return time.perf_counter() - start
+
+    offline(), streamed()  # warm-up
+    best = [min(run() for _ in range(repeats)) for run in (offline, streamed)]
+    print(f"\ncodec: random encodec_32khz decoder, {seconds:g} s of codes ({frames} frames), best of {repeats}")
+    print(f"  offline decode     {1000 * best[0]:9.1f} ms  {seconds / best[0]:8.1f}x real time")
+    print(f"  streamed, {chunk_frames:>3} fr  {1000 * best[1]:9.1f} ms  {seconds / best[1]:8.1f}x real time")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=24, help="pattern steps generated per run")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--layers", type=int, default=24, help="fewer layers for a quick smoke run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="LM dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None,
+                        help="default: small and medium on CUDA, small on CPU")
+    parser.add_argument("--layers", type=int, help="fewer layers than the size has, for a quick smoke run")
+    parser.add_argument("--steps", type=int, help="pattern steps per run (default 256 on CUDA, 24 on CPU)")
+    parser.add_argument("--batch", type=int, nargs="+", help="default 1 4 16 on CUDA, 1 4 on CPU")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best is kept")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 variants")
+    parser.add_argument("--first-chunk-frames", type=int, default=10, help="frames of the first streamed chunk")
+    parser.add_argument("--chunk-frames", type=int, default=25, help="frames per push in the codec benchmark")
+    parser.add_argument("--codec-seconds", type=float, default=10.0)
+    parser.add_argument("--no-compile", action="store_true", help="skip transformers + torch.compile (CUDA)")
+    parser.add_argument("--no-reference", action="store_true", help="skip transformers altogether")
+    parser.add_argument("--no-bf16", action="store_true", help="CPU: skip the bfloat16-weights variant")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    sizes = args.sizes or (["small", "medium"] if cuda else ["small"])
+    steps = args.steps or (256 if cuda else 24)
+    batches = args.batch or ([1, 4, 16] if cuda else [1, 4])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
 
-    reference, ours = build_models(args.layers)
-    variants = {"fp32": ours}
-    if not args.no_bf16:
-        variants["bf16-w"] = copy_of(ours).low_precision_weights(torch.bfloat16)
-        variants["bf16"] = copy_of(ours).to(torch.bfloat16)
-    runners = [("transformers", "fp32", lambda b, n, c, m: time_reference(reference, b, n, c, m))]
-    runners += [("tokenwave", name, lambda b, n, c, m, model=model: time_ours(model, b, n, c, m))
-                for name, model in variants.items()]
-
-    print(f"MusicGen-small-sized LM ({args.layers} layers), CFG on, top-k 250, "
-          f"{torch.get_num_threads()} threads, {args.steps} steps per run, best of {args.repeats}")
-    print(f"{'impl':<13}{'dtype':<7}{'batch':>6}{'rows':>6}{'ms/step':>10}{'steps/s':>9}{'vs tf':>8}")
-    for batch in args.batch:
-        condition, mask = make_condition(batch)
-        for _, _, run in runners:
-            run(batch, 4, condition, mask)  # warm-up
-        # Rounds interleave the implementations so they share the machine's load; best of rounds.
-        best = [float("inf")] * len(runners)
-        for _ in range(args.repeats):
-            best = [min(b, run(batch, args.steps, condition, mask)) for b, (_, _, run) in zip(best, runners)]
-        base = args.steps / best[0]
-        for (name, dtype, _), elapsed in zip(runners, best):
-            rate = args.steps / elapsed
-            print(f"{name:<13}{dtype:<7}{batch:>6}{2 * batch:>6}{1000 / rate:>10.1f}{rate:>9.2f}"
-                  f"{rate / base:>7.2f}x")
-    condition, mask = make_condition(1)
-    for name, model in variants.items():
-        if name != "fp32":
-            acc = accuracy(ours, model, condition, mask)
-            print(f"{name} vs fp32 (teacher-forced logits, 48 steps): "
+    print(f"{where}; {dtype}; CFG on, top-k 250; {steps} steps per run; best of {args.repeats}; "
+          f"first audio after {args.first_chunk_frames} frames")
+    print(f"{'size':<10}{'impl':<13}{'batch':>6}{'rows':>6}{'ms/step':>10}{'steps/s':>9}{'vs tf':>8}"
+          f"{'first audio':>13}")
+    for size in sizes:
+        reference, ours = build_models(size, args.layers, device, dtype)
+        runners: list[tuple[str, Callable]] = []
+        if not args.no_reference:
+            runners.append(("transformers", reference_runner(reference, "dynamic", steps + 8)))
+            runners.append(("tf-static", reference_runner(reference, "static", steps + 8)))
+            if cuda and not args.no_compile:
+                runners.append(("tf-compile", reference_runner(copy.deepcopy(reference), "compile", steps + 8)))
+        runners += [("tw-eager", ours_runner(ours, fast=False)), ("tw-graph", ours_runner(ours, fast=True))]
+        low = None
+        if not cuda and not args.no_bf16 and dtype == torch.float32:
+            low = copy.deepcopy(ours).low_precision_weights(torch.bfloat16)
+            runners.append(("tw-bf16w", ours_runner(low, fast=False)))
+        generator = build_generator(ours, device)
+        label = size if not args.layers else f"{size}/{args.layers}L"
+        for batch in batches:
+            condition, mask = make_condition(batch, ours.config.dim, device, dtype)
+            alive = []
+            for name, run in runners:  # warm-up (compiles); a failing implementation is reported and dropped
+                try:
+                    run(batch, 8, condition, mask)
+                    alive.append((name, run))
+                except Exception as error:  # noqa: BLE001 -- report and go on
+                    print(f"{label:<10}{name:<13}{batch:>6}  failed: {type(error).__name__}: "
+                          f"{' '.join(str(error).split())[:120]}")
+            best = {name: float("inf") for name, _ in alive}
+            for _ in range(args.repeats):  # rounds interleave the implementations: they share the load
+                for name, run in alive:
+                    best[name] = min(best[name], run(batch, steps, condition, mask))
+            ttfa = {}
+            for name, fast in (("tw-eager", False), ("tw-graph", True)):
+                first_audio(generator, batch, 2 * args.first_chunk_frames, args.first_chunk_frames, fast)  # warm-up
+                ttfa[name] = min(first_audio(generator, batch, steps, args.first_chunk_frames, fast)
+                                 for _ in range(args.repeats))
+            base = steps / best["transformers"] if "transformers" in best else None
+            for name, elapsed in best.items():
+                rate = steps / elapsed
+                versus = f"{rate / base:7.2f}x" if base else f"{'-':>8}"
+                first = f"{1000 * ttfa[name]:10.0f} ms" if name in ttfa else f"{'-':>13}"
+                print(f"{label:<10}{name:<13}{batch:>6}{2 * batch:>6}{1000 / rate:>10.1f}{rate:>9.2f}{versus}{first}")
+        if low is not None:
+            condition, mask = make_condition(1, ours.config.dim, device, dtype)
+            acc = accuracy(ours, low, condition, mask)
+            print(f"{label} tw-bf16w vs float32 (teacher-forced logits, 48 steps): "
                   + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
+        del reference, ours, low, generator, runners
+        if cuda:
+            torch.cuda.empty_cache()
+    codec_speed(device, args.codec_seconds, args.chunk_frames, args.repeats)
 
 
 if __name__ == "__main__":

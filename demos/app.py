@@ -7,15 +7,17 @@
 duration, top-k, top-p, temperature, guidance, seed; the model (generator folders found in
 ``$TOKENWAVE_MODELS`` and ``assets/models``, or a folder typed in); an optional audio prompt to
 continue and a melody for melody models; a progress bar fed by the generator's per-step
-callback; per output a player, a mel spectrogram and a download. **Codec** tab: upload audio,
-choose a codec and a bitrate, listen to the round trip through an ``.ecdc`` file beside the
-original, and read the file's size and real bitrate.
+callback; per output a player, a mel spectrogram and a download. With **Stream** ticked, a live
+player (``gr.Audio(streaming=True)``) plays the first prompt while it is generated
+(:func:`generate_music_stream`; gradio encodes live audio with ffmpeg, which must be installed).
+**Codec** tab: upload audio, choose a codec and a bitrate, listen to the round trip through an
+``.ecdc`` file beside the original, and read the file's size and real bitrate.
 
 With no generator installed, the model list offers an untrained stand-in with fixed random
 weights (:func:`random_generator`): the app runs end to end but plays noise, and says so.
 
-The handlers (:func:`generate_music`, :func:`codec_roundtrip`, :func:`bitrate_choices`,
-:func:`model_summary`) are plain functions of plain values that raise :class:`DemoError` on bad
+The handlers (:func:`generate_music`, :func:`generate_music_stream`, :func:`codec_roundtrip`,
+:func:`bitrate_choices`, :func:`model_summary`) are plain functions of plain values that raise :class:`DemoError` on bad
 input; :func:`build_app` wires them to widgets and shows every error as a message in the page,
 never a stack trace. Requests are queued and ``concurrency`` of them run at once: loaded models
 are shared read-only (each generation keeps its own cache and random generator) and loading
@@ -24,15 +26,17 @@ happens under a lock. gradio is imported only by :func:`build_app` and :func:`la
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import secrets
+import shutil
 import tempfile
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -374,17 +378,29 @@ def _normalized(wav: torch.Tensor, sample_rate: int, untrained: bool) -> torch.T
             return audio_io.peak_normalize(wav, -1.0)
 
 
-def generate_music(prompts: str | None, duration: float = 10.0, top_k: int = 250, top_p: float = 0.0,
-                   temperature: float = 1.0, cfg_coef: float = 3.0, seed: int | None = -1,
-                   model: str | None = RANDOM_MODEL, model_path: str | None = "", audio_prompt: str | None = None,
-                   melody: str | None = None, *, workdir: str | os.PathLike | None = None,
-                   progress: ProgressFn | None = None) -> Generation:
-    """Generate one clip per prompt line; writes ``tokenwave-<id>-<i>.wav`` files into ``workdir``.
+@dataclass(frozen=True)
+class StreamedAudio:
+    """A piece of the first prompt's audio, ``(n, C)`` float32 in [-1, 1], while generating."""
 
-    ``seed`` < 0 (or None) draws one (reported in ``info``); ``top_k`` 0 turns top-k off;
-    ``audio_prompt``/``melody`` are audio file paths; ``progress(fraction, text)`` is called
-    while loading and after LM steps.
-    """
+    sample_rate: int
+    audio: np.ndarray
+
+
+@dataclass
+class _Request:
+    """A validated generation request: the loaded generator and what to pass it."""
+
+    generator: object
+    batch: list[str]
+    seed: int
+    untrained: bool
+    options: dict
+    report: ProgressFn
+
+
+def _prepare_request(prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model, model_path,
+                     audio_prompt, melody, progress: ProgressFn | None) -> _Request:
+    """Check the inputs, load the model and the uploads; raise DemoError on bad input."""
     texts = parse_prompts(prompts)
     if not texts and not audio_prompt and not melody:
         raise DemoError("Type a prompt (one per line), or give an audio prompt or a melody.")
@@ -422,28 +438,94 @@ def generate_music(prompts: str | None, duration: float = 10.0, top_k: int = 250
             shown[0] = fraction
             report(fraction, f"generating: step {step} of {total}")
 
+    options = dict(duration=duration, top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef,
+                   seed=seed, progress=on_step, **extra)
+    return _Request(generator, batch, seed, untrained, options, report)
+
+
+def _finish(request: _Request, wav: torch.Tensor, sample_rate: int, elapsed: float,
+            workdir: str | os.PathLike | None) -> Generation:
+    """Write the clips ``wav (B, C, T)`` (normalized) and describe them."""
+    folder = _workdir(workdir)
+    name = uuid.uuid4().hex[:10]
+    clips = []
+    for index, (prompt, row) in enumerate(zip(request.batch, wav)):
+        row = _normalized(row.detach().float().cpu(), sample_rate, request.untrained)
+        path = audio_io.write_audio(folder / f"tokenwave-{name}-{index}.wav", row, sample_rate)
+        clips.append(GeneratedClip(prompt, path, sample_rate, row.T.numpy().copy(),
+                                   spectrogram_image(row.mean(0).numpy(), sample_rate)))
+    seconds = wav.shape[-1] / sample_rate
+    info = (f"{len(clips)} clip(s) of {seconds:.1f} s at {sample_rate} Hz in {elapsed:.1f} s "
+            f"({seconds * len(clips) / max(elapsed, 1e-9):.2f}x real time); seed {request.seed}")
+    if request.untrained:
+        info = f"**{RANDOM_LABEL}**: {info}"
+    request.report(1.0, "done")
+    return Generation(clips, request.seed, info)
+
+
+def generate_music(prompts: str | None, duration: float = 10.0, top_k: int = 250, top_p: float = 0.0,
+                   temperature: float = 1.0, cfg_coef: float = 3.0, seed: int | None = -1,
+                   model: str | None = RANDOM_MODEL, model_path: str | None = "", audio_prompt: str | None = None,
+                   melody: str | None = None, *, workdir: str | os.PathLike | None = None,
+                   progress: ProgressFn | None = None) -> Generation:
+    """Generate one clip per prompt line; writes ``tokenwave-<id>-<i>.wav`` files into ``workdir``.
+
+    ``seed`` < 0 (or None) draws one (reported in ``info``); ``top_k`` 0 turns top-k off;
+    ``audio_prompt``/``melody`` are audio file paths; ``progress(fraction, text)`` is called
+    while loading and after LM steps.
+    """
+    request = _prepare_request(prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model, model_path,
+                               audio_prompt, melody, progress)
+    options = dict(request.options)
     began = time.perf_counter()
     try:
-        out = generator.generate(batch, duration, top_k=top_k, top_p=top_p, temperature=temperature,
-                                 cfg_coef=cfg_coef, seed=seed, progress=on_step, **extra)
+        out = request.generator.generate(request.batch, options.pop("duration"), **options)
     except (ValueError, TypeError) as error:
         raise DemoError(f"Cannot generate: {_one_line(error)}") from None
-    elapsed = time.perf_counter() - began
-    folder = _workdir(workdir)
-    request = uuid.uuid4().hex[:10]
-    clips = []
-    for index, (prompt, wav) in enumerate(zip(batch, out.wav)):
-        wav = _normalized(wav.detach().float().cpu(), out.sample_rate, untrained)
-        path = audio_io.write_audio(folder / f"tokenwave-{request}-{index}.wav", wav, out.sample_rate)
-        clips.append(GeneratedClip(prompt, path, out.sample_rate, wav.T.numpy().copy(),
-                                   spectrogram_image(wav.mean(0).numpy(), out.sample_rate)))
-    seconds = out.wav.shape[-1] / out.sample_rate
-    info = (f"{len(clips)} clip(s) of {seconds:.1f} s at {out.sample_rate} Hz in {elapsed:.1f} s "
-            f"({seconds * len(clips) / max(elapsed, 1e-9):.2f}x real time); seed {seed}")
-    if untrained:
-        info = f"**{RANDOM_LABEL}**: {info}"
-    report(1.0, "done")
-    return Generation(clips, seed, info)
+    return _finish(request, out.wav, out.sample_rate, time.perf_counter() - began, workdir)
+
+
+def generate_music_stream(prompts: str | None, duration: float = 10.0, top_k: int = 250, top_p: float = 0.0,
+                          temperature: float = 1.0, cfg_coef: float = 3.0, seed: int | None = -1,
+                          model: str | None = RANDOM_MODEL, model_path: str | None = "",
+                          audio_prompt: str | None = None, melody: str | None = None, *,
+                          workdir: str | os.PathLike | None = None, progress: ProgressFn | None = None,
+                          chunk_seconds: float = 0.5) -> Iterator[StreamedAudio | Generation]:
+    """:func:`generate_music` while streaming: yields :class:`StreamedAudio` pieces of the first
+    prompt's audio as the model generates them (every ``chunk_seconds``), then the
+    :class:`Generation` (the same clips :func:`generate_music` writes for the same seed).
+
+    The pieces are the raw output clipped to [-1, 1] (the files are loudness-normalized once
+    complete); the untrained stand-in's noise is scaled to a -12 dBFS peak by its first piece.
+    """
+    request = _prepare_request(prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model, model_path,
+                               audio_prompt, melody, progress)
+    generator, options = request.generator, dict(request.options)
+    frames = max(1, round(chunk_seconds * generator.frame_rate))
+    began = time.perf_counter()
+    pieces, gain = [], None
+    try:
+        stream = generator.generate_stream(request.batch, options.pop("duration"), first_chunk_frames=frames,
+                                           chunk_frames=frames, **options)
+        for piece in stream:
+            pieces.append(piece)
+            first = piece[0].detach().float().cpu()  # (C, n): the first prompt
+            if gain is None:
+                gain = 0.25 / max(float(first.abs().max()), 1e-6) if request.untrained else 1.0
+            yield StreamedAudio(generator.sample_rate, (first * gain).clamp(-1, 1).T.numpy().copy())
+    except (ValueError, TypeError) as error:
+        raise DemoError(f"Cannot generate: {_one_line(error)}") from None
+    wav = torch.cat(pieces, dim=-1)
+    yield _finish(request, wav, generator.sample_rate, time.perf_counter() - began, workdir)
+
+
+def wav_bytes(piece: StreamedAudio) -> bytes:
+    """A streamed piece as a 16-bit WAV file in memory (what gradio's streaming player takes)."""
+    import soundfile  # noqa: PLC0415 -- a core dependency; imported where used
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, piece.audio, piece.sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
 
 
 # -- codec ----------------------------------------------------------------------------------------
@@ -530,14 +612,7 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
             return gr.Error(str(error), print_exception=False)
         return gr.Error(f"Something went wrong: {_one_line(error)}")
 
-    def on_generate(prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model, path, audio_prompt,
-                    melody, progress=gr.Progress()):
-        try:
-            result = generate_music(prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model, path,
-                                    audio_prompt, melody, workdir=folder,
-                                    progress=lambda fraction, text: progress(fraction, desc=text))
-        except Exception as error:
-            raise fail(error) from None
+    def clip_updates(result: Generation) -> list:
         updates = []
         for index in range(MAX_PROMPTS):
             if index < len(result.clips):
@@ -548,6 +623,35 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
             else:
                 updates += [gr.update(value=None, visible=False), gr.update(value=None, visible=False)]
         return [*updates, [str(c.path) for c in result.clips], result.info]
+
+    def on_generate(prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model, path, audio_prompt,
+                    melody, stream=False, progress=gr.Progress()):
+        """Outputs: the clips' players and spectrograms, the live player, the files, the info."""
+        args = (prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model, path, audio_prompt, melody)
+        report = lambda fraction, text: progress(fraction, desc=text)  # noqa: E731
+        keep = [gr.skip()] * (2 * MAX_PROMPTS)
+        try:
+            if not stream:
+                updates = clip_updates(generate_music(*args, workdir=folder, progress=report))
+                yield [*updates[:-2], gr.update(visible=False), *updates[-2:]]
+                return
+            missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
+            if missing:
+                raise DemoError(f"Streaming playback needs {' and '.join(missing)} (gradio encodes live audio "
+                                "with ffmpeg and probes files with ffprobe): install them (e.g. apt-get install "
+                                "ffmpeg) or untick Stream.")
+            opened = False
+            for item in generate_music_stream(*args, workdir=folder, progress=report):
+                if isinstance(item, Generation):
+                    updates = clip_updates(item)
+                    yield [*updates[:-2], gr.skip(), *updates[-2:]]
+                    continue
+                if not opened:  # show the live player before its first chunk
+                    opened = True
+                    yield [*keep, gr.update(visible=True), gr.skip(), "streaming the first prompt..."]
+                yield [*keep, wav_bytes(item), gr.skip(), gr.skip()]
+        except Exception as error:
+            raise fail(error) from None
 
     def on_model(model, path):
         try:
@@ -591,7 +695,10 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
                                                 label="Continue this audio (the output starts with it)")
                         melody = gr.Audio(sources=["upload", "microphone"], type="filepath",
                                           label="Melody to follow (melody models only)")
-                    generate = gr.Button("Generate", variant="primary")
+                    with gr.Row():
+                        generate = gr.Button("Generate", variant="primary", scale=3)
+                        stream_box = gr.Checkbox(False, label="Stream", scale=1,
+                                             info="play the first prompt while it is generated")
                     gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompts], label="Examples")
                 with gr.Column(scale=2):
                     model = gr.Dropdown(choices=[(c.label, c.value) for c in choices], value=default, label="Model")
@@ -606,10 +713,12 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
                                             label=f"{index + 1}", scale=2))
                     outputs.append(gr.Image(type="numpy", interactive=False, visible=index == 0,
                                             label="mel spectrogram", scale=3, height=180))
+            live = gr.Audio(streaming=True, autoplay=True, interactive=False, visible=False,
+                            label="Live: the first prompt as it is generated")
             files = gr.File(label="Download", file_count="multiple", interactive=False, height=120)
             generate.click(on_generate, inputs=[prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model,
-                                                model_path, audio_prompt, melody],
-                           outputs=[*outputs, files, info])
+                                                model_path, audio_prompt, melody, stream_box],
+                           outputs=[*outputs, live, files, info])
             model.change(on_model, [model, model_path], model_info)
             model_path.submit(on_model, [model, model_path], model_info)
         with gr.Tab("Codec"):
@@ -659,10 +768,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["CodecRoundTrip", "DemoError", "GeneratedClip", "Generation", "ModelChoice", "RANDOM_MODEL",
-           "bitrate_choices",
-           "build_app", "codec_choices", "codec_roundtrip", "find_generators", "generate_music", "launch",
+           "StreamedAudio", "bitrate_choices",
+           "build_app", "codec_choices", "codec_roundtrip", "find_generators", "generate_music",
+           "generate_music_stream", "launch",
            "load_codec_model", "load_generator", "main", "model_choices", "model_summary", "random_generator",
-           "spectrogram_image"]
+           "spectrogram_image", "wav_bytes"]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Generators, one-call generate(), model registry and checkpoint loaders."""
-from .api import generate, load
+from .api import generate, generate_stream, load
 from .generator import (
     AUDIOGEN_CONFIG,
     DEFAULT_DURATION,
@@ -15,6 +15,6 @@ from .pretrained import detect_format, load_generator, save_generator
 
 __all__ = [
     "AUDIOGEN_CONFIG", "AudioGen", "DEFAULT_DURATION", "GeneratedAudio", "GeneratedAudioTokens",
-    "GeneratorConfig", "LMConditions", "MUSICGEN_CONFIG", "MusicGen", "detect_format", "generate", "load",
+    "GeneratorConfig", "LMConditions", "MUSICGEN_CONFIG", "MusicGen", "detect_format", "generate", "generate_stream", "load",
     "load_generator", "save_generator",
 ]

@@ -3,6 +3,10 @@
     from inference import generate
     wav, sample_rate = generate("calm piano melody at night", duration=10, seed=0)
 
+    from inference.api import generate_stream
+    for chunk in generate_stream("calm piano melody at night", duration=30, seed=0):
+        ...  # (B, C, n) float32 audio, while the model is still generating
+
 The model (default ``musicgen-small``, looked up in ``$TOKENWAVE_MODELS``; see
 :mod:`inference.registry`) is loaded on the first call and kept for the next ones with the
 same model, device and dtype. Every sampling argument and its default is
@@ -11,6 +15,7 @@ same model, device and dtype. Every sampling argument and its default is
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,6 +60,20 @@ def generate(prompts, duration: float = DEFAULT_DURATION, *,
     return generator.generate(prompts, duration, **options)
 
 
+def generate_stream(prompts, duration: float = DEFAULT_DURATION, *,
+                    model: str | os.PathLike | MusicGen = DEFAULT_MODEL, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None, t5_path: str | os.PathLike | None = None,
+                    **options) -> Iterator[torch.Tensor]:
+    """:func:`generate` as a stream: audio ``(B, C, n)`` float32 pieces while the LM runs.
+
+    ``options`` are :meth:`MusicGen.generate_stream`'s: :func:`generate`'s (but
+    ``return_tokens``) plus ``first_chunk_frames=10`` and ``chunk_frames=25``. The pieces,
+    concatenated, are :func:`generate`'s waveform for the same seed (to float rounding).
+    """
+    generator = load(model, device=device, dtype=dtype, t5_path=t5_path)
+    return generator.generate_stream(prompts, duration, **options)
+
+
 def output_paths(output: str | os.PathLike, count: int) -> list[Path]:
     """Where ``count`` generated files go: ``out.wav`` for one, ``out_0.wav``, ``out_1.wav``, ... for more."""
     output = Path(output)
@@ -76,4 +95,4 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-__all__ = ["generate", "load", "output_paths", "read_prompts_file"]
+__all__ = ["generate", "generate_stream", "load", "output_paths", "read_prompts_file"]

@@ -20,10 +20,17 @@ need ``.npz``: ``codes`` ``(K, sum F_i)`` (the segments' codes concatenated alon
 ``chunk_frames`` ``(S,)``, ``scales`` ``(S,)`` float32, and ``model``, ``sample_rate``,
 ``num_samples``, ``frame_rate``, ``segment_length``, ``segment_stride``. ``.npz`` works for
 every model and keeps what decoding needs.
+
+``generate --stdout`` streams one prompt as raw PCM while it is generated: no header,
+little-endian, channels interleaved, at the model's sample rate (printed on stderr);
+``--format f32`` (float32, the default) or ``s16`` (16-bit, clipped to [-1, 1]). For example
+``tokenwave generate "lofi beat" --stdout --format s16 | aplay -f S16_LE -r 32000 -c 1``.
+``--play`` plays it through the optional ``sounddevice`` package.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import sys
@@ -500,20 +507,87 @@ def cmd_decompress(args) -> int:
     return run_jobs(jobs, work, args)
 
 
+PCM_FORMATS = {"f32": "float32", "s16": "signed 16-bit"}  # --format: raw little-endian, channels interleaved
+
+
+def pcm_bytes(chunk: torch.Tensor, fmt: str) -> bytes:
+    """Audio ``(C, n)`` -> raw little-endian PCM, channels interleaved (frame-major).
+
+    ``f32``: float32 as generated; ``s16``: clipped to [-1, 1], scaled by 32767 and rounded.
+    """
+    frames = chunk.detach().float().cpu().T.numpy()  # (n, C)
+    if fmt == "s16":
+        return np.round(np.clip(frames, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    return np.ascontiguousarray(frames, dtype="<f4").tobytes()
+
+
+def import_sounddevice():
+    """The ``sounddevice`` module, or a CliError saying what to install (it is optional)."""
+    try:
+        import sounddevice  # noqa: PLC0415 -- optional: only --play needs it
+    except (ImportError, OSError) as error:  # OSError: the package is there, PortAudio is not
+        raise CliError(f"--play needs the sounddevice package: pip install sounddevice (on Linux also the "
+                       f"PortAudio library, e.g. apt-get install libportaudio2); {_one_line(error)}") from None
+    return sounddevice
+
+
+def stream_generation(generator, prompt: str, args, options: dict, target: Path | None, sounddevice=None) -> None:
+    """Generate one prompt chunk by chunk to stdout (raw PCM) and/or the speakers (through
+    ``sounddevice``, float32); also to ``target`` when given (written once complete)."""
+
+    rate, channels = generator.sample_rate, generator.channels
+    if not args.quiet:
+        what = " and ".join(x for x, on in (("stdout", args.stdout), ("the speakers", args.play)) if on)
+        layout = f", raw {PCM_FORMATS[args.format]} little-endian PCM" if args.stdout else ""
+        print(f"streaming {prompt!r} to {what}: {rate} Hz, {channels} channel(s){layout}", file=sys.stderr)
+    sink = sys.stdout.buffer if args.stdout else None
+    chunks = []
+    began = time.perf_counter()
+    output = contextlib.nullcontext() if sounddevice is None else \
+        sounddevice.OutputStream(samplerate=rate, channels=channels, dtype="float32")
+    with output as player:
+        for chunk in generator.generate_stream(prompt, args.duration, first_chunk_frames=args.chunk_frames,
+                                               chunk_frames=args.chunk_frames, **options):
+            chunk = chunk[0].detach().float().cpu()  # (C, n)
+            if sink is not None:
+                sink.write(pcm_bytes(chunk, args.format))
+                sink.flush()
+            if player is not None:
+                player.write(np.ascontiguousarray(chunk.T.numpy()))
+            if target is not None:
+                chunks.append(chunk)
+    elapsed = time.perf_counter() - began
+    if target is not None:
+        wav = torch.cat(chunks, dim=-1)
+        write_output_audio(target, wav, rate, args)
+        if not args.quiet:
+            print(f"generate {prompt!r} -> {target}: {args.model}, {wav.shape[-1] / rate:.2f} s at {rate} Hz "
+                  f"in {elapsed:.1f} s", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     """Prompts -> audio files with a MusicGen/AudioGen generator (``out.wav``, or
-    ``out_0.wav``, ``out_1.wav``, ... for several prompts)."""
+    ``out_0.wav``, ``out_1.wav``, ... for several prompts), or one prompt streamed to stdout
+    (``--stdout``, raw PCM) and/or the speakers (``--play``) as it is generated."""
     from inference.api import output_paths, read_prompts_file
     from inference.generator import MusicGen
 
+    streaming = args.stdout or args.play
+    if args.output is None and not streaming:
+        raise CliError("give an output file (-o OUT), or stream with --stdout or --play")
     prompts = list(args.prompts) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         if args.continue_from is None and args.melody is None:
             raise CliError('give at least one prompt or --prompts-file ("" generates without text)')
         prompts = [""]
+    if streaming and len(prompts) != 1:
+        raise CliError(f"--stdout and --play stream one prompt; got {len(prompts)}")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
-    targets = output_paths(args.output, len(prompts))
+    if args.chunk_frames < 1:
+        raise CliError(f"--chunk-frames must be at least 1, got {args.chunk_frames}")
+    sounddevice = import_sounddevice() if args.play else None
+    targets = output_paths(args.output, len(prompts)) if args.output is not None else []
     for target in targets:
         check_audio_target(target)
     existing = [t for t in targets if t.exists()]
@@ -535,16 +609,22 @@ def cmd_generate(args) -> int:
             if wav.shape[-1] == 0:
                 raise CliError(f"{path} holds no audio (0 samples)")
             conditioning[key] = (wav, sr)
-    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    if targets:
+        targets[0].parent.mkdir(parents=True, exist_ok=True)
+    options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg_coef,
+                   two_step_cfg=args.two_step_cfg, use_sampling=not args.greedy, progress=not args.quiet,
+                   extend_stride=args.extend_stride, fast=args.fast)
+    if streaming:
+        extra = {key: (wav[None], sr) for key, (wav, sr) in conditioning.items()}
+        stream_generation(generator, prompts[0], args, dict(options, seed=args.seed, **extra),
+                          targets[0] if targets else None, sounddevice)
+        return 0
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start: start + args.batch_size]
         extra = {key: (wav[None].expand(len(batch), -1, -1), sr) for key, (wav, sr) in conditioning.items()}
         began = time.perf_counter()
-        out = generator.generate(
-            batch, args.duration, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-            cfg_coef=args.cfg_coef, two_step_cfg=args.two_step_cfg, use_sampling=not args.greedy,
-            seed=None if args.seed is None else args.seed + start, progress=not args.quiet,
-            extend_stride=args.extend_stride, **extra)
+        out = generator.generate(batch, args.duration, seed=None if args.seed is None else args.seed + start,
+                                 **options, **extra)
         elapsed = time.perf_counter() - began
         seconds = out.wav.shape[-1] / out.sample_rate
         for prompt, wav, target in zip(batch, out.wav, targets[start:]):
@@ -625,9 +705,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser(
         "generate", parents=[common, out_audio], help="text prompt(s) -> music or sound (MusicGen, AudioGen)",
         description="Generate audio from text prompts. One prompt writes OUT; several write OUT_0, OUT_1, ... "
-                    "(same extension). Defaults are MusicGen's: sampling with top-k 250, guidance 3.")
+                    "(same extension). --stdout / --play stream one prompt while it is generated. "
+                    "Defaults are MusicGen's: sampling with top-k 250, guidance 3.")
     sub.add_argument("prompts", nargs="*", metavar="PROMPT", help='text prompts ("" for no text)')
-    sub.add_argument("-o", "--output", required=True, metavar="OUT", help="output .wav or .flac")
+    sub.add_argument("-o", "--output", metavar="OUT", help="output .wav or .flac (optional with --stdout/--play)")
+    sub.add_argument("--stdout", action="store_true",
+                     help="stream raw PCM to stdout as it is generated (no header; little-endian, channels "
+                          "interleaved, at the model's rate, printed on stderr; see --format); one prompt")
+    sub.add_argument("--format", choices=sorted(PCM_FORMATS), default="f32",
+                     help="--stdout sample format: f32 = float32 (default), s16 = signed 16-bit, clipped")
+    sub.add_argument("--play", action="store_true",
+                     help="play through the speakers as it is generated (needs: pip install sounddevice); one prompt")
+    sub.add_argument("--chunk-frames", type=int, default=25, metavar="N",
+                     help="--stdout/--play: codec frames decoded per chunk (default 25: 0.5 s at 50 Hz)")
+    sub.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                     help="LM steps through the static-cache decoder, a CUDA graph on CUDA (default: off)")
     sub.add_argument("--model", default=DEFAULT_GENERATOR,
                      help=f"generator folder (tokenwave, transformers or audiocraft files) or name in "
                           f"$TOKENWAVE_MODELS; default {DEFAULT_GENERATOR}")

@@ -19,6 +19,11 @@ appends what it adds. In frames: ``total = floor(duration * frame_rate)``, windo
 ``S``: window ``i`` covers frames ``[i*S, min(i*S + W, total))``. A melody is cut to each
 window (repeated when shorter), as audiocraft does.
 
+Streaming: :meth:`MusicGen.generate_stream` yields audio while the LM runs. The LM releases
+each frame once its most delayed codebook is sampled (:meth:`lm.LMModel.generate_iter`),
+windows of a sliding-window generation one after the other, and :class:`CodecStream` decodes
+the frames incrementally; the pieces concatenate to :meth:`MusicGen.generate`'s output.
+
 Null conditions: a prompt ``None`` or ``""`` is "no text", the null condition that guidance
 uses as its unconditional branch. That is audiocraft's behaviour and transformers'
 unconditional generation (zeros with an all-zero mask), though transformers encodes a literal
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
@@ -37,6 +42,7 @@ from torch import nn
 
 from codec import audio as audio_io
 from codec.model import EncodecModel, InterleavedStereo
+from codec.streaming import StreamingDecoder
 from conditioning import ChromaConditioner, ConditionFuser, ConditionProvider, FuserConfig
 from conditioning.text import as_text_batch
 from lm import LMModel
@@ -185,6 +191,48 @@ def _unpack_audio(value, what: str) -> tuple[list[torch.Tensor | None], int]:
         raise TypeError(f"{what} must be a (wav, sample_rate) tuple with an int sample rate, "
                         f"found {type(value).__name__}")
     return _as_batch_audio(value[0], what), value[1]
+
+
+class CodecStream:
+    """Decodes generated codes piece by piece: ``push(codes (B, K, f)) -> audio (B, C, n)``.
+
+    Whole-file codecs (24/32/16 kHz, and stereo through :class:`InterleavedStereo`) run the
+    layer-wise :class:`codec.streaming.StreamingDecoder`: each push returns the samples that
+    no later frame can change and ``flush()`` the held-back tail, so the pieces concatenate to
+    ``codec.decode(all codes)`` up to float rounding. A codec that normalizes segments as a
+    whole (48 kHz) cannot do that: its codes are kept and decoded at ``flush()``.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.stereo = isinstance(codec, InterleavedStereo)
+        mono = codec.model if self.stereo else codec
+        self.decoder = StreamingDecoder(mono) if mono.segment_length is None else None
+        self.held: list[torch.Tensor] = []
+
+    def _device(self) -> torch.device:
+        return next(self.codec.parameters()).device
+
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        codes = codes.to(self._device())
+        if self.decoder is None:
+            self.held.append(codes)
+            return torch.zeros(codes.shape[0], self.codec.channels, 0, device=codes.device)
+        batch = codes.shape[0]
+        if self.stereo:  # (B, 2K, f), codebooks L0 R0 L1 R1 ... -> (2B, K, f), as InterleavedStereo.decode
+            codes = codes.view(batch, -1, 2, codes.shape[-1]).transpose(1, 2).reshape(2 * batch, -1, codes.shape[-1])
+        return self._audio(self.decoder.push(codes), batch)
+
+    def flush(self) -> torch.Tensor:
+        if self.decoder is None:
+            if not self.held:
+                raise ValueError("the stream is empty: nothing to decode")
+            return self.codec.decode(torch.cat(self.held, dim=-1)).float()
+        tail = self.decoder.flush()
+        return self._audio(tail, tail.shape[0] // 2 if self.stereo else tail.shape[0])
+
+    def _audio(self, audio: torch.Tensor, batch: int) -> torch.Tensor:
+        return (audio.reshape(batch, 2, -1) if self.stereo else audio).float()
 
 
 class MusicGen(nn.Module):
@@ -360,7 +408,8 @@ class MusicGen(nn.Module):
                  progress: Progress = False, return_tokens: bool = False,
                  audio_prompt: tuple[torch.Tensor, int] | None = None,
                  melody: tuple[torch.Tensor | Sequence[torch.Tensor | None], int] | None = None,
-                 extend_stride: float | None = None) -> GeneratedAudio | GeneratedAudioTokens:
+                 extend_stride: float | None = None, fast: bool | None = None
+                 ) -> GeneratedAudio | GeneratedAudioTokens:
         """Generate ``duration`` seconds of audio per prompt.
 
         Args:
@@ -381,10 +430,83 @@ class MusicGen(nn.Module):
             melody: ``(wavs, sample_rate)``, wavs ``(B, C, T)``, ``(C, T)`` or B items of
                 ``(C, T)``/None: melody conditioning through the chroma (melody models only).
             extend_stride: seconds per sliding-window step (default: the model's, 18 s for MusicGen).
+            fast: LM steps through the static-cache decoder (:mod:`lm.graph`; a CUDA graph on
+                CUDA). None: off (opt-in). See :meth:`lm.LMModel.generate`.
 
         Returns:
             ``(wav (B, C, T), sample_rate)``, plus ``tokens`` when ``return_tokens``.
         """
+        texts, prompt_codes, melody_wavs = self._prepare_inputs(prompts, audio_prompt, melody)
+        tokens = self.generate_tokens(texts, duration, prompt_codes=prompt_codes, melodies=melody_wavs,
+                                      top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef,
+                                      two_step_cfg=two_step_cfg, use_sampling=use_sampling, seed=seed,
+                                      progress=progress, extend_stride=extend_stride, fast=fast)
+        wav = self.decode(tokens)
+        if return_tokens:
+            return GeneratedAudioTokens(wav, self.sample_rate, tokens)
+        return GeneratedAudio(wav, self.sample_rate)
+
+    @torch.inference_mode()
+    def generate_stream(self, prompts: str | Sequence[str | None] | None, duration: float = DEFAULT_DURATION, *,
+                        first_chunk_frames: int = 10, chunk_frames: int = 25, top_k: int = 250,
+                        top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
+                        two_step_cfg: bool = False, use_sampling: bool = True, seed: int | None = None,
+                        progress: Progress = False, audio_prompt: tuple[torch.Tensor, int] | None = None,
+                        melody: tuple[torch.Tensor | Sequence[torch.Tensor | None], int] | None = None,
+                        extend_stride: float | None = None, fast: bool | None = None) -> Iterator[torch.Tensor]:
+        """:meth:`generate`, yielding audio ``(B, C, n)`` float32 while the LM still runs.
+
+        Frames are decoded as soon as the LM has sampled all their codebooks: the first
+        ``first_chunk_frames`` frames (an audio prompt's included) go to the codec at once,
+        then every ``chunk_frames`` frames, the rest at the end. The codec decodes them with
+        its streaming decoder (:class:`codec.streaming.StreamingDecoder`), which yields every
+        sample no later frame can change: all of a pushed frame for a causal codec (24 kHz;
+        its first 7 frames come together), all but the last ~75 ms for the non-causal 32/16 kHz
+        codecs (their lookahead, 3.75 frames at 32 kHz), which come with the next chunk. While
+        that hold-back swallows the whole first chunk, frames are pushed one at a time until
+        the first samples come out. The yielded pieces, concatenated, are :meth:`generate`'s
+        waveform for the same arguments and seed, to float rounding (~1e-7). Codecs that
+        encode in normalized segments (48 kHz) cannot decode a frame before the whole
+        sequence is known: they yield everything in one piece at the end.
+
+        Arguments are :meth:`generate`'s; the stream stops generating when it is closed.
+        """
+        if first_chunk_frames < 1 or chunk_frames < 1:
+            raise ValueError(f"first_chunk_frames and chunk_frames must be at least 1, got "
+                             f"{first_chunk_frames} and {chunk_frames}")
+        texts, prompt_codes, melody_wavs = self._prepare_inputs(prompts, audio_prompt, melody)
+        codes = self.generate_tokens_iter(
+            texts, duration, prompt_codes=prompt_codes, melodies=melody_wavs, top_k=top_k, top_p=top_p,
+            temperature=temperature, cfg_coef=cfg_coef, two_step_cfg=two_step_cfg, use_sampling=use_sampling,
+            seed=seed, progress=progress, extend_stride=extend_stride, fast=fast)
+        decoder = CodecStream(self.codec)
+        pending: list[torch.Tensor] = []
+        waiting, wanted, started = 0, first_chunk_frames, False
+        try:
+            for piece in codes:
+                pending.append(piece)
+                waiting += piece.shape[-1]
+                if waiting >= wanted:
+                    audio = decoder.push(torch.cat(pending, dim=-1))
+                    pending, waiting = [], 0
+                    if audio.shape[-1]:
+                        started, wanted = True, chunk_frames
+                        yield audio
+                    elif not started:  # the codec's lookahead holds it all back: retry every frame
+                        wanted = 1
+        finally:
+            codes.close()  # a closed stream stops the LM at once (and closes its progress bar)
+        if pending:
+            audio = decoder.push(torch.cat(pending, dim=-1))
+            if audio.shape[-1]:
+                yield audio
+        audio = decoder.flush()
+        if audio.shape[-1]:
+            yield audio
+
+    def _prepare_inputs(self, prompts, audio_prompt, melody
+                        ) -> tuple[list[str | None], torch.Tensor | None, list[torch.Tensor | None] | None]:
+        """Texts, the audio prompt's codes ``(B, K, T0)`` and melodies at the chroma's rate."""
         prompt_wavs, prompt_rate = _unpack_audio(audio_prompt, "audio_prompt") if audio_prompt is not None \
             else (None, None)
         melody_wavs, melody_rate = _unpack_audio(melody, "melody") if melody is not None else (None, None)
@@ -401,14 +523,7 @@ class MusicGen(nn.Module):
             if not self.has_melody:
                 raise ValueError("this model has no melody conditioner; melody= needs a melody model")
             melody_wavs = self._resample_melodies(melody_wavs, melody_rate)
-        tokens = self.generate_tokens(texts, duration, prompt_codes=prompt_codes, melodies=melody_wavs,
-                                      top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef,
-                                      two_step_cfg=two_step_cfg, use_sampling=use_sampling, seed=seed,
-                                      progress=progress, extend_stride=extend_stride)
-        wav = self.decode(tokens)
-        if return_tokens:
-            return GeneratedAudioTokens(wav, self.sample_rate, tokens)
-        return GeneratedAudio(wav, self.sample_rate)
+        return texts, prompt_codes, melody_wavs
 
     def _batch_prompts(self, prompts, prompt_wavs, melody_wavs) -> list[str | None]:
         sizes = {len(x) for x in (prompt_wavs, melody_wavs) if x is not None}
@@ -434,9 +549,31 @@ class MusicGen(nn.Module):
                         melodies: list[torch.Tensor | None] | None = None, top_k: int = 250,
                         top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
                         two_step_cfg: bool = False, use_sampling: bool = True, seed: int | None = None,
-                        progress: Progress = False, extend_stride: float | None = None) -> torch.Tensor:
+                        progress: Progress = False, extend_stride: float | None = None,
+                        fast: bool | None = None) -> torch.Tensor:
         """Codes ``(B, K, frames)`` for B prompts; ``prompt_codes (B, K, T0)`` continues them and
-        ``melodies`` (at the chroma's rate) condition melody models. See :meth:`generate`."""
+        ``melodies`` (at the chroma's rate) condition melody models. See :meth:`generate`.
+
+        The concatenation of what :meth:`generate_tokens_iter` yields.
+        """
+        return torch.cat(list(self.generate_tokens_iter(
+            prompts, duration, prompt_codes=prompt_codes, melodies=melodies, top_k=top_k, top_p=top_p,
+            temperature=temperature, cfg_coef=cfg_coef, two_step_cfg=two_step_cfg, use_sampling=use_sampling,
+            seed=seed, progress=progress, extend_stride=extend_stride, fast=fast)), dim=-1)
+
+    @torch.inference_mode()
+    def generate_tokens_iter(self, prompts: Sequence[str | None], duration: float, *,
+                             prompt_codes: torch.Tensor | None = None,
+                             melodies: list[torch.Tensor | None] | None = None, top_k: int = 250,
+                             top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
+                             two_step_cfg: bool = False, use_sampling: bool = True, seed: int | None = None,
+                             progress: Progress = False, extend_stride: float | None = None,
+                             fast: bool | None = None) -> Iterator[torch.Tensor]:
+        """Codes ``(B, K, n)`` of consecutive frames, each piece as soon as its frames are final.
+
+        Over a sliding window, each window's frames stream as it generates them; the frames a
+        window takes as its prompt were yielded by the window before and are not repeated.
+        """
         texts = list(prompts)
         batch = len(texts)
         total = self.num_frames(duration)
@@ -453,27 +590,29 @@ class MusicGen(nn.Module):
         callbacks, close = self._progress(plan, progress)
 
         conditions = None
-        pieces, prompt = [], prompt_codes
-        if prompt is not None:
-            prompt = prompt.to(self.device)
-            pieces.append(prompt)
+        prompt = None if prompt_codes is None else prompt_codes.to(self.device)
         try:
-            for window_plan, callback in zip(plan, callbacks):
+            for index, (window_plan, callback) in enumerate(zip(plan, callbacks)):
                 if conditions is None or (melodies is not None and sliding):
                     window_melodies = None if melodies is None else \
                         self._melody_for_window(melodies, window_plan, sliding)
                     conditions = self.prepare_conditions(texts, melodies=window_melodies, guided=guided)
-                codes = self.lm.generate(
-                    max_gen_len=window_plan.length, prompt=prompt,
-                    num_samples=None if prompt is not None else batch, use_sampling=use_sampling,
-                    temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef,
-                    two_step_cfg=two_step_cfg, generator=generator, callback=callback,
-                    **conditions.as_kwargs())
-                pieces.append(codes[..., window_plan.prompt:])
-                prompt = codes[..., stride:] if sliding else None
+                pieces, seen = [], 0
+                skip = window_plan.prompt if index else 0  # an audio prompt is part of the output
+                for piece in self.lm.generate_iter(
+                        max_gen_len=window_plan.length, prompt=prompt,
+                        num_samples=None if prompt is not None else batch, use_sampling=use_sampling,
+                        temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef,
+                        two_step_cfg=two_step_cfg, generator=generator, callback=callback, fast=fast,
+                        **conditions.as_kwargs()):
+                    pieces.append(piece)
+                    new = piece[..., max(0, skip - seen):]
+                    seen += piece.shape[-1]
+                    if new.shape[-1]:
+                        yield new
+                prompt = torch.cat(pieces, dim=-1)[..., stride:] if sliding else None
         finally:
             close()
-        return torch.cat(pieces, dim=-1)
 
     def _progress(self, plan: list[Window], progress: Progress):
         """One LM callback per window, counting steps over all windows, and a closer for the bar."""
@@ -507,5 +646,5 @@ class AudioGen(MusicGen):
     default_config = AUDIOGEN_CONFIG
 
 
-__all__ = ["AUDIOGEN_CONFIG", "AudioGen", "DEFAULT_DURATION", "GeneratedAudio", "GeneratedAudioTokens",
+__all__ = ["AUDIOGEN_CONFIG", "AudioGen", "CodecStream", "DEFAULT_DURATION", "GeneratedAudio", "GeneratedAudioTokens",
            "GeneratorConfig", "LMConditions", "MUSICGEN_CONFIG", "MusicGen", "Window", "plan_windows"]

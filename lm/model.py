@@ -9,14 +9,17 @@ loads directly (see ``inference.loaders``).
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
 
-from .patterns import PatternProvider, make_pattern_provider, stereo_delays
+from .graph import UNKNOWN, DecodeStream, StaticDecoder
+from .patterns import Pattern, PatternProvider, make_pattern_provider, stereo_delays
 from .sampling import classifier_free_guidance, guide_batched, sample_next_token
 from .transformer import KVCache, Transformer, linear
 
@@ -141,6 +144,38 @@ class DecodingState:
     @property
     def max_len(self) -> int:
         return self.caches[0].max_len
+
+
+class _FrameTracker:
+    """Which frames of a pattern are final after each sequence step, and their codes.
+
+    Frame ``t`` is final at the last step holding one of its codes (prompt frames: before
+    any step). Frames are released in order: ``ready_after(s)`` counts the leading frames
+    all final after step ``s``.
+    """
+
+    def __init__(self, pattern: Pattern, prompt_frames: int, device: torch.device) -> None:
+        T, K = pattern.timesteps, pattern.num_codebooks
+        last = [-1] * T
+        steps = torch.zeros(K, T, dtype=torch.long)
+        for s, coords in enumerate(pattern.layout):
+            for c in coords:
+                if c.t < T:
+                    steps[c.k, c.t] = s
+                    if c.t >= prompt_frames:
+                        last[c.t] = max(last[c.t], s)
+        self.final_by = list(itertools.accumulate(last, max))  # frames are released in order
+        self.steps = steps.to(device)  # (K, T): the sequence step holding each code
+        self.done = 0
+
+    def ready_after(self, step: int) -> int:
+        return bisect.bisect_right(self.final_by, step)
+
+    def take(self, sequence: torch.Tensor, ready: int) -> torch.Tensor:
+        """Codes ``(B, K, ready - done)`` of the frames released since the last call."""
+        index = self.steps[:, self.done: ready]
+        self.done = ready
+        return sequence.gather(2, index.expand(sequence.shape[0], -1, -1))
 
 
 class LMModel(nn.Module):
@@ -343,7 +378,7 @@ class LMModel(nn.Module):
                  temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
                  cfg_coef: float | None = None, two_step_cfg: bool | None = None,
                  generator: torch.Generator | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 callback: Callable[[int, int], None] | None = None, fast: bool | None = None) -> torch.Tensor:
         """Generate codes ``(B, K, max_gen_len)``, the prompt included, as audiocraft does.
 
         Args:
@@ -361,6 +396,37 @@ class LMModel(nn.Module):
             two_step_cfg: run conditional and unconditional rows as separate passes.
             generator: random generator for reproducible sampling.
             callback: called as ``callback(step, total)`` after every step.
+            fast: run the steps after the first through :class:`lm.graph.StaticDecoder` (static
+                KV cache, no host synchronization, a CUDA graph on CUDA). None: off (opt-in).
+                Same tokens as the eager path for greedy float32 decoding and, on CPU, for
+                seeded sampling (the logits differ by float rounding only).
+
+        The codes are the concatenation of what :meth:`generate_iter` yields.
+        """
+        return torch.cat(list(self.generate_iter(
+            max_gen_len=max_gen_len, prompt=prompt, num_samples=num_samples, condition=condition,
+            condition_mask=condition_mask, prefix=prefix, prefix_mask=prefix_mask, use_sampling=use_sampling,
+            temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, two_step_cfg=two_step_cfg,
+            generator=generator, callback=callback, fast=fast)), dim=-1)
+
+    @torch.inference_mode()
+    def generate_iter(self, *, max_gen_len: int, prompt: torch.Tensor | None = None,
+                      num_samples: int | None = None, condition: torch.Tensor | None = None,
+                      condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+                      prefix_mask: torch.Tensor | None = None, use_sampling: bool = True,
+                      temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
+                      cfg_coef: float | None = None, two_step_cfg: bool | None = None,
+                      generator: torch.Generator | None = None,
+                      callback: Callable[[int, int], None] | None = None,
+                      fast: bool | None = None) -> Iterator[torch.Tensor]:
+        """:meth:`generate`, yielding codes ``(B, K, n)`` of frames as soon as they are final.
+
+        A frame is final once every codebook of it is sampled: with the delay pattern, frame
+        ``t`` completes at sequence step ``t + 1 + max(delays)`` (its most delayed codebook),
+        so after the first ``max(delays)`` steps each step completes one frame. The prompt's
+        frames come first, before any step. The yielded pieces, in order, make up exactly
+        what :meth:`generate` returns; the steps run lazily, as the iterator is consumed.
+        Arguments: see :meth:`generate`.
         """
         if self.training:
             raise RuntimeError("call model.eval() before generate()")
@@ -369,13 +435,14 @@ class LMModel(nn.Module):
         guided = self._is_guided(B, condition, prefix)
         cfg_coef = self.config.cfg_coef if cfg_coef is None else cfg_coef
         two_step = guided and (self.config.two_step_cfg if two_step_cfg is None else two_step_cfg)
+        # Opt-in until the CUDA capture has run on a GPU (no GPU was lent when it was written).
+        fast = bool(fast)
 
         K, T0 = self.num_codebooks, 0 if prompt is None else prompt.shape[-1]
         if T0 >= max_gen_len:
             raise ValueError(f"prompt has {T0} frames; max_gen_len ({max_gen_len}) must be larger")
         pattern = self.pattern_provider.get_pattern(max_gen_len)
-        unknown = -1
-        codes = torch.full((B, K, max_gen_len), unknown, dtype=torch.long, device=device)
+        codes = torch.full((B, K, max_gen_len), UNKNOWN, dtype=torch.long, device=device)
         if prompt is not None:
             if prompt.shape[:2] != (B, K):
                 raise ValueError(f"expected a prompt ({B}, {K}, T0), got {tuple(prompt.shape)}")
@@ -384,28 +451,56 @@ class LMModel(nn.Module):
         start = pattern.first_step_with_timestep(T0)
         S = sequence.shape[-1]
         max_len = S + (0 if prefix is None else prefix.shape[1])
+        frames = _FrameTracker(pattern, T0, device)
+        if T0:
+            yield frames.take(sequence, T0)
 
         streams = self._streams(B, guided, two_step, max_len, condition, condition_mask, prefix, prefix_mask)
-        prev = 0
+        sampling = dict(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p)
+        static = None
         for offset in range(start, S):
-            outputs = [self._last_logits(sequence[..., prev:offset], state, rows, pre, pre_mask)
-                       for state, rows, pre, pre_mask in streams]
-            if two_step:
-                logits = classifier_free_guidance(outputs[0], outputs[1], cfg_coef)
-            elif guided:
-                logits = guide_batched(outputs[0], cfg_coef)
+            if static is not None:
+                static.step()
             else:
-                logits = outputs[0]
-            token = sample_next_token(logits, use_sampling=use_sampling, temperature=temperature,
-                                      top_k=top_k, top_p=top_p, generator=generator)
-            token = torch.where(valid[:, offset], token, self.special_token_id)
-            current = sequence[..., offset]  # prompt positions are kept, only unknowns are written
-            sequence[..., offset] = torch.where(current == unknown, token, current)
-            prev = offset
+                self._eager_step(sequence, valid, offset, start, streams, guided, two_step, cfg_coef,
+                                 sampling, generator)
+                if fast and offset + 1 < S:
+                    static = self._static_decoder(sequence, valid, offset + 1, streams, prefix, guided,
+                                                  two_step, cfg_coef, sampling, generator)
             if callback is not None:
                 callback(1 + offset - start, S - start)
-        out, _ = pattern.revert_sequence(sequence, special_token=unknown)
-        return out[..., :max_gen_len]
+            ready = frames.ready_after(offset)
+            if ready > frames.done:
+                yield frames.take(sequence, ready)
+
+    def _eager_step(self, sequence: torch.Tensor, valid: torch.Tensor, offset: int, start: int, streams,
+                    guided: bool, two_step: bool, cfg_coef: float, sampling: dict,
+                    generator: torch.Generator | None) -> None:
+        """Sample sequence step ``offset`` from Python (the first step also runs the prefill)."""
+        prev = offset - 1 if offset > start else 0
+        outputs = [self._last_logits(sequence[..., prev:offset], state, rows, pre, pre_mask)
+                   for state, rows, pre, pre_mask in streams]
+        if two_step:
+            logits = classifier_free_guidance(outputs[0], outputs[1], cfg_coef)
+        elif guided:
+            logits = guide_batched(outputs[0], cfg_coef)
+        else:
+            logits = outputs[0]
+        token = sample_next_token(logits, generator=generator, **sampling)
+        token = torch.where(valid[:, offset], token, self.special_token_id)
+        current = sequence[..., offset]  # prompt positions are kept, only unknowns are written
+        sequence[..., offset] = torch.where(current == UNKNOWN, token, current)
+
+    def _static_decoder(self, sequence, valid, offset, streams, prefix, guided, two_step, cfg_coef, sampling,
+                        generator, **options):
+        """The :class:`~lm.graph.StaticDecoder` that takes over at sequence step ``offset``."""
+        decode_streams = [DecodeStream(caches=state.caches, rows=rows, cross_kv=state.cross_kv,
+                                       cross_mask=state.cross_mask, key_mask=state.key_mask)
+                          for state, rows, _, _ in streams]
+        guidance = "two_step" if two_step else ("batched" if guided else "none")
+        return StaticDecoder(self, sequence=sequence, valid=valid, streams=decode_streams, offset=offset,
+                             prefix_length=0 if prefix is None else prefix.shape[1], guidance=guidance,
+                             cfg_coef=cfg_coef, generator=generator, **sampling, **options)
 
     def _last_logits(self, sequence: torch.Tensor, state: DecodingState, rows: int,
                      prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None) -> torch.Tensor:

@@ -6,7 +6,11 @@ checkpoints load with ``load_state_dict``. Attention runs through torch SDPA; xf
 memory-efficient kernel is used only when asked for, installed and the tensors are on CUDA.
 
 Incremental decoding keeps keys/values in a preallocated :class:`KVCache` per layer and the
-cross-attention keys/values of the condition are projected once per generation.
+cross-attention keys/values of the condition are projected once per generation. A decoding
+step can also take its position as a device tensor (``position=``): it then writes the cache
+with ``index_copy_`` and attends over the whole static cache under a mask, so that no shape
+or Python value depends on the step and the step can be captured in a CUDA graph
+(:mod:`lm.graph`).
 """
 from __future__ import annotations
 
@@ -58,6 +62,23 @@ class KVCache:
         self.keys[:, :, start:end] = keys
         self.values[:, :, start:end] = values
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def write_at(self, position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one step ``(B, H, 1, D)`` at ``position`` (a 1-element long tensor on the cache's
+        device) and return the whole cache ``(B, H, max_len, D)``.
+
+        Nothing here reads the position on the host, so a CUDA graph can replay it; the
+        caller masks the positions not written yet. A position past the end is not checked
+        (that would need the value on the host): ``index_copy_`` then fails on CPU and is
+        undefined on CUDA, so callers bound the steps on the host.
+        """
+        if keys.shape[2] != 1 or position.numel() != 1:
+            raise ValueError(f"write_at stores one step at one position, got {keys.shape[2]} steps and "
+                             f"{position.numel()} positions")
+        self.keys.index_copy_(2, position.reshape(1), keys.to(self.keys.dtype))
+        self.values.index_copy_(2, position.reshape(1), values.to(self.values.dtype))
+        return self.keys, self.values
 
 
 @lru_cache(maxsize=1)
@@ -149,16 +170,23 @@ class SelfAttention(_PackedAttention):
     """Causal self-attention, optionally writing into a :class:`KVCache`."""
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, start: int = 0,
+                position: torch.Tensor | None = None) -> torch.Tensor:
         """``x (B, T, C)`` at positions ``start..start+T-1``; returns ``(B, T, C)``.
 
         With a cache, keys/values are written at ``start`` and the queries see every cached
         position before theirs (the caller passes the matching ``mask`` / ``causal``).
+        With ``position`` (a 1-element long tensor; T must be 1) the step is written there
+        and attends over the whole cache: ``mask`` must hide the positions after it.
         """
         B, T, C = x.shape
         qkv = linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if cache is not None:
+        if position is not None:
+            if cache is None:
+                raise ValueError("a tensor position needs a KV cache")
+            k, v = cache.write_at(position, k, v)
+        elif cache is not None:
             k, v = cache.write(start, k, v)
         return self._merge(self._attend(q, k, v, mask, causal))
 
@@ -211,16 +239,20 @@ class TransformerLayer(nn.Module):
         return self._drop(linear(self._drop(hidden), self.linear2.weight, self.linear2.bias))
 
     def forward(self, x: torch.Tensor, *, self_mask: torch.Tensor | None = None, causal: bool = False,
-                cache: KVCache | None = None, start: int = 0,
+                cache: KVCache | None = None, start: int = 0, position: torch.Tensor | None = None,
                 cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cross_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x (B, T, C)`` -> ``(B, T, C)``; ``cross_kv`` is required iff the layer has cross-attention."""
+        """``x (B, T, C)`` -> ``(B, T, C)``; ``cross_kv`` is required iff the layer has cross-attention.
+
+        ``position``: see :meth:`SelfAttention.forward`.
+        """
         if (cross_kv is None) != (self.cross_attention is None):
             raise ValueError("cross-attention keys/values must be given exactly when the layer has "
                              f"cross-attention (layer has it: {self.cross_attention is not None})")
 
         def self_block(h):
-            return self._drop(self.self_attn(h, mask=self_mask, causal=causal, cache=cache, start=start))
+            return self._drop(self.self_attn(h, mask=self_mask, causal=causal, cache=cache, start=start,
+                                             position=position))
 
         def cross_block(h):
             return self._drop(self.cross_attention(h, cross_kv, cross_mask))
@@ -265,22 +297,46 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None,
                 key_mask: torch.Tensor | None = None,
                 cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                cross_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cross_mask: torch.Tensor | None = None,
+                position: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``x (B, T, C)`` sitting at positions ``start..start+T-1``; returns ``(B, T, C)``.
 
         ``key_mask (B, >= start+T)`` marks self-attention keys that may be attended (padding of
         a prepended condition is false); ``cross_mask (B, 1, 1, S)`` does the same for the
         condition. Both are boolean.
+
+        ``position`` (a 1-element long tensor, instead of ``start``): one step (T = 1) at that
+        position, written into the static ``caches``; attention spans the whole cache with the
+        later positions masked. No host synchronization: the step can be graph-captured.
         """
         B, T, C = x.shape
-        positions = torch.arange(start, start + T, device=x.device)
+        if position is not None:
+            if caches is None or T != 1:
+                raise ValueError(f"a tensor position takes one step (got {T}) and KV caches")
+            positions = position.reshape(1)
+            self_mask, causal = self._static_mask(position, caches[0].max_len, key_mask), False
+        else:
+            positions = torch.arange(start, start + T, device=x.device)
+            self_mask, causal = self._self_mask(T, start, key_mask, x.device)
         x = x + sin_embedding(positions, C, self.max_period, dtype=x.dtype)
-        self_mask, causal = self._self_mask(T, start, key_mask, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, self_mask=self_mask, causal=causal,
-                      cache=None if caches is None else caches[i], start=start,
+                      cache=None if caches is None else caches[i], start=start, position=position,
                       cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask)
         return x
+
+    @staticmethod
+    def _static_mask(position: torch.Tensor, max_len: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Boolean ``(B or 1, 1, 1, max_len)``: keys up to ``position``, less masked prefix padding.
+
+        The same rule as :meth:`_self_mask` for one query, over the whole static cache.
+        """
+        keys = torch.arange(max_len, device=position.device)
+        here = keys == position.reshape(1)
+        allowed = (keys <= position.reshape(1))[None]
+        if key_mask is not None:
+            allowed = allowed & (key_mask[:, :max_len].to(torch.bool) | here)
+        return allowed[:, None, None, :]
 
     @staticmethod
     def _self_mask(T: int, start: int, key_mask: torch.Tensor | None,

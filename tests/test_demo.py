@@ -271,3 +271,23 @@ def test_browser_generates_playable_audio_and_shows_errors(served, tmp_path):
         finally:
             browser.close()
     assert (shots / "demo-generate.png").stat().st_size > 10_000
+
+
+@pytest.mark.filterwarnings("ignore:::gradio.queueing")
+def test_app_streams_the_first_prompt_when_asked(served, models):
+    """The Stream checkbox: live chunks, then the same clips as without it (gradio needs ffmpeg and
+    ffprobe for live audio; without them the page says so)."""
+    client_module = pytest.importorskip("gradio_client")
+    client = client_module.Client(served.local_url, verbose=False)
+    tiny = str((models / "tiny").resolve())
+    args = ("calm piano", 0.5, 250, 0.0, 1.0, 3.0, 4, tiny, "", None, None)
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        with pytest.raises(Exception, match="needs ffmpeg|needs ffprobe"):
+            client.predict(*args, True, api_name="/on_generate")
+        return
+    outputs = client.predict(*args, True, api_name="/on_generate")
+    plain = client.predict(*args, False, api_name="/on_generate")
+    streamed, _ = sf.read(outputs[0] if isinstance(outputs[0], str) else outputs[0]["value"], always_2d=True)
+    expected, _ = sf.read(plain[0] if isinstance(plain[0], str) else plain[0]["value"], always_2d=True)
+    np.testing.assert_allclose(streamed, expected, atol=2 / 32_768)
+    assert "seed 4" in outputs[-1]

@@ -208,14 +208,15 @@ def test_window_plan_follows_audiocraft(duration, prompt):
 
 def test_sliding_window_beyond_the_training_window(generator, monkeypatch):
     calls = []
-    original = generator.lm.generate
+    original = generator.lm.generate_iter
 
-    def spy(**kwargs):
-        out = original(**kwargs)
+    def spy(**kwargs):  # each window is one LM call, streamed frame by frame
+        pieces = list(original(**kwargs))
+        out = torch.cat(pieces, dim=-1)
         calls.append((kwargs["max_gen_len"], kwargs["prompt"], out))
-        return out
+        yield from pieces
 
-    monkeypatch.setattr(generator.lm, "generate", spy)
+    monkeypatch.setattr(generator.lm, "generate_iter", spy)
     steps = []
     out = generator.generate(["happy rock", None], 0.23, seed=0, return_tokens=True,
                              progress=lambda step, total: steps.append((step, total)))

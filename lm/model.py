@@ -106,6 +106,9 @@ PRESETS: dict[str, LMConfig] = {
     "musicgen_stereo_small": replace(_SMALL, **_STEREO),
     "musicgen_stereo_medium": replace(_MEDIUM, **_STEREO),
     "musicgen_stereo_large": replace(_LARGE, **_STEREO),
+    # The model the repository ships (assets/models/tokenwave-small): trainable on a CPU.
+    "tokenwave_small": LMConfig(dim=256, num_heads=4, num_layers=4, ffn_dim=1024, num_codebooks=4,
+                                card=512),
     # Tiny models for tests and smoke runs: built in milliseconds.
     "tiny": LMConfig(dim=32, num_heads=4, num_layers=2, ffn_dim=64, num_codebooks=4, card=16),
     "tiny_prepend": LMConfig(dim=32, num_heads=4, num_layers=2, ffn_dim=64, num_codebooks=4, card=16,

@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenwave-installed
 export OMP_NUM_THREADS ?= 2
+PROMPT ?= a slow, sad piano ballad in A minor
 
 .PHONY: run test setup bench clean
 
@@ -22,7 +23,7 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	mkdir -p out
-	$(BIN)/tokenwave roundtrip assets/clip.wav out/roundtrip.wav --model random:encodec_24khz --bandwidth 6 --force
+	$(BIN)/tokenwave generate "$(PROMPT)" --duration 10 --seed 0 -o out/music.wav --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

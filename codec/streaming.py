@@ -4,11 +4,12 @@ Layer-wise streaming (:class:`StreamingEncoder`, :class:`StreamingDecoder`)
 ---------------------------------------------------------------------------
 The encoder/decoder are walked layer by layer and each layer keeps its own state: a
 convolution keeps the input samples its next windows still need (left context), the LSTM
-keeps ``(h, c)``, a transposed convolution keeps the overlap-add tail its last input frame
-adds to the next frame's samples, a residual block keeps whichever of its two branches ran
-ahead. Nothing is recomputed from the past. A layer emits an output sample as soon as no
-later input can change it, and each output sums the same products as offline, so the stream
-gives the offline ``model.encode`` / ``model.decode`` of the whole signal (see Exactness).
+keeps ``(h, c)`` before and after its last step, a transposed convolution keeps the
+overlap-add tail its last input frame adds to the next frame's samples, a residual block
+keeps whichever of its two branches ran ahead. Nothing is recomputed from the past but the
+LSTM's last step. A layer emits an output sample as soon as no later input can change it,
+and each output sums the same products as offline, so the stream gives the offline
+``model.encode`` / ``model.decode`` of the whole signal (see Exactness).
 
 This works for every model whose layers can be streamed: the causal 24 kHz model and the
 non-causal 32/16 kHz models (weight norm, no chunking). A non-causal convolution is a causal
@@ -45,26 +46,45 @@ Algorithmic latency after the start (asserted by tests/test_streaming.py; the en
   94.7 ms; the decoder holds back 1203 samples (75.2 ms).
 No approximate windowed mode is needed for the non-causal models: their streams are exact.
 
-Exactness. In float64 the streamed codes are bit-identical to ``model.encode`` for every
-chunking (tested, 1-sample chunks included). In float32 the convolution and LSTM kernels
-(oneDNN) round differently for different input lengths - ``model.encode`` of a prefix of a
-signal does not reproduce the prefix's bits either - so streamed latents differ from offline
-ones by ~1e-7, and a code can flip where its two nearest codewords are that close to a tie.
-Measured on this machine (random weights, codebooks from k-means on the model's own latents,
-20 s of tones and noise, full-size presets, one thread): share of codes equal to offline, and
-the streamed decode's difference to ``model.decode`` (audio RMS 0.05-0.07, 48 kHz 0.2):
+Exactness. Offline, each kernel runs once over the whole signal, and on CPU the kernel torch
+picks, and so the last bits of every output, depends on the input's shape. The stream calls
+each kernel in a way that rounds every output as the long offline call does (tested layer
+by layer on the 24 kHz model and end to end at 24 and 16 kHz in
+tests/test_streaming_exact.py; measured at 32 kHz): convolutions go to the kernel torch picks for a
+long input (oneDNN for float32, whose outputs do not depend on the input width; the native
+kernel gets at least ``MIN_COLUMNS`` output columns), elementwise layers run all their
+elements on the CPU's vector path, the LSTM runs only calls that reproduce its offline steps
+(2 steps or more from a given state), and the quantizer's distances get at least
+``MIN_COLUMNS`` rows. Then the streamed codes are ``model.encode``'s bit for bit, in float32
+on CPU, for every chunking (1-sample chunks included), except where the offline pass itself
+rounds by the total length, which the stream cannot know before it ends:
 
-    model, bitrate         chunks pushed                codes equal    audio max / RMS diff
-    24 kHz, 6 kbps         one frame (320 samples)      99.83 %        1.1e-7 / 2.1e-8
-    24 kHz, 6 kbps         5 s blocks                   100 %          5.2e-8 / 1.1e-9
-    32 kHz, 2.2 kbps       one frame (640 samples)      100 %          1.3e-7 / 2.4e-8
-    32 kHz, 2.2 kbps       5 s blocks                   100 %          1.3e-7 / 2.4e-8
-    16 kHz, 2.2 kbps       one frame / 5 s blocks       100 % / 100 %  2.1e-7 / 4.0e-8
-    48 kHz, 6 kbps         320 samples / 5 s blocks     100 % / 100 %  1.7e-6 / 2.9e-7
+* Short streams at batch 1. torch runs a convolution whose input has at most 20480 elements
+  at batch 1 on its native kernel; the stream assumes the long case. Bitwise from 10881
+  samples (0.45 s) at 24 kHz, 8961 (0.28 s) at 32 kHz, 4481 (0.28 s) at 16 kHz (full-size
+  models); shorter streams get other last bits (at 24 kHz their codes all agreed in 24
+  streams of 0.04-0.45 s, but a near-tie can flip). At batch 2 and more, no such limit.
+* The stream end. An elementwise kernel computes the last ``numel % 32`` elements of a
+  float32 tensor in a scalar loop with other rounding. With channel counts that are multiples
+  of 32 there are none; in the 24 kHz encoder the 16-channel ELU of the first residual block
+  leaves the last 16 samples to it when batch x length is odd, so the codes of the last one
+  or two frames can then flip at a near-tie.
 
-(48 kHz: random normal codebooks; a prepared 48 kHz model decodes offline with batched,
-time-major kernels, hence its larger but still float-rounding difference. Codebooks built
-from near-duplicate latents, which make ties common, gave 99.98 % at 32 kHz one-frame.)
+All on one intra-op thread (more threads split the work, and the scalar tails, by thread;
+not measured). In float64 the codes are bitwise for every chunking and length
+(tests/test_streaming.py). Measured with one thread, full-size 24 kHz model, codebooks from
+the model's own latents: all 211,840 codes of 0.47-3 s streams (batch 1 and 2, even and odd
+lengths, chunks of 1 to 3000 samples) equal, against 99.83 % at one-frame pushes before the
+kernels were matched; with a first codebook of exact ties, where any change in a latent's
+last bits flips a code with even odds, still all equal (3 chunkings of 3 s; 50-67 % of the
+tied codes before). The decoder shares the convolution, ELU and LSTM nodes; its transposed
+convolutions overlap-add in pieces, so its audio matches ``model.decode`` to float rounding
+(24 kHz, one-frame pushes: max 6.7e-8).
+
+Cost: a 1-frame push runs the LSTM over 2 steps and oneDNN on narrow inputs, a constant
+cost per frame. 24 kHz full-size encoder, one thread on a shared 2-core machine: real-time
+factor 0.84 at one-frame (320-sample) pushes (0.68 before), 0.43 at 960-sample pushes (0.33),
+0.13 at 4800 (0.09); offline ``model.encode`` 0.06.
 
 Chunked streaming (:class:`ChunkedStreamingEncoder`, :class:`ChunkedStreamingDecoder`)
 --------------------------------------------------------------------------------------
@@ -84,7 +104,7 @@ Peak memory is set by the block size, not the file length (``bench/memory.py``, 
 one thread: peak RSS 500-575 MiB at 24 kHz and ~415 MiB at 48 kHz stereo, the same for 10 and
 60 minute files; ~300-330 MiB of it is torch and the model), and the codes are those of a
 whole-file ``model.encode``
-(to the float32 near-tie caveat above; with 5 s blocks no code differed in the measurements).
+(bit for bit, with the exceptions under Exactness).
 """
 from __future__ import annotations
 
@@ -96,6 +116,7 @@ from typing import Union
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import audio as audio_io
 from .conv import StreamableConv1d, StreamableConvTranspose1d, pad1d
@@ -136,6 +157,92 @@ def _check_no_norm(layer: nn.Module, norm: nn.Module) -> None:
                          "that encode in segments stream with ChunkedStreamingEncoder/Decoder")
 
 
+# -- kernels that round as the offline pass does -------------------------------------------
+# The offline pass runs each layer once over the whole signal; which CPU kernel it reaches, and
+# so its last bits, depends on the input's shape. The stream calls each kernel with shapes for
+# which the bits of an output do not depend on how many others are computed with it (see
+# Exactness in the module docstring and tests/test_streaming_exact.py).
+
+# A CPU matrix product (native convolution, the quantizer's distances) rounds its first rows
+# differently when it has fewer than 4 (distances) or 12 (1x1 convolutions) of them.
+MIN_COLUMNS = 16
+# Elementwise CPU kernels (ELU) run 2 vectors at a time and leave the rest (``numel % 32`` for
+# float32 with AVX-512) to a scalar loop that rounds differently (exp(x) - 1, not expm1);
+# padding a piece to a multiple of this keeps all of it on the vector path, as offline (but
+# for offline's own last elements: see Exactness).
+VECTOR_BLOCK = 64
+
+
+def _onednn_conv(conv: nn.Conv1d, x: torch.Tensor) -> bool:
+    """Whether ``conv(x)`` reaches oneDNN when ``x`` is long, as torch dispatches it.
+
+    torch (``ConvParams::use_mkldnn``) sends a float32 CPU convolution to oneDNN unless it is a
+    1x1, unstrided, undilated one at batch < 16 on one thread, or its input has at most 20480
+    elements at batch 1 (the short case the stream cannot know about; see Exactness).
+    """
+    if (x.device.type != "cpu" or x.dtype != torch.float32
+            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)):
+        return False
+    return (conv.kernel_size[0] != 1 or conv.stride[0] != 1 or conv.dilation[0] != 1
+            or x.shape[0] >= 16 or torch.get_num_threads() > 1)
+
+
+class _Weight:
+    """A convolution's weight, rebuilt from its weight norm only when that changes.
+
+    oneDNN is ~7x slower on a freshly allocated 8 MiB weight than on one it has seen; the
+    rebuilt weight has the same bits as the one the module's forward builds at each call.
+    """
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        self.conv = conv
+        self.key: tuple | None = None
+        self.weight: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        conv = self.conv
+        if not hasattr(conv, "current_weight") or conv.folded:
+            return conv.weight
+        sources = (conv.weight_v, conv.weight_g)
+        if any(t.is_inference() for t in sources):  # no version counter to watch
+            return conv.current_weight()
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in sources)
+        if key != self.key:
+            self.key, self.weight = key, conv.current_weight().detach()
+        return self.weight
+
+
+def _conv(conv: nn.Conv1d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` (no padding) ``(B, C_in, n) -> (B, C_out, m)`` with offline's bits.
+
+    oneDNN convolutions give every output the same bits whatever the input width; the native
+    one (im2col and a matrix product) does once the output has ``MIN_COLUMNS`` columns, so a
+    narrower piece is zero-extended and cut back. ``weight`` is ``conv``'s current weight.
+    """
+    stride, dilation = conv.stride[0], conv.dilation[0]
+    if _onednn_conv(conv, x):
+        # The 2-D call torch's own dispatch makes for a 1-D convolution.
+        y = torch.mkldnn_convolution(x.unsqueeze(2), weight.unsqueeze(2), conv.bias, [0, 0],
+                                     [1, stride], [1, dilation], conv.groups)
+        return y.squeeze(2)
+    if x.device.type != "cpu":
+        return conv._conv_forward(x, weight, conv.bias)
+    span = (weight.shape[-1] - 1) * dilation + 1
+    outputs = (x.shape[-1] - span) // stride + 1
+    if outputs < MIN_COLUMNS:
+        x = F.pad(x, (0, (MIN_COLUMNS - outputs) * stride))
+    return conv._conv_forward(x, weight, conv.bias)[..., :outputs]
+
+
+def _pointwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for an elementwise module, every element on the CPU's vector path."""
+    if x.device.type != "cpu":
+        return module(x)
+    flat = x.reshape(-1)
+    y = module(F.pad(flat, (0, -flat.numel() % VECTOR_BLOCK)))
+    return y[: flat.numel()].view(x.shape)
+
+
 # -- per-layer streaming nodes ------------------------------------------------------------
 # Each node takes ``(B, C, n)`` pieces of its layer's input in order and returns the pieces of
 # its output that are final (None when there are none yet); ``flush()`` ends the stream and
@@ -159,7 +266,7 @@ class _Pointwise(_Node):
         self.module = module
 
     def push(self, x: torch.Tensor) -> MaybeTensor:
-        return self.module(x)
+        return _pointwise(self.module, x)
 
 
 class _Conv(_Node):
@@ -174,6 +281,7 @@ class _Conv(_Node):
         if layer.pad_mode == "circular":
             raise ValueError("circular padding needs the end of the stream at its start")
         self.layer = layer
+        self.weight = _Weight(layer.conv.conv)
         self.kernel = layer.kernel_size
         self.stride = layer.stride
         self.left = layer.paddings(layer.kernel_size)[0]  # the left pad does not depend on length
@@ -208,7 +316,7 @@ class _Conv(_Node):
             return None
         first = self.emitted * self.stride - self.start
         window = self.buffer[..., first: first + (ready - 1) * self.stride + self.kernel]
-        y = self.layer.conv(window)
+        y = _conv(self.layer.conv.conv, self.weight(), window)
         self.emitted += ready
         keep_from = max(self.start, min(self.emitted * self.stride, end - self.reserve))
         self.buffer = _rest(self.buffer, keep_from - self.start)
@@ -226,7 +334,7 @@ class _Conv(_Node):
         first = self.emitted * self.stride - self.start
         if padded.shape[-1] - first < self.kernel:
             return None
-        return self.layer.conv(padded[..., first:])
+        return _conv(self.layer.conv.conv, self.weight(), padded[..., first:])
 
 
 class _ConvTranspose(_Node):
@@ -275,14 +383,40 @@ class _ConvTranspose(_Node):
         return self._emit(tail) if stop > 0 else None
 
 
+LSTMState = Union[tuple[torch.Tensor, torch.Tensor], None]
+
+
 class _LSTM(_Node):
+    """StreamableLSTM, run only in calls that round as the one offline call does.
+
+    A call from a given state over 2 or more steps reproduces the offline bits of those steps
+    and of the final state; so does any call from the zero start state. A 1-step call from
+    another state does not (on CPU, oneDNN's and the native kernels alike). So each push also
+    re-runs the step before it, from the state before that step: the node keeps that state,
+    that step's input and the state after it. A 1-frame push costs one 2-step call; a push of
+    ``n > 1`` frames a second, ``n``-step call to get the state before its last step.
+    """
+
     def __init__(self, layer: StreamableLSTM) -> None:
         self.layer = layer
-        self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.before_last: LSTMState = None  # before the last step (None: the start, zeros)
+        self.last_input: MaybeTensor = None  # (B, C, 1) the last step's input
+        self.state: LSTMState = None  # after the last step
 
     def push(self, x: torch.Tensor) -> MaybeTensor:
-        y, self.state = self.layer.step(x, self.state)
-        return y
+        n = x.shape[-1]
+        if self.last_input is None:
+            steps, start = x, None
+        else:
+            steps, start = torch.cat([self.last_input, x], dim=-1), self.before_last
+        y, state = self.layer.step(steps, start)
+        if n == 1:
+            self.before_last = self.state
+        else:
+            self.before_last = self.layer.step(steps[..., :-1], start)[1]
+        self.state = state
+        self.last_input = x[..., -1:].clone()
+        return y[..., -n:]
 
 
 class _Residual(_Node):
@@ -416,8 +550,9 @@ class StreamingEncoder(_Stream):
     """Audio chunks of any length in, codes out as soon as each frame is final.
 
     ``push(chunk (B, C, n)) -> codes (B, K, f)`` with ``f >= 0``; ``flush() -> codes (B, K, f)``
-    ends the stream. The concatenated codes are ``model.encode(whole_stream)``'s (bit for bit
-    in float64; in float32 up to codeword near-ties, see the module docstring).
+    ends the stream. The concatenated codes are ``model.encode(whole_stream)``'s bit for bit
+    (in float32 on CPU too, but for short streams at batch 1 and the end-of-stream case in
+    the module docstring's Exactness).
     """
 
     def __init__(self, model: EncodecModel, *, num_codebooks: int | None = None,
@@ -441,9 +576,13 @@ class StreamingEncoder(_Stream):
         if latent is None:
             return torch.empty(self._batch or 0, self.num_codebooks, 0, dtype=torch.long,
                                device=book.device)
-        self.frames += latent.shape[-1]
+        frames = latent.shape[-1]
+        self.frames += frames
+        # The distances are one matrix product over all frames offline; rows round as there
+        # only in a product of at least 4 rows, so a short piece is zero-extended.
+        latent = F.pad(latent, (0, max(0, MIN_COLUMNS - frames)))
         # As model.encode: the codebooks may stay float32 under a half-precision encoder.
-        return self.model.quantizer.encode(latent.to(book.dtype), self.num_codebooks)
+        return self.model.quantizer.encode(latent.to(book.dtype), self.num_codebooks)[..., :frames]
 
     @torch.no_grad()
     def push(self, chunk: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,15 @@
 
 Key names follow the original release: ``vq.layers.N._codebook.inited|cluster_size|embed|
 embed_avg``.
+
+Data-parallel training: when a ``torch.distributed`` process group with several processes is
+initialised, a codebook in training mode learns from the latents of every process, as one
+process given the whole batch would: the per-step code counts and sums of the EMA update are
+all-reduced, and the k-means initialisation and dead-code replacement run on process 0 over
+the latents gathered from all processes and are broadcast. So every process holds the same
+codebooks (DDP's buffer broadcast, which would make them follow process 0's batches only,
+has nothing left to correct). Every process must then run the same training forwards, as
+DDP requires anyway. Inference (``encode``/``decode``, eval mode) never communicates.
 """
 from __future__ import annotations
 
@@ -12,6 +21,29 @@ from torch import nn
 from torch.nn import functional as F
 
 from .fast import cached
+
+
+def _group_size() -> int:
+    """Processes of the default ``torch.distributed`` group (1 when none is initialised)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N_r, D)`` rows of every process, concatenated in process order -> ``(sum N_r, D)``.
+
+    Processes may hold different numbers of rows (padded for the collective, then trimmed)."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    sizes = [int(c.item()) for c in counts]
+    padded = x.new_zeros(max(sizes), x.shape[1])
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
 def _sample_vectors(samples: torch.Tensor, num: int, generator: torch.Generator | None = None
@@ -92,7 +124,16 @@ class EuclideanCodebook(nn.Module):
 
     @torch.no_grad()
     def _init_from(self, x: torch.Tensor) -> None:
-        embed, bins = kmeans(x, self.codebook_size, self.kmeans_iters)
+        if _group_size() > 1:  # k-means on everyone's latents, by process 0, for all
+            rows = _gather_rows(x)
+            embed = x.new_empty(self.codebook_size, self.dim)
+            bins = torch.empty(self.codebook_size, dtype=torch.long, device=x.device)
+            if torch.distributed.get_rank() == 0:
+                embed, bins = kmeans(rows, self.codebook_size, self.kmeans_iters)
+            torch.distributed.broadcast(embed, src=0)
+            torch.distributed.broadcast(bins, src=0)
+        else:
+            embed, bins = kmeans(x, self.codebook_size, self.kmeans_iters)
         self.embed.copy_(embed)
         self.embed_avg.copy_(embed)
         self.cluster_size.copy_(bins.to(self.cluster_size.dtype))
@@ -102,9 +143,17 @@ class EuclideanCodebook(nn.Module):
     def _expire_dead_codes(self, x: torch.Tensor) -> None:
         if self.threshold_ema_dead_code <= 0:
             return
+        # cluster_size is the same on every process (all-reduced EMA), so all agree on `dead`.
         dead = self.cluster_size < self.threshold_ema_dead_code
         if dead.any():
-            replacement = _sample_vectors(x, self.codebook_size)
+            if _group_size() > 1:  # drawn by process 0 from everyone's latents
+                rows = _gather_rows(x)
+                replacement = x.new_empty(self.codebook_size, self.dim)
+                if torch.distributed.get_rank() == 0:
+                    replacement = _sample_vectors(rows, self.codebook_size)
+                torch.distributed.broadcast(replacement, src=0)
+            else:
+                replacement = _sample_vectors(x, self.codebook_size)
             mask = dead.unsqueeze(1)
             self.embed.copy_(torch.where(mask, replacement, self.embed))
             # The references only overwrite `embed`, which the EMA step right after recomputes
@@ -117,8 +166,13 @@ class EuclideanCodebook(nn.Module):
     @torch.no_grad()
     def _ema_update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         onehot = F.one_hot(codes, self.codebook_size).to(x.dtype)
-        self.cluster_size.lerp_(onehot.sum(0), 1 - self.decay)
-        self.embed_avg.lerp_(onehot.t() @ x, 1 - self.decay)
+        counts, sums = onehot.sum(0), onehot.t() @ x
+        if _group_size() > 1:  # this step's statistics over every process's latents
+            stats = torch.cat([counts[:, None], sums], dim=1)
+            torch.distributed.all_reduce(stats)
+            counts, sums = stats[:, 0], stats[:, 1:]
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        self.embed_avg.lerp_(sums, 1 - self.decay)
         n = self.cluster_size.sum()
         # Laplace smoothing keeps rarely used codes from dividing by ~0.
         smoothed = (self.cluster_size + self.epsilon) / (n + self.codebook_size * self.epsilon) * n

@@ -9,12 +9,17 @@ of a trained codec (``--from``, default ``DIR/<name>``) into ``DIR/<lm name>.th`
 
 A folder that already holds a run is only continued with ``--resume`` (which takes the codec
 and the recipe from the checkpoint; flags given again override the recipe's values, for
-example a larger ``--steps``). On many GPUs: ``accelerate launch -m inference train-codec ...``.
+example a larger ``--steps``). Several processes (DDP): ``accelerate launch --multi_gpu
+--num_processes N -m inference train-codec ...``, with ``--cpu`` for CPU processes (gloo; or
+``torchrun --nproc_per_node N -m inference train-codec ... --cpu``). ``accelerate launch --cpu
+--num_processes N`` starts a single process (accelerate spreads CPU processes only through
+mpirun): a warning says so.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from pathlib import Path
@@ -85,6 +90,13 @@ def _accelerator(args):
         raise CliError("training needs accelerate: pip install 'tokenwave[train]'") from None
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
                               log_with=args.log_with, project_dir=args.out)
+    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
+    single = accelerator.num_processes == 1 and "WORLD_SIZE" not in os.environ
+    if cpu_launch and "MASTER_ADDR" in os.environ and single:  # not under mpirun either
+        print("tokenwave: warning: `accelerate launch --cpu --num_processes N` starts a single "
+              "process (accelerate spreads CPU processes only through mpirun); for N CPU "
+              "processes use `accelerate launch --multi_gpu --num_processes N -m inference "
+              "train-codec ... --cpu` or torchrun", file=sys.stderr)
     if args.log_with:
         accelerator.init_trackers("tokenwave-train-codec")
     return accelerator
@@ -232,8 +244,9 @@ def register(subparsers) -> None:
         description="Train an EnCodec codec on random clips from a folder of audio with the "
                     "paper's recipe (L1 + multi-scale mel + MS-STFT adversarial and feature "
                     "losses, loss balancer, quantizer dropout, Adam 3e-4 (0.5, 0.9)). The model "
-                    "is written to DIR/NAME. Runs on many GPUs with "
-                    "`accelerate launch -m inference train-codec ...`.")
+                    "is written to DIR/NAME. Several processes (DDP): `accelerate launch "
+                    "--multi_gpu --num_processes N -m inference train-codec ...` (add --cpu for "
+                    "CPU processes).")
     sub.add_argument("data", metavar="DATA", help="folder of audio files (searched recursively; "
                      "any rate and channel count, converted to the codec's)")
     sub.add_argument("--out", required=True, metavar="DIR", help="run folder")

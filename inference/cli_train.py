@@ -6,6 +6,7 @@ T5 and LM training from the CLI.
     tokenwave finetune --model MODEL --data CACHE --out RUN [--steps ... --resume]
     tokenwave finetune --from-scratch SIZE --t5 T5 --train-text-encoder --data CACHE --out RUN
     accelerate launch --multi_gpu --num_processes 4 -m inference finetune ...   # DDP
+    accelerate launch --multi_gpu --num_processes 2 -m inference finetune ... --cpu   # DDP on CPU (gloo)
 
 ``DATA`` is a folder of audio with ``.txt``/``.json`` captions or a ``.jsonl`` manifest (see
 :mod:`lm.data`); ``MODEL`` for prepare is a generator (folder or name: its codec and codebook
@@ -201,7 +202,8 @@ def register(commands) -> None:
     sub = commands.add_parser(
         "finetune", parents=[quiet], help="train the LM on a token cache (accelerate; CPU, GPU, multi-GPU)",
         description="Fine-tune a generator's LM on a token cache (or train one from scratch) and write a "
-                    "generator folder to OUT/model. Multi-GPU: accelerate launch -m inference finetune ...")
+                    "generator folder to OUT/model. Several processes (DDP): accelerate launch --multi_gpu "
+                    "--num_processes N -m inference finetune ... (add --cpu for CPU processes)")
     sub.add_argument("--model", default=sup, help="base generator (folder or name); its config is inherited")
     sub.add_argument("--data", default=sup, metavar="CACHE", help="token cache from `tokenwave prepare`")
     sub.add_argument("--out", required=True, metavar="OUT", help="run folder (checkpoints, samples, logs, model)")
@@ -262,5 +264,7 @@ def register(commands) -> None:
     sub.add_argument("--seed", type=int, default=sup, help="random seed (default 0)")
     sub.add_argument("--stop-after", type=int, default=sup, metavar="N",
                      help="stop after step N without exporting (a time-boxed job; continue with --resume)")
-    sub.add_argument("--cpu", action="store_true", default=sup, help="train on the CPU even when a GPU is present")
+    sub.add_argument("--cpu", action="store_true", default=sup,
+                     help="train on the CPU even when a GPU is present (several CPU processes: under accelerate "
+                          "launch --multi_gpu --num_processes N or torchrun)")
     sub.set_defaults(func=cmd_finetune)

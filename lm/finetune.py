@@ -50,19 +50,32 @@ run that was never interrupted. Hyper-parameters cannot change on resume (only t
 fields in :data:`RESUMABLE_FIELDS`).
 
 Several GPUs or machines: ``accelerate launch --multi_gpu --num_processes N [--num_machines M
---machine_rank R --main_process_ip ...] -m inference finetune ...`` runs DDP (several CPU
-processes: ``torchrun --nproc_per_node N -m inference finetune ... --cpu``, gloo). Every process
-takes its own ``batch_size`` samples per micro-batch (the global batch is ``batch_size *
-processes * grad_accum``), gradients are averaged by DDP, logged metrics are averaged over the
-processes, and the main process writes checkpoints, logs, samples and the result. Changing the
-number of processes on resume changes the data order (a warning says so).
+--machine_rank R --main_process_ip ...] -m inference finetune ...`` runs DDP. Several CPU
+processes (gloo): the same command with ``--cpu`` after ``finetune``, or ``torchrun
+--nproc_per_node N -m inference finetune ... --cpu``; not ``accelerate launch --cpu
+--num_processes N``, which starts one process (accelerate spreads CPU processes only through
+mpirun; a warning says so). Every process takes its own ``batch_size`` samples per micro-batch
+(samples ``p`` of :class:`lm.data.SegmentBatches`; the global batch is ``batch_size * processes
+* grad_accum``), gradients are averaged by DDP, logged metrics and validation are reduced over
+the processes, and the main process writes checkpoints, logs, samples and the result. The loss
+of each micro-batch is its own per-codebook token mean (audiocraft's), so N processes x B equal
+one process x N*B (up to float rounding; tests/test_distributed.py) when every window is full;
+with items shorter than the window, each micro-batch's tokens weigh by its own token count.
+Changing the number of processes on resume changes the data order (a warning says so).
 
-FSDP: refused for now. This loop keeps full weights on every process for its EMA, checkpoints
+FSDP: refused. This loop keeps full weights on every process for its EMA, checkpoints
 (optimizer state saved once, by the main process) and export; under FSDP those hold shards, so
 they would silently save partial state. Models up to MusicGen-large (3.3B) fine-tune with DDP on
-80 GB GPUs with ``--mixed-precision bf16 --grad-checkpointing`` and a small per-GPU batch; FSDP
-support would need ``accelerator.get_state_dict`` for weights and EMA and per-rank optimizer
-shards (``FULL_STATE_DICT`` / ``SHARDED_STATE_DICT`` in the accelerate config).
+80 GB GPUs with ``--mixed-precision bf16 --grad-checkpointing`` and a small per-GPU batch.
+Checked with torch 2.13 and accelerate 1.15 on CPU (gloo): accelerate keeps an FSDP plugin only
+for GPU-like devices, so ``cpu=True`` runs DDP whatever the FSDP settings (refused here rather
+than silently replaced); and torch's ``fully_shard`` applied per transformer layer fails in the
+forward with "aten.mm.default got mixed torch.Tensor and DTensor", because ``LMModel.hidden``
+projects every layer's cross-attention keys and values before running the layers, outside the
+sharded layers' own forwards (sharding only the whole module runs, but keeps whole parameters
+during compute). FSDP support would need that projection moved into each layer,
+``accelerator.get_state_dict`` (or ``torch.distributed.checkpoint``) for weights and EMA, and
+per-rank optimizer shards.
 """
 from __future__ import annotations
 
@@ -606,9 +619,29 @@ def _trackers(config: FinetuneConfig, logs: Path) -> list:
     return trackers
 
 
-def _hparams(config: FinetuneConfig) -> dict[str, Any]:
+def _hparams(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
     """TensorBoard's hparams take scalars and strings only."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+    values = {**config.to_dict(), **extra}
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+
+
+def _check_launch(accelerator) -> None:
+    """Refuse FSDP, and launches whose processes would not train together."""
+    from accelerate.utils import DistributedType
+
+    if (accelerator.distributed_type == DistributedType.FSDP
+            or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+        raise ValueError("FSDP is not supported by tokenwave finetune (see lm.finetune's docs; on CPU accelerate "
+                         "would silently run DDP instead); launch without --use_fsdp or an FSDP accelerate config")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:  # each would train alone, all writing to one folder
+        raise RuntimeError(f"launched as {launched} processes but accelerate runs them as one each; for several "
+                           "processes on CPU pass --cpu to tokenwave finetune (cpu=True)")
+    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
+    if cpu_launch and "MASTER_ADDR" in os.environ and launched == 1 and accelerator.num_processes == 1:
+        warnings.warn("`accelerate launch --cpu --num_processes N` starts a single process (accelerate spreads CPU "
+                      "processes only through mpirun); for N CPU processes use `accelerate launch --multi_gpu "
+                      "--num_processes N -m inference finetune ... --cpu` or torchrun", stacklevel=3)
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -650,7 +683,7 @@ class _Run:
 
     def __init__(self, config: FinetuneConfig, *, resume: bool, progress: bool) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+        from accelerate.utils import ProjectConfiguration, set_seed
 
         self.config = config
         self.out = Path(config.out)
@@ -661,13 +694,8 @@ class _Run:
             cpu=config.cpu, mixed_precision=_mixed_precision(config), log_with=_trackers(config, self.out / LOGS_DIR),
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / LOGS_DIR)))
         acc = self.accelerator
-        if acc.distributed_type == DistributedType.FSDP:
-            raise ValueError("FSDP is not supported by tokenwave finetune (see lm.finetune's docs); use DDP")
+        _check_launch(acc)
         self.rank, self.world = acc.process_index, acc.num_processes
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > 1 and self.world == 1:  # each process would train alone, all writing to one folder
-            raise RuntimeError(f"launched as {launched} processes but accelerate runs them as one each; for several "
-                               "processes on CPU pass --cpu (accelerate launch --cpu, or cpu=True)")
         self.checkpoint = self._prepare_folder(resume)
 
         set_seed(config.seed)  # the same initial weights on every process
@@ -690,9 +718,15 @@ class _Run:
         self.step = 0
         if self.checkpoint is not None:
             self._load_state(self.checkpoint)
-        acc.init_trackers("tokenwave-finetune", config=_hparams(config))
+        global_batch = config.batch_size * self.world * config.grad_accum
+        acc.init_trackers("tokenwave-finetune", config=_hparams(
+            config, processes=self.world, distributed_type=acc.distributed_type.value, global_batch_size=global_batch))
         if self.checkpoint is not None:
             acc.log({"event_resumed_from": float(self.step)}, step=self.step)
+        if progress and acc.is_main_process:
+            print(f"finetune: {self.world} process(es) ({acc.distributed_type.value} on {acc.device}), {global_batch} "
+                  f"windows per step ({config.batch_size} per process x {self.world} x {config.grad_accum} "
+                  f"micro-batches), from step {self.step}", file=sys.stderr, flush=True)
 
     def _set_text_encoder_training(self) -> None:
         """The run's ``train_text_encoder`` decides whether a T5 trains, whatever the base's spec

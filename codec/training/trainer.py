@@ -32,10 +32,18 @@ k-means initialization, dead-code replacement) comes from generators seeded with
 resumed reaches the same parameters as one that never stopped (on the same device and
 threads; checked on CPU in the tests).
 
-Multi-GPU: ``accelerate launch -m inference train-codec ...``; each process takes its own
-clips, gradients are averaged by DDP, the balancer averages its gradient norms over processes.
-The quantizer's EMA codebooks are buffers, which DDP broadcasts from process 0 at every
-forward: the codebooks follow process 0's batches (as with any buffer under DDP).
+Several processes: ``accelerate launch --multi_gpu --num_processes N -m inference train-codec
+...`` (add ``--cpu`` for CPU processes, gloo; or ``torchrun --nproc_per_node N``). Each process
+takes its own clips (``batch_size`` per process), gradients are averaged by DDP, the balancer
+averages its gradient norms over processes, and logged losses are averaged over processes.
+The quantizer's EMA codebooks learn from every process's latents (counts and sums all-reduced,
+k-means and dead-code draws made by process 0 over the gathered latents; see
+:mod:`codec.quantization`): given the latents, they are those one process would learn from
+the whole batch. The balanced gradient is normalised per item and summed over each process's
+clips, as in audiocraft, so the per-process batch (not the global one) sets its size relative
+to the commitment loss's. Only the main process writes checkpoints, logs and the model;
+checkpoints record the number of processes, and resuming with another number warns that the
+clips differ.
 """
 from __future__ import annotations
 
@@ -46,6 +54,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
@@ -328,6 +337,10 @@ class _TrainingLoop:
     checkpoint_dir = "checkpoints"
 
     def __init__(self, out_dir: str | Path, config: LoopConfig, accelerator) -> None:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and accelerator.num_processes == 1:  # all would write one folder
+            raise RuntimeError(f"launched as {launched} processes but the accelerator runs them as "
+                               f"one each; for several processes on CPU pass cpu=True (--cpu)")
         self.out_dir = Path(out_dir)
         self.config = config
         self.accelerator = accelerator
@@ -369,7 +382,8 @@ class _TrainingLoop:
         path = None
         if self.is_main:
             state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                     "kind": self.kind, "step": self.step, **self.state_dict()}
+                     "kind": self.kind, "step": self.step,
+                     "world": self.accelerator.num_processes, **self.state_dict()}
             path = self.checkpoints.save(self.step, state)
             self.export()
         self.accelerator.wait_for_everyone()
@@ -383,6 +397,11 @@ class _TrainingLoop:
         state = CheckpointManager.load(path, self.kind)
         self.load_state_dict(state)
         self.step = int(state["step"])
+        world = state.get("world", 1)
+        if world != self.accelerator.num_processes:
+            warnings.warn(f"resuming with {self.accelerator.num_processes} process(es), checkpoint "
+                          f"written by {world}: the clips of each step differ from an "
+                          f"uninterrupted run", stacklevel=2)
         return Path(path)
 
     def _loader(self, data: RandomClips) -> DataLoader:
@@ -391,6 +410,16 @@ class _TrainingLoop:
                                    world_size=self.accelerator.num_processes)
         return DataLoader(data, batch_sampler=sampler, num_workers=self.config.num_workers,
                           pin_memory=self.accelerator.device.type == "cuda")
+
+    def _averaged(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        """Means over this process's steps since the last log, averaged over processes (every
+        process has the same keys: the step's random decisions are shared)."""
+        names = sorted(sums)
+        values = torch.tensor([sums[name] / count for name in names], dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            device = self.accelerator.device
+            values = self.accelerator.reduce(values.to(device), reduction="mean").cpu()
+        return dict(zip(names, values.tolist()))
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -415,6 +444,9 @@ class _TrainingLoop:
         if self.step >= config.steps:
             return last_valid
         batches = iter(self._loader(data))
+        processes = self.accelerator.num_processes
+        self._log({"step": self.step, "event": "start", "processes": processes,
+                   "batch_per_process": config.batch_size})
         sums: dict[str, float] = {}
         count, clock = 0, time.perf_counter()
         while self.step < config.steps:
@@ -428,10 +460,10 @@ class _TrainingLoop:
                 on_step(self.step)
             if self.step % config.log_every == 0 or self.step == config.steps:
                 elapsed = time.perf_counter() - clock
-                self._log({"step": self.step, **{k: v / count for k, v in sums.items()},
+                self._log({"step": self.step, **self._averaged(sums, count),
                            "steps_per_s": count / elapsed,
                            "audio_s_per_s": count * config.batch_size * config.segment_seconds
-                           * self.accelerator.num_processes / elapsed})
+                           * processes / elapsed})
                 sums, count, clock = {}, 0, time.perf_counter()
             if config.valid_clips and (self.step % config.valid_every == 0
                                        or self.step == config.steps):

@@ -7,7 +7,7 @@
     for chunk in generate_stream("calm piano melody at night", duration=30, seed=0):
         ...  # (B, C, n) float32 audio, while the model is still generating
 
-The model (default ``musicgen-small``, looked up in ``$TOKENWAVE_MODELS``; see
+The model (default ``tokenwave-small``, shipped in ``assets/models``; other names are looked up in ``$TOKENWAVE_MODELS``; see
 :mod:`inference.registry`) is loaded on the first call and kept for the next ones with the
 same model, device and dtype. Every sampling argument and its default is
 :meth:`inference.generator.MusicGen.generate`'s.

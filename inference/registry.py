@@ -38,7 +38,8 @@ KNOWN_MODELS: dict[str, str] = {
     "musicgen-stereo-melody-large": "facebook/musicgen-stereo-melody-large",
     "audiogen-medium": "facebook/audiogen-medium",
 }
-DEFAULT_MODEL = "musicgen-small"
+# The model the repository ships (assets/models/tokenwave-small; recipes/tokenwave_small.sh).
+DEFAULT_MODEL = "tokenwave-small"
 _T5_ORGS = ("", "google-t5", "google", "t5")
 
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Re-train the model the repository ships, assets/models/tokenwave-small, end to end:
+#
+#   1. corpus: 3 h of procedural MIDI songs rendered with fluidsynth (32 kHz mono, seed 0)
+#   2. codec:  32 kHz, 50 Hz frames (ratios 8,5,4,4), n_filters 12, no LSTM, 4 x 512 codes
+#              (1.8 kbps), L1 + multi-scale mel losses (no discriminator: CPU budget)
+#   3. text encoder: sentencepiece vocabulary from the captions + a 3-layer T5 (d_model 128)
+#   4. tokens: the corpus encoded by the codec, 10 s items
+#   5. LM: the `tokenwave_small` preset (dim 256, 4 layers), trained from scratch together
+#      with the text encoder, exported in bfloat16
+#   6. copy into assets/models/tokenwave-small (with --install)
+#
+# The shipped model was made with exactly these commands on a 2-core CPU (no GPU); the step
+# counts below are the ones used (CODEC_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda
+# and is much faster). A finished step is skipped on a re-run; an interrupted one resumes.
+#
+# Usage, from the repository root with tokenwave installed (or its venv active):
+#   recipes/tokenwave_small.sh [--install]
+set -euo pipefail
+OUT=${OUT:-runs/tokenwave_small}
+HOURS=${HOURS:-3}
+CODEC_STEPS=${CODEC_STEPS:-4000}
+LM_STEPS=${LM_STEPS:-2800}
+DEVICE=${DEVICE:-cpu}
+THREADS=${THREADS:-2}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+TOKENWAVE=${TOKENWAVE:-python -m inference}
+CPU_FLAG=(); [[ "$DEVICE" == cpu ]] && { CPU_FLAG=(--cpu); export OMP_NUM_THREADS=$THREADS; }
+stamp() { echo "[tokenwave_small $(date +%H:%M:%S)] $*"; }
+mkdir -p "$OUT"
+
+stamp "1/6 corpus ($HOURS h) -> $OUT/corpus"
+python "$HERE/corpus/make_corpus.py" --out "$OUT/corpus" --hours "$HOURS" --sample-rate 32000 \
+    --channels 1 --seed 0 -q
+
+if [[ ! -e "$OUT/codec/.done" ]]; then
+    ARCH=(--preset encodec_32khz --set ratios=8,5,4,4 --set n_filters=12 --set lstm=0
+          --set dimension=64 --set num_codebooks=4 --set codebook_size=512
+          --set target_bandwidths=0.9,1.8 --name codec)
+    [[ -d "$OUT/codec/checkpoints" ]] && ARCH=(--resume)
+    stamp "2/6 codec: $CODEC_STEPS steps"
+    $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/codec" \
+        "${ARCH[@]}" --loss-weights reconstruction --batch-size 16 --segment-seconds 0.5 \
+        --lr 6e-4 --steps "$CODEC_STEPS" --valid-every 250 --valid-clips 8 \
+        --checkpoint-every 250 --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
+    rm -rf "$OUT/codec_final" && cp -r "$OUT/codec/codec" "$OUT/codec_final"
+    touch "$OUT/codec/.done"
+fi
+
+if [[ ! -e "$OUT/t5/config.json" ]]; then
+    stamp "3/6 text encoder"
+    $TOKENWAVE make-text-encoder --captions "$OUT/corpus/train" --out "$OUT/t5" \
+        --vocab-size 1000 --d-model 128 --layers 3 --heads 4 --d-ff 512
+fi
+
+if [[ ! -e "$OUT/cache/index.json" ]]; then
+    stamp "4/6 tokens"
+    $TOKENWAVE prepare "$OUT/corpus/train" --model "$OUT/codec_final" --out "$OUT/cache" \
+        --segment-seconds 10 --device "$DEVICE" --force
+fi
+
+if [[ ! -e "$OUT/lm/.done" ]]; then
+    ARGS=(--data "$OUT/cache" --from-scratch tokenwave_small --t5 "$OUT/t5" --train-text-encoder)
+    [[ -f "$OUT/lm/run.json" ]] && ARGS=(--resume)
+    stamp "5/6 LM: $LM_STEPS steps"
+    $TOKENWAVE finetune "${ARGS[@]}" --out "$OUT/lm" --steps "$LM_STEPS" --batch-size 16 \
+        --lr 1e-3 --warmup 80 --segment-seconds 10 --mixed-precision bf16 \
+        --cfg-dropout 0.2 --word-dropout 0.15 --eval-every 250 --save-every 250 --log-every 25 \
+        --save-dtype bfloat16 "${CPU_FLAG[@]}"
+    touch "$OUT/lm/.done"
+fi
+
+if [[ "${1:-}" == "--install" ]]; then
+    stamp "6/6 install -> assets/models/tokenwave-small"
+    rm -rf "$ROOT/assets/models/tokenwave-small.new"
+    cp -r "$OUT/lm/model" "$ROOT/assets/models/tokenwave-small.new"
+    rm -rf "$ROOT/assets/models/tokenwave-small"
+    mv "$ROOT/assets/models/tokenwave-small.new" "$ROOT/assets/models/tokenwave-small"
+fi
+stamp "done: $OUT/lm/model"

@@ -132,9 +132,10 @@ def test_codec_handler_reports_the_real_size(models, workdir, tmp_path):
 
 def test_model_discovery(models, monkeypatch):
     found = app.find_generators(models)
-    assert [c.value for c in found] == [str((models / "tiny").resolve())]
+    shipped = str((Path(__file__).parents[1] / "assets" / "models" / "tokenwave-small").resolve())
+    assert [c.value for c in found] == [str((models / "tiny").resolve()), shipped]
     choices, default = app.model_choices(None, models)
-    assert default == found[0].value and choices[-1].value == app.RANDOM_MODEL
+    assert default == shipped and choices[-1].value == app.RANDOM_MODEL  # the shipped model first
     assert "UNTRAINED" in choices[-1].label
     monkeypatch.setenv("TOKENWAVE_MODELS", str(models / "notes"))
     choices, default = app.model_choices(None)

@@ -14,6 +14,7 @@ DDP requires anyway. Inference (``encode``/``decode``, eval mode) never communic
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,20 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _from_all_latents(x: torch.Tensor, compute: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                      empty: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``compute`` over the latents ``(N, D)`` of every process, run once by process 0 and
+    broadcast into ``empty`` (buffers of the results' shapes) on the others; ``compute(x)``
+    when there is no process group."""
+    if _group_size() == 1:
+        return compute(x)
+    rows = _gather_rows(x)
+    out = compute(rows) if torch.distributed.get_rank() == 0 else empty
+    for tensor in out:
+        torch.distributed.broadcast(tensor, src=0)
+    return out
 
 
 def _sample_vectors(samples: torch.Tensor, num: int, generator: torch.Generator | None = None
@@ -124,16 +139,10 @@ class EuclideanCodebook(nn.Module):
 
     @torch.no_grad()
     def _init_from(self, x: torch.Tensor) -> None:
-        if _group_size() > 1:  # k-means on everyone's latents, by process 0, for all
-            rows = _gather_rows(x)
-            embed = x.new_empty(self.codebook_size, self.dim)
-            bins = torch.empty(self.codebook_size, dtype=torch.long, device=x.device)
-            if torch.distributed.get_rank() == 0:
-                embed, bins = kmeans(rows, self.codebook_size, self.kmeans_iters)
-            torch.distributed.broadcast(embed, src=0)
-            torch.distributed.broadcast(bins, src=0)
-        else:
-            embed, bins = kmeans(x, self.codebook_size, self.kmeans_iters)
+        embed, bins = _from_all_latents(
+            x, lambda rows: kmeans(rows, self.codebook_size, self.kmeans_iters),
+            (x.new_empty(self.codebook_size, self.dim),
+             torch.empty(self.codebook_size, dtype=torch.long, device=x.device)))
         self.embed.copy_(embed)
         self.embed_avg.copy_(embed)
         self.cluster_size.copy_(bins.to(self.cluster_size.dtype))
@@ -146,14 +155,9 @@ class EuclideanCodebook(nn.Module):
         # cluster_size is the same on every process (all-reduced EMA), so all agree on `dead`.
         dead = self.cluster_size < self.threshold_ema_dead_code
         if dead.any():
-            if _group_size() > 1:  # drawn by process 0 from everyone's latents
-                rows = _gather_rows(x)
-                replacement = x.new_empty(self.codebook_size, self.dim)
-                if torch.distributed.get_rank() == 0:
-                    replacement = _sample_vectors(rows, self.codebook_size)
-                torch.distributed.broadcast(replacement, src=0)
-            else:
-                replacement = _sample_vectors(x, self.codebook_size)
+            (replacement,) = _from_all_latents(
+                x, lambda rows: (_sample_vectors(rows, self.codebook_size),),
+                (x.new_empty(self.codebook_size, self.dim),))
             mask = dead.unsqueeze(1)
             self.embed.copy_(torch.where(mask, replacement, self.embed))
             # The references only overwrite `embed`, which the EMA step right after recomputes

@@ -718,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="play through the speakers as it is generated (needs: pip install sounddevice); one prompt")
     sub.add_argument("--chunk-frames", type=int, default=25, metavar="N",
                      help="--stdout/--play: codec frames decoded per chunk (default 25: 0.5 s at 50 Hz)")
-    sub.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+    sub.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
                      help="LM steps through the static-cache decoder, a CUDA graph on CUDA (default: off)")
     sub.add_argument("--model", default=DEFAULT_GENERATOR,
                      help=f"generator folder (tokenwave, transformers or audiocraft files) or name in "

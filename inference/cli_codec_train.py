@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import sys
 from pathlib import Path
@@ -90,13 +89,6 @@ def _accelerator(args):
         raise CliError("training needs accelerate: pip install 'tokenwave[train]'") from None
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
                               log_with=args.log_with, project_dir=args.out)
-    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
-    single = accelerator.num_processes == 1 and "WORLD_SIZE" not in os.environ
-    if cpu_launch and "MASTER_ADDR" in os.environ and single:  # not under mpirun either
-        print("tokenwave: warning: `accelerate launch --cpu --num_processes N` starts a single "
-              "process (accelerate spreads CPU processes only through mpirun); for N CPU "
-              "processes use `accelerate launch --multi_gpu --num_processes N -m inference "
-              "train-codec ... --cpu` or torchrun", file=sys.stderr)
     if args.log_with:
         accelerator.init_trackers("tokenwave-train-codec")
     return accelerator

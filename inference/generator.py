@@ -408,7 +408,7 @@ class MusicGen(nn.Module):
                  progress: Progress = False, return_tokens: bool = False,
                  audio_prompt: tuple[torch.Tensor, int] | None = None,
                  melody: tuple[torch.Tensor | Sequence[torch.Tensor | None], int] | None = None,
-                 extend_stride: float | None = None, fast: bool | None = None
+                 extend_stride: float | None = None, fast: bool = False
                  ) -> GeneratedAudio | GeneratedAudioTokens:
         """Generate ``duration`` seconds of audio per prompt.
 
@@ -431,7 +431,8 @@ class MusicGen(nn.Module):
                 ``(C, T)``/None: melody conditioning through the chroma (melody models only).
             extend_stride: seconds per sliding-window step (default: the model's, 18 s for MusicGen).
             fast: LM steps through the static-cache decoder (:mod:`lm.graph`; a CUDA graph on
-                CUDA). None: off (opt-in). See :meth:`lm.LMModel.generate`.
+                CUDA). Off by default until the CUDA capture has run on a GPU. See
+                :meth:`lm.LMModel.generate`.
 
         Returns:
             ``(wav (B, C, T), sample_rate)``, plus ``tokens`` when ``return_tokens``.
@@ -453,7 +454,7 @@ class MusicGen(nn.Module):
                         two_step_cfg: bool = False, use_sampling: bool = True, seed: int | None = None,
                         progress: Progress = False, audio_prompt: tuple[torch.Tensor, int] | None = None,
                         melody: tuple[torch.Tensor | Sequence[torch.Tensor | None], int] | None = None,
-                        extend_stride: float | None = None, fast: bool | None = None) -> Iterator[torch.Tensor]:
+                        extend_stride: float | None = None, fast: bool = False) -> Iterator[torch.Tensor]:
         """:meth:`generate`, yielding audio ``(B, C, n)`` float32 while the LM still runs.
 
         Frames are decoded as soon as the LM has sampled all their codebooks: the first
@@ -550,7 +551,7 @@ class MusicGen(nn.Module):
                         top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
                         two_step_cfg: bool = False, use_sampling: bool = True, seed: int | None = None,
                         progress: Progress = False, extend_stride: float | None = None,
-                        fast: bool | None = None) -> torch.Tensor:
+                        fast: bool = False) -> torch.Tensor:
         """Codes ``(B, K, frames)`` for B prompts; ``prompt_codes (B, K, T0)`` continues them and
         ``melodies`` (at the chroma's rate) condition melody models. See :meth:`generate`.
 
@@ -568,7 +569,7 @@ class MusicGen(nn.Module):
                              top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
                              two_step_cfg: bool = False, use_sampling: bool = True, seed: int | None = None,
                              progress: Progress = False, extend_stride: float | None = None,
-                             fast: bool | None = None) -> Iterator[torch.Tensor]:
+                             fast: bool = False) -> Iterator[torch.Tensor]:
         """Codes ``(B, K, n)`` of consecutive frames, each piece as soon as its frames are final.
 
         Over a sliding window, each window's frames stream as it generates them; the frames a

@@ -629,19 +629,13 @@ def _check_launch(accelerator) -> None:
     """Refuse FSDP, and launches whose processes would not train together."""
     from accelerate.utils import DistributedType
 
+    from codec.training.launch import check_processes
+
     if (accelerator.distributed_type == DistributedType.FSDP
             or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
         raise ValueError("FSDP is not supported by tokenwave finetune (see lm.finetune's docs; on CPU accelerate "
                          "would silently run DDP instead); launch without --use_fsdp or an FSDP accelerate config")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes == 1:  # each would train alone, all writing to one folder
-        raise RuntimeError(f"launched as {launched} processes but accelerate runs them as one each; for several "
-                           "processes on CPU pass --cpu to tokenwave finetune (cpu=True)")
-    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
-    if cpu_launch and "MASTER_ADDR" in os.environ and launched == 1 and accelerator.num_processes == 1:
-        warnings.warn("`accelerate launch --cpu --num_processes N` starts a single process (accelerate spreads CPU "
-                      "processes only through mpirun); for N CPU processes use `accelerate launch --multi_gpu "
-                      "--num_processes N -m inference finetune ... --cpu` or torchrun", stacklevel=3)
+    check_processes(accelerator, command="finetune", cpu_hint="pass --cpu to tokenwave finetune (cpu=True)")
 
 
 # -- the run ------------------------------------------------------------------------------------

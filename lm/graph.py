@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .sampling import classifier_free_guidance, guide_batched
+from .sampling import classifier_free_guidance, guide_batched, sampling_probs
 from .transformer import KVCache
 
 UNKNOWN = -1  # positions of the pattern sequence not generated yet
@@ -53,11 +53,7 @@ def sample_on_device(logits: torch.Tensor, *, use_sampling: bool = True, tempera
     """
     if not use_sampling or temperature <= 0:
         return logits.argmax(dim=-1)
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     if top_p > 0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs

@@ -381,7 +381,7 @@ class LMModel(nn.Module):
                  temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
                  cfg_coef: float | None = None, two_step_cfg: bool | None = None,
                  generator: torch.Generator | None = None,
-                 callback: Callable[[int, int], None] | None = None, fast: bool | None = None) -> torch.Tensor:
+                 callback: Callable[[int, int], None] | None = None, fast: bool = False) -> torch.Tensor:
         """Generate codes ``(B, K, max_gen_len)``, the prompt included, as audiocraft does.
 
         Args:
@@ -400,7 +400,8 @@ class LMModel(nn.Module):
             generator: random generator for reproducible sampling.
             callback: called as ``callback(step, total)`` after every step.
             fast: run the steps after the first through :class:`lm.graph.StaticDecoder` (static
-                KV cache, no host synchronization, a CUDA graph on CUDA). None: off (opt-in).
+                KV cache, no host synchronization, a CUDA graph on CUDA). Off by default until
+                the CUDA capture has run on a GPU.
                 Same tokens as the eager path for greedy float32 decoding and, on CPU, for
                 seeded sampling (the logits differ by float rounding only).
 
@@ -421,7 +422,7 @@ class LMModel(nn.Module):
                       cfg_coef: float | None = None, two_step_cfg: bool | None = None,
                       generator: torch.Generator | None = None,
                       callback: Callable[[int, int], None] | None = None,
-                      fast: bool | None = None) -> Iterator[torch.Tensor]:
+                      fast: bool = False) -> Iterator[torch.Tensor]:
         """:meth:`generate`, yielding codes ``(B, K, n)`` of frames as soon as they are final.
 
         A frame is final once every codebook of it is sampled: with the delay pattern, frame
@@ -438,8 +439,6 @@ class LMModel(nn.Module):
         guided = self._is_guided(B, condition, prefix)
         cfg_coef = self.config.cfg_coef if cfg_coef is None else cfg_coef
         two_step = guided and (self.config.two_step_cfg if two_step_cfg is None else two_step_cfg)
-        # Opt-in until the CUDA capture has run on a GPU (no GPU was lent when it was written).
-        fast = bool(fast)
 
         K, T0 = self.num_codebooks, 0 if prompt is None else prompt.shape[-1]
         if T0 >= max_gen_len:

@@ -48,6 +48,16 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(order, -1, choice.unsqueeze(-1)).squeeze(-1)
 
 
+def sampling_probs(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float
+                   ) -> torch.Tensor:
+    """Checks the sampling arguments; the tempered distribution ``(..., card)`` in float32."""
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
 def sample_next_token(logits: torch.Tensor, *, use_sampling: bool = True, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 0.0,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -58,11 +68,7 @@ def sample_next_token(logits: torch.Tensor, *, use_sampling: bool = True, temper
     """
     if not use_sampling or temperature <= 0:
         return logits.argmax(dim=-1)
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     if top_p > 0:
         return sample_top_p(probs, top_p, generator)
     if top_k > 0:

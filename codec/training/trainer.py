@@ -68,6 +68,7 @@ from ..model import EncodecModel
 from ..quantization import EuclideanCodebook
 from .balancer import Balancer
 from .data import RandomClips, StepBatchSampler
+from .launch import check_processes
 from .discriminator import DEFAULT_WINDOWS, MultiScaleSTFTDiscriminator
 from .losses import (MelDistance, MultiScaleMelLoss, feature_matching_loss,
                      hinge_discriminator_loss, hinge_generator_loss, l1_time_loss, si_snr)
@@ -337,10 +338,7 @@ class _TrainingLoop:
     checkpoint_dir = "checkpoints"
 
     def __init__(self, out_dir: str | Path, config: LoopConfig, accelerator) -> None:
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > 1 and accelerator.num_processes == 1:  # all would write one folder
-            raise RuntimeError(f"launched as {launched} processes but the accelerator runs them as "
-                               f"one each; for several processes on CPU pass cpu=True (--cpu)")
+        check_processes(accelerator, command="train-codec", cpu_hint="pass cpu=True (--cpu)")
         self.out_dir = Path(out_dir)
         self.config = config
         self.accelerator = accelerator

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test]" -c constraints.txt
 	# The reference encodec package (test oracle) pins an old torchaudio: install without deps.
 	$(BIN)/python -m pip install -q --no-deps encodec==0.1.1
 	touch $(STAMP)

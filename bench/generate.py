@@ -11,7 +11,8 @@ In one run, per size and batch:
 - ``tw-eager``: ``LMModel.generate(fast=False)``; ``tw-graph``: ``fast=True`` (the static-cache
   step of :mod:`lm.graph`, captured in a CUDA graph on CUDA, uncaptured on CPU; the capture is
   part of every timed call); on CPU also ``tw-bf16w`` (bfloat16 matrix weights, float32
-  activations) with its logit error against float32;
+  activations), ``tw-int8`` and ``tw-int4`` (weight-only int8 / int4 matrices, groups of 32, :mod:`lm.quant`;
+  ``--no-quant`` skips them), each with its logit error against float32;
 - ``first audio``: for tokenwave, the time from ``MusicGen.generate_stream`` to its first audio
   chunk (``--first-chunk-frames`` frames through a random full-size 32 kHz EnCodec decoder;
   the text encoder is a lookup table, so T5 time is not included).
@@ -22,13 +23,27 @@ Then the codec: decoding speed of the random 32 kHz EnCodec, offline and streame
     python -m bench.generate --threads 2 --sizes small --layers 4 --steps 24 --batch 1 2   # CPU smoke
     python -m bench.generate --device cuda --sizes small medium --batch 1 4 16 --steps 256
 
+CPU comparison of fp32 / bf16-weights / int8 / int4 with transformers, MusicGen-small-sized
+(about 5 minutes on 2 cores), then medium-sized quantized rows only (the float32 and
+transformers models are still built: about 14 GB of memory):
+
+    python -m bench.generate --threads 2 --sizes small --batch 1 4 --steps 24 --repeats 3
+    python -m bench.generate --threads 2 --sizes medium --batch 1 --steps 16 --repeats 3 --impls tw-int8 tw-int4
+
+``--impls`` keeps the named implementations only. The peak RSS printed at the end is the
+process's (the float32 source model included); what loading one format costs is
+``bench/load_memory.py``'s.
+
 Timings on a shared machine are noisy: implementations run in interleaved rounds and the
-best round counts; compare numbers from one run only.
+median round counts; compare numbers from one run only.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
+import resource
+import statistics
 import time
 from collections.abc import Callable
 
@@ -36,6 +51,7 @@ import torch
 
 from inference.loaders import transformers_to_audiocraft_lm
 from lm import LMConfig, LMModel
+from lm.quant import quantize_lm, quantize_state
 
 SIZES = {
     "small": dict(dim=1024, num_heads=16, num_layers=24, ffn_dim=4096),
@@ -82,6 +98,8 @@ def reference_runner(reference, cache: str, max_len: int) -> Callable:
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache  # noqa: PLC0415
 
     statics: dict[int, StaticCache] = {}  # one per batch size, reset between runs (compiled code keeps it)
+    # transformers 5.x names the generate/forward argument ``cache``; 4.x named it ``past_key_values``.
+    cache_arg = "cache" if "cache" in inspect.signature(reference.forward).parameters else "past_key_values"
 
     def run(batch: int, steps: int, condition, mask) -> float:
         device = reference.device
@@ -102,8 +120,8 @@ def reference_runner(reference, cache: str, max_len: int) -> Callable:
             reference.generate(bos, attention_mask=torch.ones_like(bos), encoder_hidden_states=condition,
                                encoder_attention_mask=mask, guidance_scale=3.0, do_sample=True, top_k=250,
                                decoder_start_token_id=CARD, num_return_sequences=1, max_new_tokens=steps,
-                               past_key_values=EncoderDecoderCache(self_cache, DynamicCache()),
-                               disable_compile=cache != "compile")
+                               disable_compile=cache != "compile",
+                               **{cache_arg: EncoderDecoderCache(self_cache, DynamicCache())})
         sync(device)
         return time.perf_counter() - start
 
@@ -149,6 +167,15 @@ def first_audio(generator, batch: int, steps: int, first_chunk_frames: int, fast
     stream.close()
     assert chunk.shape[0] == batch
     return elapsed
+
+
+def quantized_copy(model: LMModel, spec: str) -> LMModel:
+    """``model`` with int8/int4 matrices, built without a second float copy (meta + assign)."""
+    with torch.device("meta"):
+        quantized = LMModel(model.config)
+    quantize_lm(quantized, spec)
+    quantized.load_state_dict(quantize_state(dict(model.state_dict()), quantized.quantization), assign=True)
+    return quantized.eval()
 
 
 def accuracy(model: LMModel, low: LMModel, condition, mask, length: int = 48) -> dict:
@@ -201,7 +228,8 @@ def codec_speed(device: torch.device, seconds: float, chunk_frames: int, repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="LM dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -218,6 +246,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip transformers + torch.compile (CUDA)")
     parser.add_argument("--no-reference", action="store_true", help="skip transformers altogether")
     parser.add_argument("--no-bf16", action="store_true", help="CPU: skip the bfloat16-weights variant")
+    parser.add_argument("--no-quant", action="store_true", help="CPU: skip the int8 / int4 variants")
+    parser.add_argument("--int4", default="int4", help="the int4 variant (int4 = int4-g32, int4-g64, int4-g128)")
+    parser.add_argument("--impls", nargs="+", help="run only these implementations (e.g. tw-int8 tw-int4)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -229,7 +260,7 @@ def main() -> None:
     torch.manual_seed(0)
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
 
-    print(f"{where}; {dtype}; CFG on, top-k 250; {steps} steps per run; best of {args.repeats}; "
+    print(f"{where}; {dtype}; CFG on, top-k 250; {steps} steps per run; median of {args.repeats}; "
           f"first audio after {args.first_chunk_frames} frames")
     print(f"{'size':<10}{'impl':<13}{'batch':>6}{'rows':>6}{'ms/step':>10}{'steps/s':>9}{'vs tf':>8}"
           f"{'first audio':>13}")
@@ -243,9 +274,16 @@ def main() -> None:
                 runners.append(("tf-compile", reference_runner(copy.deepcopy(reference), "compile", steps + 8)))
         runners += [("tw-eager", ours_runner(ours, fast=False)), ("tw-graph", ours_runner(ours, fast=True))]
         low = None
-        if not cuda and not args.no_bf16 and dtype == torch.float32:
-            low = copy.deepcopy(ours).low_precision_weights(torch.bfloat16)
-            runners.append(("tw-bf16w", ours_runner(low, fast=False)))
+        variants: dict[str, LMModel] = {}  # CPU weight formats, for first audio and accuracy
+        if not cuda and not args.no_bf16 and dtype == torch.float32 and _wanted("tw-bf16w", args.impls):
+            low = variants["tw-bf16w"] = copy.deepcopy(ours).low_precision_weights(torch.bfloat16)
+        if not cuda and not args.no_quant and dtype == torch.float32:
+            for name, spec in (("tw-int8", "int8"), ("tw-int4", args.int4)):
+                if _wanted(name, args.impls):
+                    variants[name] = quantized_copy(ours, spec)
+        runners += [(name, ours_runner(model, fast=False)) for name, model in variants.items()]
+        if args.impls:
+            runners = [(name, run) for name, run in runners if name in args.impls]
         generator = build_generator(ours, device)
         label = size if not args.layers else f"{size}/{args.layers}L"
         for batch in batches:
@@ -258,30 +296,46 @@ def main() -> None:
                 except Exception as error:  # noqa: BLE001 -- report and go on
                     print(f"{label:<10}{name:<13}{batch:>6}  failed: {type(error).__name__}: "
                           f"{' '.join(str(error).split())[:120]}")
-            best = {name: float("inf") for name, _ in alive}
+            times: dict[str, list[float]] = {name: [] for name, _ in alive}
             for _ in range(args.repeats):  # rounds interleave the implementations: they share the load
                 for name, run in alive:
-                    best[name] = min(best[name], run(batch, steps, condition, mask))
+                    times[name].append(run(batch, steps, condition, mask))
+            best = {name: statistics.median(values) for name, values in times.items()}
             ttfa = {}
-            for name, fast in (("tw-eager", False), ("tw-graph", True)):
+            firsts = [("tw-eager", ours, False), ("tw-graph", ours, True)]
+            firsts += [(name, model, False) for name, model in variants.items()]
+            for name, model, fast in firsts:
+                if name not in best:
+                    continue
+                generator.lm = model
                 first_audio(generator, batch, 2 * args.first_chunk_frames, args.first_chunk_frames, fast)  # warm-up
-                ttfa[name] = min(first_audio(generator, batch, steps, args.first_chunk_frames, fast)
-                                 for _ in range(args.repeats))
+                ttfa[name] = statistics.median(first_audio(generator, batch, steps, args.first_chunk_frames, fast)
+                                               for _ in range(args.repeats))
+            generator.lm = ours
             base = steps / best["transformers"] if "transformers" in best else None
             for name, elapsed in best.items():
                 rate = steps / elapsed
                 versus = f"{rate / base:7.2f}x" if base else f"{'-':>8}"
                 first = f"{1000 * ttfa[name]:10.0f} ms" if name in ttfa else f"{'-':>13}"
                 print(f"{label:<10}{name:<13}{batch:>6}{2 * batch:>6}{1000 / rate:>10.1f}{rate:>9.2f}{versus}{first}")
-        if low is not None:
+        for name, model in variants.items():
             condition, mask = make_condition(1, ours.config.dim, device, dtype)
-            acc = accuracy(ours, low, condition, mask)
-            print(f"{label} tw-bf16w vs float32 (teacher-forced logits, 48 steps): "
-                  + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
-        del reference, ours, low, generator, runners
+            acc = accuracy(ours, model, condition, mask)
+            weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e6
+            print(f"{label} {name} vs float32 (teacher-forced logits, 48 steps): "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()) + f"; LM weights {weights:.0f} MB")
+        del reference, ours, low, variants, generator, runners
         if cuda:
             torch.cuda.empty_cache()
-    codec_speed(device, args.codec_seconds, args.chunk_frames, args.repeats)
+    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
+          f"(the float32 source model and every variant above; the loading "
+          f"footprint of one format: python -m bench.load_memory)")
+    if not args.impls:
+        codec_speed(device, args.codec_seconds, args.chunk_frames, args.repeats)
+
+
+def _wanted(name: str, impls: list[str] | None) -> bool:
+    return impls is None or name in impls
 
 
 if __name__ == "__main__":

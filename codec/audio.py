@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import sys
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -34,10 +36,48 @@ SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 NORMALIZE_MODES = ("peak", "loudness")
 # Loudness gating blocks are 400 ms (ITU-R BS.1770): shorter audio has no defined loudness.
 _LOUDNESS_BLOCK_SECONDS = 0.4
+# Audio is expected in [-1, 1]; a peak beyond this is a scale error (e.g. int16 values as
+# floats) or heavy clipping, worth a warning before it is encoded.
+PEAK_WARNING = 4.0
 
 
 class AudioError(ValueError):
     """An audio file could not be read or written; the message names the file."""
+
+
+class PeakWarning(UserWarning):
+    """Audio peaks far above 1.0: clipping, or samples on the wrong scale."""
+
+
+def check_audio_values(wav: torch.Tensor, what: str = "audio", *, offset: int = 0,
+                       sample_rate: int | None = None, warn: bool = True) -> float:
+    """Refuse NaN/infinite samples in ``(..., T)`` audio; warn on peaks above ``PEAK_WARNING``.
+
+    The codec turns a NaN into code 0 without a word, so every path that takes audio from a
+    user (model.encode, .ecdc compress, streaming pushes, the CLI, melody conditioning) calls
+    this first. ``what`` names the input in the message (a file name in the CLI); ``offset`` is
+    the index of ``wav``'s first sample in the whole input (blocks, stream pushes), so the
+    message gives the sample's position in the input. Returns the peak absolute value.
+    """
+    if wav.numel() == 0:
+        return 0.0
+    if wav.is_floating_point():
+        finite = torch.isfinite(wav)
+        if not bool(finite.all()):
+            index = int((~finite).reshape(-1, wav.shape[-1]).any(0).nonzero()[0])
+            column = wav[..., index].reshape(-1)
+            value = float(column[~torch.isfinite(column)][0])
+            where = f"sample {offset + index}"
+            if sample_rate:
+                where += f" ({(offset + index) / sample_rate:.3f} s)"
+            raise ValueError(f"{what} holds a non-finite value ({value}) at {where}: audio must "
+                             "be finite (no NaN or infinity), in [-1, 1]; repair or re-export "
+                             "the input")
+    peak = float(wav.detach().abs().max())
+    if warn and peak > PEAK_WARNING:
+        warnings.warn(f"{what}: peak amplitude {peak:.4g} is far above 1.0 (clipping or wrong "
+                      "scale?); audio is expected in [-1, 1]", PeakWarning, stacklevel=2)
+    return peak
 
 
 @dataclass(frozen=True)
@@ -75,8 +115,79 @@ def is_audio_path(path: str | os.PathLike) -> bool:
 
 
 def _read_error(path: str | os.PathLike, error: Exception) -> AudioError:
+    if Path(path).suffix.lower() == ".mp3":  # libsndfile's own text is empty or misleading
+        return AudioError(f"{str(path)} is not a readable MP3 file")
     return AudioError(f"cannot read audio file {str(path)!r}: {error}. Readable formats here: "
                       f"{', '.join(e.lstrip('.') for e in readable_extensions())}")
+
+
+@contextmanager
+def _quiet_decoder(path: str | os.PathLike) -> Iterator[None]:
+    """Silence file descriptor 2 while libsndfile decodes an mp3.
+
+    libmpg123 prints "Note: Illegal Audio-MPEG-Header ..." lines straight to the process's
+    stderr on bad data; the error we raise says it better. Other formats are left alone, as
+    the redirect also hides other threads' stderr for its duration.
+    """
+    if Path(path).suffix.lower() != ".mp3":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+_RIFF_CHUNK = {b"RIFF": "<I", b"RIFX": ">I"}
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # streamed/RF64 WAVs: the size is not in the data chunk
+
+
+def _wav_shortfall(path: str | os.PathLike) -> tuple[float, float] | None:
+    """``(seconds the header declares, seconds the data holds)`` of a WAV whose data chunk is
+    cut short, else None.
+
+    libsndfile quietly shortens such a file to the samples present, so a download or copy
+    that stopped halfway would be processed as if complete. Only the chunk headers are read.
+    """
+    with open(path, "rb") as handle:
+        riff = handle.read(12)
+        if len(riff) < 12 or riff[:4] not in _RIFF_CHUNK or riff[8:12] != b"WAVE":
+            return None
+        size_format = _RIFF_CHUNK[riff[:4]]
+        file_size = os.fstat(handle.fileno()).st_size
+        rate = align = 0
+        for _ in range(1000):  # real files have a handful of chunks
+            head = handle.read(8)
+            if len(head) < 8:
+                return None
+            size = struct.unpack(size_format, head[4:])[0]
+            start = handle.tell()
+            if head[:4] == b"fmt ":
+                fmt = handle.read(min(size, 16))
+                if len(fmt) >= 14:
+                    order = size_format[0]
+                    rate = struct.unpack(order + "I", fmt[4:8])[0]
+                    align = struct.unpack(order + "H", fmt[12:14])[0]
+            elif head[:4] == b"data":
+                present = file_size - start
+                if size in _UNKNOWN_SIZES or not (rate and align) or present + align > size:
+                    return None  # complete, or at most a partial frame short
+                return size / align / rate, present // align / rate
+            handle.seek(start + size + (size & 1))
+    return None
+
+
+def _check_complete(path: str | os.PathLike) -> None:
+    shortfall = _wav_shortfall(path)
+    if shortfall is not None:
+        declared, present = shortfall
+        raise AudioError(f"{str(path)} is truncated: header says {declared:.2f} s, data holds "
+                         f"{present:.2f} s; copy or export the file again")
 
 
 def _check_exists(path: str | os.PathLike) -> None:
@@ -89,9 +200,11 @@ def _check_exists(path: str | os.PathLike) -> None:
 def audio_info(path: str | os.PathLike) -> AudioInfo:
     _check_exists(path)
     try:
-        info = sf.info(str(path))
+        with _quiet_decoder(path):
+            info = sf.info(str(path))
     except (sf.SoundFileError, RuntimeError) as error:
         raise _read_error(path, error) from None
+    _check_complete(path)
     return AudioInfo(str(path), int(info.samplerate), int(info.channels), int(info.frames),
                      info.format, info.subtype)
 
@@ -101,17 +214,21 @@ def read_audio(path: str | os.PathLike, *, start: int | None = None,
     """Read ``frames`` samples from sample ``start`` (both at the file's rate; None = all).
 
     Returns ``(wav, sample_rate)`` with ``wav`` a float32 tensor ``(C, T)`` in [-1, 1] for
-    integer formats (float files are returned as stored).
+    integer formats (float files are returned as stored: check them with
+    :func:`check_audio_values`). A WAV whose data is shorter than its header says raises
+    :class:`AudioError` ("truncated"), as do unreadable files.
     """
     _check_exists(path)
     if start is not None and start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
     if frames is not None and frames < 0:
         raise ValueError(f"frames must be >= 0 or None, got {frames}")
+    _check_complete(path)
     try:
-        data, sample_rate = sf.read(str(path), start=start or 0,
-                                    frames=-1 if frames is None else frames,
-                                    dtype="float32", always_2d=True)
+        with _quiet_decoder(path):
+            data, sample_rate = sf.read(str(path), start=start or 0,
+                                        frames=-1 if frames is None else frames,
+                                        dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError) as error:
         raise _read_error(path, error) from None
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(sample_rate)
@@ -251,6 +368,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:  # name the user's path, not the hidden temporary one
+        tmp.unlink(missing_ok=True)
+        if error.filename is None or Path(error.filename) != tmp:
+            raise
+        raise OSError(error.errno, f"cannot write {str(path)!r}: {error.strerror}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -276,8 +398,7 @@ def _as_channels_first(wav: torch.Tensor | np.ndarray) -> torch.Tensor:
         raise ValueError(f"expected audio shaped (C, T) or (T,), got {tuple(wav.shape)}")
     if not wav.is_floating_point():
         raise ValueError(f"expected float audio, got {wav.dtype}")
-    if not bool(torch.isfinite(wav).all()):
-        raise ValueError("audio contains NaN or infinite samples")
+    check_audio_values(wav, "audio to write", warn=False)  # clipping is warned about later
     return wav.detach().to("cpu", torch.float32)
 
 
@@ -310,8 +431,17 @@ def write_audio(path: str | os.PathLike, wav: torch.Tensor | np.ndarray, sample_
                           target_lufs=target_lufs)
     data = _clip_for_pcm(wav.T.numpy(), subtype, str(path))
     with atomic_output(path) as tmp:
-        sf.write(str(tmp), data, sample_rate, format=fmt, subtype=subtype)
+        try:
+            sf.write(str(tmp), data, sample_rate, format=fmt, subtype=subtype)
+        except (sf.SoundFileError, RuntimeError) as error:
+            raise _write_error(path, error) from None
     return path
+
+
+def _write_error(path: Path, error: Exception) -> AudioError:
+    """libsndfile names the hidden temporary file; the user asked for ``path``."""
+    reason = getattr(error, "error_string", None) or type(error).__name__
+    return AudioError(f"cannot write {str(path)!r}: {reason}")
 
 
 class AudioFileWriter:
@@ -335,6 +465,8 @@ class AudioFileWriter:
                                       channels=channels, format=fmt, subtype=subtype)
         except BaseException as error:
             self._output.__exit__(type(error), error, error.__traceback__)
+            if isinstance(error, (sf.SoundFileError, RuntimeError)):
+                raise _write_error(self.path, error) from None
             raise
         self._clipped = 0
         self.frames = 0
@@ -399,9 +531,12 @@ def iter_audio_blocks(path: str | os.PathLike, block_size: int, *,
     pending: list[np.ndarray] = []  # (n, C) pieces at the output rate, not yet yielded
     pending_len = 0
     try:
-        with sf.SoundFile(str(path)) as handle:
+        with _quiet_decoder(path):
+            handle = sf.SoundFile(str(path))
+        with handle:
             while True:
-                data = handle.read(read_size, dtype="float32", always_2d=True)
+                with _quiet_decoder(path):
+                    data = handle.read(read_size, dtype="float32", always_2d=True)
                 last = data.shape[0] < read_size
                 data = convert_channels(torch.from_numpy(data.T), ch_out).T.numpy()
                 if stream is not None:

@@ -4,7 +4,7 @@ Layout (all big-endian)::
 
     header   struct '!4sBI': magic b'ECDC', version 0, length N of the metadata
     metadata N bytes of UTF-8 JSON {"m": model name, "al": audio length in samples,
-             "nc": number of codebooks, "lm": entropy coded with the LM?}
+             "nc": number of codebooks, "lm": entropy coded with the LM?[, "w": weights id]}
     body     per chunk (one per `segment_stride` samples for models with segments, e.g. one
              per 0.99 s at 48 kHz; a single chunk otherwise):
                float32 scale, when the model normalizes chunks;
@@ -27,6 +27,13 @@ decodes the other's. Two departures, both on inputs the original mishandles:
   matching what the encoder produced.
 - Untrusted input: every malformed file raises `EcdcError` (a `ValueError`) before any large
   allocation; see `parse_ecdc` for the checks.
+
+Codec identity: a name alone does not pin the weights (two trained codecs may share one), so
+files of codecs other than the public presets (`PUBLIC_CODECS`) also store "w", the first 8
+hex digits of a sha256 over the codec's stored tensors (`codec.formats.weights_id`), and
+decoding refuses a codec whose weights differ. The original decoder ignores unknown keys (it
+reads "m", "al", "nc" and "lm" only), and files of the public presets carry no "w", so they
+stay byte-identical to the original's.
 
 Entropy coding is deterministic only for identical float arithmetic: like the original, a file
 coded with the LM decodes reliably on the machine type (CPU kernels, torch/MKL build) that
@@ -63,10 +70,16 @@ _HEADER = struct.Struct("!4sBI")
 _SCALE = struct.Struct("!f")
 # The metadata is ~60 bytes; anything much larger is not an .ecdc file.
 MAX_METADATA_BYTES = 1 << 16
-# Decoding refuses files that claim more audio than this by default (see `decompress`).
+# Decoding refuses files that claim more audio than this by default (see `decompress`): the
+# decoded audio is held in memory whole. Writing refuses longer audio by the same default, so
+# every file we write decodes with the defaults; raise both with `max_duration=`
+# (`--max-duration` on the command line).
 DEFAULT_MAX_DURATION_S = 4 * 3600.0
 # Model names in a file are looked up in the models folder only; no paths, no traversal.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_WEIGHTS_ID = re.compile(r"^[0-9a-f]{8,64}$")
+# Codecs whose files carry no weights id: the public presets, as the original writes them.
+PUBLIC_CODECS = frozenset({"encodec_24khz", "encodec_48khz", "encodec_32khz", "encodec_16khz"})
 
 
 class EcdcError(ValueError):
@@ -76,18 +89,24 @@ class EcdcError(ValueError):
 
 @dataclass(frozen=True)
 class EcdcHeader:
-    """The file's metadata: model name, audio length in samples, codebooks, LM used."""
+    """The file's metadata: model name, audio length in samples, codebooks, LM used, and the
+    codec's weights id (None: not recorded, as in the original's files)."""
 
     model_name: str
     audio_length: int
     num_codebooks: int
     use_lm: bool
+    weights_id: str | None = None
 
     def to_bytes(self) -> bytes:
-        """Header + JSON, byte-identical to the original's (`json.dumps` defaults, key order)."""
-        meta = json.dumps({"m": self.model_name, "al": self.audio_length,
-                           "nc": self.num_codebooks, "lm": self.use_lm}).encode("utf-8")
-        return _HEADER.pack(MAGIC, VERSION, len(meta)) + meta
+        """Header + JSON, byte-identical to the original's (`json.dumps` defaults, key order)
+        when there is no weights id."""
+        meta = {"m": self.model_name, "al": self.audio_length, "nc": self.num_codebooks,
+                "lm": self.use_lm}
+        if self.weights_id is not None:
+            meta["w"] = self.weights_id
+        raw = json.dumps(meta).encode("utf-8")
+        return _HEADER.pack(MAGIC, VERSION, len(raw)) + raw
 
 
 @dataclass(frozen=True)
@@ -103,14 +122,17 @@ class CodecLayout:
     normalize: bool
     segment_length: int | None
     segment_stride: int | None
+    weights_id: str | None = None
 
     @classmethod
     def from_model(cls, model) -> "CodecLayout":
-        """From an `EncodecModel` (or anything with the same attributes)."""
+        """From an `EncodecModel` (or anything with the same attributes); with its weights id
+        unless it is one of `PUBLIC_CODECS`."""
         return cls(name=model.name, sample_rate=model.sample_rate, channels=model.channels,
                    frame_rate=model.frame_rate, num_codebooks=model.num_codebooks,
                    codebook_size=model.codebook_size, normalize=model.normalize,
-                   segment_length=model.segment_length, segment_stride=model.segment_stride)
+                   segment_length=model.segment_length, segment_stride=model.segment_stride,
+                   weights_id=identity_of(model))
 
     @classmethod
     def from_config(cls, config) -> "CodecLayout":
@@ -150,6 +172,47 @@ class CodecLayout:
     def frames_for(self, num_samples: int) -> int:
         """ceil(num_samples * frame_rate / sample_rate), exactly (see the module docstring)."""
         return -(-num_samples * self.frame_rate // self.sample_rate)
+
+    def header(self, audio_length: int, num_codebooks: int, use_lm: bool) -> EcdcHeader:
+        """The header of a file this codec writes (its weights id included when it has one)."""
+        return EcdcHeader(self.name, audio_length, num_codebooks, use_lm, self.weights_id)
+
+
+def identity_of(model) -> str | None:
+    """The weights id a file written by `model` records: None for `PUBLIC_CODECS` (files
+    identical to the original's) and for objects that are not torch modules."""
+    if model.name in PUBLIC_CODECS or not isinstance(model, torch.nn.Module):
+        return None
+    from .formats import weights_id
+
+    return weights_id(model)
+
+
+def check_identity(header: EcdcHeader, layout: CodecLayout) -> None:
+    """Refuse to decode a file with a codec whose weights differ from the writer's."""
+    if header.weights_id is None or layout.weights_id is None:
+        return
+    if header.weights_id != layout.weights_id:
+        raise EcdcError(f"file was written by codec {header.model_name!r} (weights "
+                        f"{header.weights_id}); the codec given has weights {layout.weights_id}: "
+                        f"pass the right codec (--model on the command line)")
+
+
+def check_duration(audio_length: int, sample_rate: int, max_duration: float | None, *,
+                   what: str, option: str = "max_duration") -> None:
+    """Refuse ``audio_length`` samples beyond ``max_duration`` seconds (None: no limit).
+
+    Writers and readers call this with the same arguments, so a file is written only if it
+    reads back with the same limit. ``what`` names the input; ``option`` the way to raise the
+    limit (``max_duration=`` in Python, ``--max-duration`` on the command line).
+    """
+    if max_duration is None or audio_length <= max_duration * sample_rate:
+        return
+    seconds = audio_length / sample_rate
+    setting = f"{option}{' ' if option.startswith('--') else '='}{math.ceil(seconds)}"
+    raise EcdcError(f"{what} holds {seconds:.0f} s of audio ({audio_length} samples), more than "
+                    f"the {option} of {max_duration:g} s; to accept it pass {setting} (or more) "
+                    f"when compressing and when decompressing")
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -240,7 +303,8 @@ def write_body(fileobj: BinaryIO, frames: list[EncodedFrame], layout: CodecLayou
 def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
                bandwidth: float | None = None, num_codebooks: int | None = None,
                use_lm: bool = False, lm: EntropyLM | None = None,
-               models_dir: str | Path | None = None, lm_threads: int = 1) -> None:
+               models_dir: str | Path | None = None, lm_threads: int = 1,
+               max_duration: float | None = DEFAULT_MAX_DURATION_S) -> None:
     """Encode `wav` `(C, T)` with `model` and write an .ecdc file to `fileobj`.
 
     Args:
@@ -251,6 +315,11 @@ def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
             `load_entropy_lm` in `models_dir`.
         lm_threads: torch threads for the LM (see the module docstring): 1 is fast and
             matches the original run single-threaded; n > 1 matches it run with n threads.
+        max_duration: refuse audio longer than this many seconds (None: any), the limit
+            `decompress` applies by default, so that what is written can be read back.
+    Raises:
+        ValueError: malformed or non-finite audio (NaN/inf, see `codec.audio.
+            check_audio_values`); `EcdcError` for audio beyond `max_duration`.
     """
     if not isinstance(wav, torch.Tensor) or wav.dim() != 2:
         raise ValueError(f"wav must be a (channels, samples) tensor, got "
@@ -262,6 +331,8 @@ def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
         raise ValueError(f"model name {model.name!r} cannot be stored in an .ecdc file "
                          f"(letters, digits, '_', '.', '-' only)")
     layout = CodecLayout.from_model(model)
+    check_duration(wav.shape[-1], sample_rate, max_duration,
+                   what="the audio to compress", option="max_duration")
     if use_lm and lm is None:
         lm = load_entropy_lm(layout, models_dir=models_dir)
     param = next(model.parameters(), None)
@@ -269,7 +340,7 @@ def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
     with torch.no_grad():
         frames = model.encode(wav[None].to(device), num_codebooks=num_codebooks,
                               bandwidth=bandwidth)
-    header = EcdcHeader(model.name, wav.shape[-1], frames[0].codes.shape[1], use_lm)
+    header = layout.header(wav.shape[-1], frames[0].codes.shape[1], use_lm)
     # The decoder recomputes the frame counts from the length; they must be what encode made.
     made = [frame.codes.shape[-1] for frame in frames]
     if made != list(layout.chunk_frames(header.audio_length)):
@@ -285,11 +356,12 @@ def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
 def compress(wav: torch.Tensor, sample_rate: int, model, bandwidth: float | None = None,
              num_codebooks: int | None = None, use_lm: bool = False, *,
              lm: EntropyLM | None = None, models_dir: str | Path | None = None,
-             lm_threads: int = 1) -> bytes:
+             lm_threads: int = 1, max_duration: float | None = DEFAULT_MAX_DURATION_S) -> bytes:
     """Compress `wav` `(C, T)` to the bytes of an .ecdc file; see `write_ecdc`."""
     buffer = io.BytesIO()
     write_ecdc(buffer, wav, sample_rate, model, bandwidth=bandwidth, num_codebooks=num_codebooks,
-               use_lm=use_lm, lm=lm, models_dir=models_dir, lm_threads=lm_threads)
+               use_lm=use_lm, lm=lm, models_dir=models_dir, lm_threads=lm_threads,
+               max_duration=max_duration)
     return buffer.getvalue()
 
 
@@ -326,7 +398,11 @@ def read_header(data: bytes | memoryview) -> tuple[EcdcHeader, int]:
             raise EcdcError(f"metadata {key!r} must be a positive integer, got {value!r:.80}")
     if not isinstance(use_lm, bool):
         raise EcdcError(f"metadata 'lm' must be true or false, got {use_lm!r:.80}")
-    return EcdcHeader(name, length, codebooks, use_lm), end
+    weights = meta.get("w")
+    if weights is not None and not (isinstance(weights, str) and _WEIGHTS_ID.match(weights)):
+        raise EcdcError(f"metadata 'w' must be a weights id (8 to 64 hex digits), got "
+                        f"{weights!r:.80}")
+    return EcdcHeader(name, length, codebooks, use_lm, weights), end
 
 
 def _read_scale(data: memoryview, pos: int) -> tuple[torch.Tensor, int]:
@@ -369,7 +445,8 @@ def parse_ecdc(data: bytes | bytearray | memoryview, layout: CodecLayout,
 
     Checks, all raising `EcdcError` before anything is allocated in proportion to the claimed
     length: magic, version, metadata size (<= `MAX_METADATA_BYTES`) and fields, model name
-    equal to `layout.name`, 1 <= codebooks <= the model's, audio length <= `max_duration`
+    equal to `layout.name` and weights id equal to `layout.weights_id` (when both have one),
+    1 <= codebooks <= the model's, audio length <= `max_duration`
     seconds (None: no limit), the body size (exact without the LM; with it, at least 3 bytes
     per chunk and few enough symbols for the bits, see `max_symbols_for_bits`), scales
     positive and finite, entropy-coded bits decodable, and no bytes after the last chunk.
@@ -379,13 +456,11 @@ def parse_ecdc(data: bytes | bytearray | memoryview, layout: CodecLayout,
     if header.model_name != layout.name:
         raise EcdcError(f"file was compressed with {header.model_name!r}, the model given is "
                         f"{layout.name!r}")
+    check_identity(header, layout)
     if header.num_codebooks > layout.num_codebooks:
         raise EcdcError(f"file says {header.num_codebooks} codebooks, {layout.name} has "
                         f"{layout.num_codebooks}")
-    if max_duration is not None and header.audio_length > max_duration * layout.sample_rate:
-        raise EcdcError(f"file claims {header.audio_length} samples "
-                        f"({header.audio_length / layout.sample_rate:.0f} s), more than the "
-                        f"max_duration of {max_duration:g} s")
+    check_duration(header.audio_length, layout.sample_rate, max_duration, what="the file")
     if header.use_lm and lm is None:
         raise EcdcError("file is entropy coded; an EntropyLM is needed to read it")
     # Check the claimed sizes against the data before building anything per chunk.
@@ -467,7 +542,9 @@ def decompress(data: bytes | bytearray | memoryview, model=None, *, lm: EntropyL
         model: the codec; default: the model the file names, loaded with
             `codec.formats.load_model` from `models_dir` (names only, never paths).
         lm: the entropy-coding prior for files coded with it; default: `load_entropy_lm`.
-        max_duration: refuse files claiming more audio than this many seconds (None: any).
+        max_duration: refuse files claiming more audio than this many seconds (None: any);
+            the decoded audio is held in memory whole. `write_ecdc` refuses to write longer
+            audio by the same default, so our files always decode with the defaults.
         lm_threads: torch threads for the LM; must be what the file was coded with (see the
             module docstring).
     Raises:

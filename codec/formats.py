@@ -19,6 +19,14 @@ Formats (``Checkpoint.format``):
   ``"format": "tokenwave-encodec"`` and ``"format_version"``) and ``model.safetensors`` with our
   key names, weight norm folded or not; it round-trips exactly.
 
+A tokenwave generator folder (``config.json`` with ``"format": "tokenwave-musicgen"``) stands
+for the codec in its ``codec/`` subfolder, so a generator's name or folder loads its codec.
+
+Every loaded model carries :func:`weights_id`: the first 8 hex digits of a sha256 over its
+tensors as stored (names, dtypes, shapes and bytes, in sorted name order), computed once at load.
+``.ecdc`` files of codecs other than the public ones record it, and decoding with other weights is
+refused (:mod:`codec.ecdc`).
+
 What the references do, checked against transformers 5.x and the sources of audiocraft and the
 original release:
 
@@ -70,6 +78,9 @@ CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
 AUDIOCRAFT_NAME = "compression_state_dict.bin"
+GENERATOR_MARKER = "tokenwave-musicgen"  # a generator folder: its codec is in a subfolder
+WEIGHTS_ID_LENGTH = 8
+_WEIGHTS_ID_ATTR = "_tokenwave_weights_id"
 
 PathLike = str | os.PathLike
 StateDict = dict[str, torch.Tensor]
@@ -104,6 +115,7 @@ def load_model(path_or_name: PathLike, *, device: str | torch.device | None = No
     model = _checked_model(checkpoint)
     with torch.no_grad():
         model.load_state_dict(checkpoint.state, strict=True)  # copies into float32 tensors
+    remember_weights_id(model, state_weights_id(checkpoint.state))
     if inference:
         return model.prepare_for_inference(device, dtype)
     if device is not None or dtype is not None:
@@ -119,14 +131,40 @@ def read_checkpoint(path_or_name: PathLike, *, models_dir: PathLike | None = Non
     return checkpoint
 
 
+def state_weights_id(state: StateDict) -> str:
+    """First 8 hex digits of a sha256 over ``state``: for each tensor in sorted name order, its
+    name, dtype, shape and bytes. Equal for a model in memory and the folder it is saved to."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        digest.update(f"{key}|{dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:WEIGHTS_ID_LENGTH]
+
+
+def remember_weights_id(model: torch.nn.Module, weights_id: str) -> None:
+    """Record the identity of the weights a model was loaded from (see :func:`weights_id`)."""
+    setattr(model, _WEIGHTS_ID_ATTR, weights_id)
+
+
+def weights_id(model: torch.nn.Module) -> str:
+    """The identity of ``model``'s weights: the one recorded when it was loaded (its stored
+    tensors, whatever folding or dtype change came after), else computed from its state dict now
+    (not cached: weights in memory may still change)."""
+    cached = getattr(model, _WEIGHTS_ID_ATTR, None)
+    return cached if cached is not None else state_weights_id(model.state_dict())
+
+
 def detect_format(path: PathLike) -> str:
     """Which of :data:`FORMATS` a file or folder holds, from its layout and markers."""
     path = Path(path)
+    path = _generator_codec_folder(path) or path
     folder = _folder_of(path)
     if folder is not None:
         config_file = folder / CONFIG_NAME
         if config_file.is_file():
-            return "tokenwave" if _read_json(config_file).get("format") == FORMAT_MARKER \
+            return "tokenwave" if read_json_file(config_file).get("format") == FORMAT_MARKER \
                 else "transformers"
         path = _inner_file(folder)
     return _pickle_kind(_read_pickle(path), path)
@@ -224,8 +262,28 @@ def _inner_file(folder: Path) -> Path:
     return inner if inner.is_file() else next(folder.glob("*.th"))
 
 
+def _generator_codec_folder(path: Path) -> Path | None:
+    """The codec subfolder of a tokenwave generator folder; None for anything else."""
+    config_file = path / CONFIG_NAME
+    if not (path.is_dir() and config_file.is_file()):
+        return None
+    data = read_json_file(config_file)
+    if data.get("format") != GENERATOR_MARKER:
+        return None
+    spec = data.get("codec")
+    name = spec.get("folder", "codec") if isinstance(spec, dict) else None
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise CheckpointError(f"{config_file}: expected 'codec': {{'folder': NAME}} naming a "
+                              f"subfolder, found {spec!r:.80}")
+    if not (path / name).is_dir():
+        raise CheckpointError(f"{path}: a tokenwave generator folder whose codec folder {name}/ "
+                              f"is missing")
+    return path / name
+
+
 def _read(path: Path, models_dir: PathLike | None, config: EncodecConfig | None,
           hops: int) -> Checkpoint:
+    path = _generator_codec_folder(path) or path
     folder = _folder_of(path)
     if folder is not None and (folder / CONFIG_NAME).is_file():
         _no_config_override(config, folder)
@@ -291,27 +349,46 @@ def _read_pickle(path: Path) -> Any:
                               f"that cannot be loaded ({reason})") from None
 
 
-def _read_safetensors(path: Path, prefix: str = "") -> StateDict:
+def read_safetensors_file(path: PathLike, prefix: str = "", *,
+                          keys_only: bool = False) -> StateDict | list[str]:
+    """The tensors of a safetensors file whose names start with ``prefix`` (the prefix dropped),
+    or with ``keys_only`` just their names (reads the header only; a truncated file is caught
+    there too, as the header gives the data's size). The one reader the loaders use: a missing,
+    truncated or foreign file raises :class:`CheckpointError` naming it (or FileNotFoundError)."""
     from safetensors import safe_open
 
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a safetensors file)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
+            if keys_only:
+                return list(file.keys())
             return {key[len(prefix):]: file.get_tensor(key) for key in file.keys()
                     if key.startswith(prefix)}
     except Exception as error:  # SafetensorError, OSError: corrupt, truncated or not safetensors
-        raise CheckpointError(f"{path}: expected a safetensors file, found one that cannot be "
-                              f"read ({error})") from None
+        size = path.stat().st_size
+        raise CheckpointError(f"{path}: expected a safetensors file, found {size} bytes that "
+                              f"cannot be read ({' '.join(str(error).split())}); the file is "
+                              f"truncated or corrupt: copy or export it again") from None
 
 
-def _read_json(path: Path) -> dict:
+def read_json_file(path: PathLike, what: str = "a JSON config") -> dict:
+    """A JSON object from ``path``; unreadable text, bad JSON or another JSON type raise
+    :class:`CheckpointError` naming the file, what was expected and what was found."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected {what})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: expected a JSON config, found unreadable text "
-                              f"({error})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise CheckpointError(f"{path}: expected {what}, found unreadable text "
+                              f"({' '.join(str(error).split())[:200]})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        raise CheckpointError(f"{path}: expected {what} (a JSON object), found "
+                              f"{type(data).__name__}")
     return data
+
 
 
 def _verify_checksum(path: Path) -> None:
@@ -681,7 +758,7 @@ _MUSICGEN_TYPES = ("musicgen", "musicgen_melody")
 
 
 def _read_config_folder(folder: Path) -> Checkpoint:
-    data = _read_json(folder / CONFIG_NAME)
+    data = read_json_file(folder / CONFIG_NAME)
     if data.get("format") == FORMAT_MARKER:
         return _read_tokenwave(folder, data)
     prefix = ""
@@ -704,7 +781,7 @@ def _read_config_folder(folder: Path) -> Checkpoint:
 def _read_weights(folder: Path, prefix: str) -> tuple[StateDict, Path]:
     safetensors_file, pickle_file = folder / SAFETENSORS_NAME, folder / PICKLE_WEIGHTS_NAME
     if safetensors_file.is_file():
-        return _canonical_weight_norm(_read_safetensors(safetensors_file, prefix)), \
+        return _canonical_weight_norm(read_safetensors_file(safetensors_file, prefix)), \
             safetensors_file
     if pickle_file.is_file():
         state = _tensors(_read_pickle(pickle_file), pickle_file, "the file")
@@ -728,7 +805,7 @@ def _read_tokenwave(folder: Path, data: dict) -> Checkpoint:
     weights = folder / SAFETENSORS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{folder}: expected {SAFETENSORS_NAME} next to {CONFIG_NAME}")
-    return Checkpoint("tokenwave", config, _read_safetensors(weights), folder)
+    return Checkpoint("tokenwave", config, read_safetensors_file(weights), folder)
 
 
 def _config_from_transformers(data: dict, folder: Path) -> EncodecConfig:
@@ -834,6 +911,23 @@ def _safetensors_writer(state: StateDict) -> Callable[[Path], None]:
     return lambda path: save_file(state, str(path), metadata={"format": "pt"})
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give ``path``, and everything in it when it is a folder, the mode a plain ``mkdir`` or
+    ``open`` would: 0o777 (folders) or 0o666 (files) less the umask. Temporary names from
+    mkdtemp/mkstemp start private (0o700/0o600), and so do files safetensors writes."""
+    mask = current_umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_folder_atomically(path: Path, write: Callable[[Path], None], *,
                             overwrite: bool = False) -> Path:
     """Run ``write`` into a temporary folder beside ``path``, then rename it into place.
@@ -851,6 +945,7 @@ def write_folder_atomically(path: Path, write: Callable[[Path], None], *,
     old = tmp.with_suffix(".old")
     try:
         write(tmp)
+        honour_umask(tmp)  # mkdtemp makes it 0700: the result must look like any folder
         if path.exists():
             os.replace(path, old)
         try:
@@ -882,6 +977,7 @@ def _write_file(path: Path, write: Callable[[Path], None], overwrite: bool) -> P
     os.close(handle)
     try:
         write(Path(name))
+        honour_umask(Path(name))  # mkstemp makes it 0600
         os.replace(name, path)
     finally:
         if os.path.exists(name):
@@ -889,5 +985,7 @@ def _write_file(path: Path, write: Callable[[Path], None], overwrite: bool) -> P
     return path
 
 
-__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "detect_format", "load_model",
-           "read_checkpoint", "save_model", "transformers_key"]
+__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "detect_format", "honour_umask", "load_model",
+           "read_checkpoint", "read_json_file", "read_safetensors_file", "remember_weights_id",
+           "save_model", "state_weights_id", "transformers_key", "weights_id",
+           "write_folder_atomically"]

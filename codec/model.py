@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .audio import check_audio_values
 from .conv import fold_weight_norm
 from .fast import run_channel_major, run_time_major
 from .quantization import ResidualVectorQuantizer
@@ -267,14 +268,14 @@ class EncodecModel(nn.Module):
 
     def num_codebooks_for_bandwidth(self, bandwidth: float) -> int:
         """Codebooks for a bandwidth in kbps, as the reference counts them (floor, at least 1)."""
-        if not bandwidth > 0:
+        if not (bandwidth > 0 and math.isfinite(bandwidth)):
             raise ValueError(f"bandwidth must be a positive number of kbps, got {bandwidth}")
-        n = max(1, math.floor(bandwidth / self.bandwidth_per_codebook + 1e-9))
-        if n > self.num_codebooks:
+        ratio = bandwidth / self.bandwidth_per_codebook + 1e-9  # inf for a huge bandwidth
+        if ratio >= self.num_codebooks + 1:
             top = self.num_codebooks * self.bandwidth_per_codebook
             raise ValueError(f"{self.name} supports at most {top:g} kbps ({self.num_codebooks} "
                              f"codebooks of {self.bandwidth_per_codebook:g} kbps); got {bandwidth}")
-        return n
+        return max(1, math.floor(ratio))
 
     def resolve_codebooks(self, num_codebooks: int | None = None,
                           bandwidth: float | None = None) -> int:
@@ -291,7 +292,10 @@ class EncodecModel(nn.Module):
         return int(num_codebooks)
 
     # -- encode / decode ----------------------------------------------------------------
-    def _check_audio(self, wav: torch.Tensor) -> None:
+    def _check_audio(self, wav: torch.Tensor, what: str = "audio to encode") -> None:
+        if not isinstance(wav, torch.Tensor):
+            raise ValueError(f"audio must be a tensor shaped (batch, channels, samples), got "
+                             f"{_describe(wav)}")
         if wav.dim() != 3:
             raise ValueError(f"audio must be shaped (batch, channels, samples), "
                              f"got {tuple(wav.shape)}")
@@ -300,6 +304,7 @@ class EncodecModel(nn.Module):
                              f"{wav.shape[1]}; convert with codec.audio.convert_audio")
         if wav.shape[-1] == 0:
             raise ValueError("audio is empty (0 samples)")
+        check_audio_values(wav, what)  # a NaN would otherwise become code 0 silently
 
     def encode(self, wav: torch.Tensor, num_codebooks: int | None = None,
                bandwidth: float | None = None) -> list[EncodedFrame]:
@@ -326,7 +331,7 @@ class EncodecModel(nn.Module):
             if not isinstance(wav, torch.Tensor) or wav.dim() != 2:
                 raise ValueError(f"encode_batch takes a list of (channels, samples) tensors; "
                                  f"item {i} is {_describe(wav)}")
-            self._check_audio(wav[None])
+            self._check_audio(wav[None], f"encode_batch item {i}")
         n = self.resolve_codebooks(num_codebooks, bandwidth)
         pieces, owners = [], []
         for i, wav in enumerate(wavs):

@@ -1,4 +1,4 @@
-"""Model names -> local files, in one models directory; nothing downloads unless asked.
+"""Model names -> local files: the models directory, then the Hugging Face cache and hub.
 
 The directory is ``models_dir`` when given, else ``$TOKENWAVE_MODELS``, else
 ``~/.cache/tokenwave``. A name such as ``encodec_24khz`` (also written ``facebook/encodec_24khz``,
@@ -8,20 +8,29 @@ The directory is ``models_dir`` when given, else ``$TOKENWAVE_MODELS``, else
 1. ``<dir>/<release file name>`` (the original release's ``.th`` files, checksum in the name);
 2. ``<dir>/<name>`` (a folder in any format :mod:`codec.formats` reads, or a file);
 3. ``<dir>/<name>.th``, ``<dir>/<name>.bin``, ``<dir>/<name>.safetensors``;
-4. ``<dir>/facebook/<name>`` (a copy of a Hugging Face repository folder).
+4. ``<dir>/facebook/<name>`` (a copy of a Hugging Face repository folder);
+5. ``<repo>/assets/models/<name>``: model folders shipped with the repository.
 
-Only the original release's files can be downloaded, and only with ``allow_download=True`` or
-``TOKENWAVE_ALLOW_DOWNLOAD=1``: torch.hub fetches them into the directory and checks the sha256
-prefix in the file name.
+A generator folder found this way (``tokenwave-small``, ``musicgen-small``) stands for its codec:
+:mod:`codec.formats` loads the codec inside it.
+
+Then the Hugging Face cache, and a download from the hub unless offline or ``allow_download=False``
+(``facebook/encodec_32khz``, ``encodec_24khz`` -> ``facebook/encodec_24khz``): resolvers that
+:mod:`inference.hub` registers (:func:`register_resolver`). The original release's ``.th`` files
+are downloaded only with ``allow_download=True`` or ``TOKENWAVE_ALLOW_DOWNLOAD=1``: torch.hub
+fetches them into the directory and checks the sha256 prefix in the file name.
 """
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 ENV_MODELS_DIR = "TOKENWAVE_MODELS"
 ENV_ALLOW_DOWNLOAD = "TOKENWAVE_ALLOW_DOWNLOAD"
+# Model folders shipped with the repository (the generator tokenwave-small and its codec).
+SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
 RELEASE_URL = "https://dl.fbaipublicfiles.com/encodec/v0/"
 
 # The original release's files; the suffix is the first 8 hex digits of the file's sha256.
@@ -96,14 +105,24 @@ def candidates(name: str, directory: str | os.PathLike | None = None) -> list[Pa
     paths.append(root / plain)
     paths += [root / f"{plain}{suffix}" for suffix in _SUFFIXES]
     paths.append(root / "facebook" / plain)
+    if plain and Path(plain).name == plain and plain not in (".", ".."):
+        paths.append(SHIPPED_MODELS / plain)
     return paths
+
+
+def shipped_names() -> list[str]:
+    """Names of the model folders shipped in ``assets/models``."""
+    if not SHIPPED_MODELS.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_MODELS.iterdir() if p.is_dir())
 
 
 def _exists(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
-def _download_allowed(allow_download: bool | None) -> bool:
+def download_allowed(allow_download: bool | None = None) -> bool:
+    """``allow_download`` when given, else whether ``$TOKENWAVE_ALLOW_DOWNLOAD`` says yes."""
     if allow_download is not None:
         return allow_download
     return os.environ.get(ENV_ALLOW_DOWNLOAD, "").strip().lower() in ("1", "true", "yes")
@@ -125,6 +144,49 @@ def download_release_file(name: str, directory: str | os.PathLike | None = None)
     return target
 
 
+# Fallbacks for names no local file answers (the Hugging Face cache and hub): callables
+# ``(name, local_files_only) -> Path | None`` (None: not a name they serve; FileNotFoundError:
+# theirs but unavailable, the message says why). inference.hub registers one on import and
+# through the entry point group below, so codec imports nothing above it.
+RESOLVER_ENTRY_POINTS = "tokenwave.resolvers"
+_RESOLVERS: list[Callable[[str, bool], Path | None]] = []
+_ENTRY_POINTS_LOADED = False
+
+
+def register_resolver(resolver: Callable[[str, bool], Path | None]) -> None:
+    """Add a fallback tried, in order, after every local path (see ``_RESOLVERS``)."""
+    if resolver not in _RESOLVERS:
+        _RESOLVERS.append(resolver)
+
+
+def _resolvers() -> list[Callable[[str, bool], Path | None]]:
+    global _ENTRY_POINTS_LOADED
+    if not _ENTRY_POINTS_LOADED:
+        _ENTRY_POINTS_LOADED = True
+        from importlib.metadata import entry_points
+
+        for point in entry_points(group=RESOLVER_ENTRY_POINTS):
+            try:
+                register_resolver(point.load())
+            except ImportError:  # its optional dependency (huggingface_hub) is not installed
+                continue
+    return _RESOLVERS
+
+
+def _from_resolvers(name: str, *, local_files_only: bool) -> tuple[Path | None, str]:
+    """(path, "") from the first resolver that has ``name``, else (None, why the last one had not)."""
+    note = ""
+    for resolver in _resolvers():
+        try:
+            found = resolver(name, local_files_only)
+        except FileNotFoundError as error:
+            note = f"\nHugging Face: {error}"
+            continue
+        if found is not None:
+            return Path(found), ""
+    return None, note
+
+
 def resolve(name: str, *, models_dir: str | os.PathLike | None = None,
             allow_download: bool | None = None) -> Path:
     """The local file or folder holding ``name``; see the module docstring for the search order.
@@ -136,14 +198,22 @@ def resolve(name: str, *, models_dir: str | os.PathLike | None = None,
         if _exists(path):
             return path
     plain = canonical_name(name)
-    if plain in RELEASE_FILES and _download_allowed(allow_download):
+    found, remote_note = _from_resolvers(name, local_files_only=True)  # a cache hit beats a download
+    if found is not None:
+        return found
+    if plain in RELEASE_FILES and download_allowed(allow_download):
         return download_release_file(plain, models_dir)
+    if allow_download is not False:
+        found, remote_note = _from_resolvers(name, local_files_only=False)
+        if found is not None:
+            return found
     looked = "\n  ".join(str(p) for p in paths)
     if plain in HOW_TO_GET:
         hint = HOW_TO_GET[plain].replace("<folder>", str(get_models_dir(models_dir)))
     else:
         hint = (f"{name!r} is neither an existing path nor a known model name "
-                f"({', '.join(MODEL_NAMES)}); put the checkpoint at one of these paths")
+                f"({', '.join([*MODEL_NAMES, *shipped_names()])}); put the checkpoint at one of "
+                f"these paths")
     raise ModelNotFoundError(f"model {name!r} not found; looked at:\n  {looked}\n"
                              f"To get it: {hint}. The models folder is set by models_dir= or "
-                             f"${ENV_MODELS_DIR}.")
+                             f"${ENV_MODELS_DIR}.{remote_note}")

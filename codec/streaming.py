@@ -529,6 +529,7 @@ class _Stream:
         """Forget the stream; the next push starts a new one."""
         self._batch: int | None = None
         self._closed = False
+        self._warned = False
         self._reset()
 
     def _reset(self) -> None:
@@ -542,6 +543,14 @@ class _Stream:
     def _param(self, net: nn.Module) -> torch.Tensor:
         return next(net.parameters())
 
+    def _check_values(self, chunk: torch.Tensor, offset: int) -> None:
+        """Refuse NaN/inf (naming the sample's position in the stream); warn once per stream
+        about a peak far above 1."""
+        peak = audio_io.check_audio_values(chunk, self.what, offset=offset,
+                                           sample_rate=self.model.sample_rate,
+                                           warn=not self._warned)
+        self._warned = self._warned or peak > audio_io.PEAK_WARNING
+
     def _book(self) -> torch.Tensor:
         return self.model.quantizer.vq.layers[0]._codebook.embed
 
@@ -550,15 +559,17 @@ class StreamingEncoder(_Stream):
     """Audio chunks of any length in, codes out as soon as each frame is final.
 
     ``push(chunk (B, C, n)) -> codes (B, K, f)`` with ``f >= 0``; ``flush() -> codes (B, K, f)``
-    ends the stream. The concatenated codes are ``model.encode(whole_stream)``'s bit for bit
-    (in float32 on CPU too, but for short streams at batch 1 and the end-of-stream case in
-    the module docstring's Exactness).
+    ends the stream: its codes are the last frames', so pass them on (``dec.flush(codes)``).
+    The concatenated codes are ``model.encode(whole_stream)``'s bit for bit (in float32 on CPU
+    too, but for short streams at batch 1 and the end-of-stream case in the module
+    docstring's Exactness). Pushed audio must be finite (``what`` names it in the error).
     """
 
     def __init__(self, model: EncodecModel, *, num_codebooks: int | None = None,
-                 bandwidth: float | None = None) -> None:
+                 bandwidth: float | None = None, what: str = "streamed audio") -> None:
         _check_layerwise(model)
         self.num_codebooks = model.resolve_codebooks(num_codebooks, bandwidth)
+        self.what = what
         super().__init__(model)
 
     def _reset(self) -> None:
@@ -592,13 +603,16 @@ class StreamingEncoder(_Stream):
         self._batch = chunk.shape[0]
         if chunk.shape[-1] == 0:
             return self._codes(None)
+        self._check_values(chunk, self.samples)
         self.samples += chunk.shape[-1]
         param = self._param(self.model.encoder)
         return self._codes(self._layers.push(chunk.to(device=param.device, dtype=param.dtype)))
 
     @torch.no_grad()
     def flush(self) -> torch.Tensor:
-        """End the stream: codes of the remaining frames, the last one padded as offline."""
+        """End the stream: codes of the remaining frames, the last one padded as offline.
+
+        These are audio too: hand them to the decoder, ``dec.flush(enc.flush())``."""
         self._open()
         if self.samples == 0:
             raise ValueError("the stream is empty (0 samples): nothing to encode")
@@ -611,8 +625,8 @@ class StreamingDecoder(_Stream):
 
     ``push(codes (B, K, f)) -> audio (B, C, n)``; after the stream start each pushed frame
     yields ``hop_length`` samples (causal) or the samples its lookahead made final
-    (non-causal); ``flush()`` returns the rest. The concatenation equals
-    ``model.decode(all_codes)`` to float rounding.
+    (non-causal); ``flush(last_codes)`` decodes the encoder's final codes and returns them with
+    the rest. The concatenation equals ``model.decode(all_codes)`` to float rounding.
     """
 
     def __init__(self, model: EncodecModel) -> None:
@@ -654,13 +668,20 @@ class StreamingDecoder(_Stream):
         return self._audio(self._layers.push(latent.to(self._param(self.model.decoder).dtype)))
 
     @torch.no_grad()
-    def flush(self) -> torch.Tensor:
-        """End the stream: the samples still held back (a non-causal decoder's tail)."""
+    def flush(self, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """End the stream: decode ``codes`` (the encoder's ``flush()``: the last frames), then
+        return their audio with the samples still held back (a non-causal decoder's tail).
+
+        Taking the encoder's last codes here makes ``dec.flush(enc.flush())`` the whole end of
+        a round trip; ending the decoder without them would drop the stream's last frames.
+        """
         self._open()
+        head = None if codes is None else self.push(codes)
         if self.frames == 0:
             raise ValueError("the stream is empty (0 frames): nothing to decode")
         self._closed = True
-        return self._audio(self._layers.flush())
+        tail = self._audio(self._layers.flush())
+        return tail if head is None else torch.cat([head, tail], dim=-1)
 
 
 # -- segment-wise streaming (48 kHz) ------------------------------------------------------
@@ -675,13 +696,15 @@ class ChunkedStreamingEncoder(_Stream):
     """For segment models: one :class:`EncodedFrame` per segment as soon as it is complete.
 
     ``push(chunk (B, C, n)) -> list[EncodedFrame]``; ``flush()`` encodes the last, shorter
-    segments exactly as ``model.encode`` does. Only the unfinished segment is kept.
+    segments exactly as ``model.encode`` does (pass them on: ``dec.flush(enc.flush())``).
+    Only the unfinished segment is kept. Pushed audio must be finite.
     """
 
     def __init__(self, model: EncodecModel, *, num_codebooks: int | None = None,
-                 bandwidth: float | None = None) -> None:
+                 bandwidth: float | None = None, what: str = "streamed audio") -> None:
         _check_segmented(model)
         self.num_codebooks = model.resolve_codebooks(num_codebooks, bandwidth)
+        self.what = what
         super().__init__(model)
 
     def _reset(self) -> None:
@@ -707,6 +730,7 @@ class ChunkedStreamingEncoder(_Stream):
         self._batch = chunk.shape[0]
         if chunk.shape[-1] == 0:
             return []
+        self._check_values(chunk, self.samples)
         self.samples += chunk.shape[-1]
         self._buffer = _cat(self._buffer, chunk)
         return self._drain(self.model.segment_length)
@@ -724,9 +748,10 @@ class ChunkedStreamingDecoder(_Stream):
     """For segment models: decodes each :class:`EncodedFrame` and overlap-adds it.
 
     ``push(frame) -> audio (B, C, n)``: the samples before the next segment's start are final
-    (they are covered by this segment and the previous one only). ``flush()`` returns the last
-    segment's overlap. The concatenation equals ``model.decode(frames)`` to float rounding
-    (bit for bit against a model not prepared for inference, which decodes segment by segment).
+    (they are covered by this segment and the previous one only). ``flush(last_frames)``
+    decodes the encoder's final frames and returns them with the last segment's overlap. The
+    concatenation equals ``model.decode(frames)`` to float rounding (bit for bit against a
+    model not prepared for inference, which decodes segment by segment).
     """
 
     def __init__(self, model: EncodecModel) -> None:
@@ -774,12 +799,17 @@ class ChunkedStreamingDecoder(_Stream):
         return self._take(min(self.model.segment_stride, n))
 
     @torch.no_grad()
-    def flush(self) -> torch.Tensor:
+    def flush(self, frames: EncodedFrame | Iterable[EncodedFrame] | None = None) -> torch.Tensor:
+        """End the stream: decode ``frames`` (the encoder's ``flush()``), then return their
+        audio with the last segment's overlap."""
         self._open()
+        if isinstance(frames, EncodedFrame):
+            frames = [frames]
+        heads = [self.push(frame) for frame in frames or ()]
         if self.segments == 0:
             raise ValueError("the stream is empty (no segments): nothing to decode")
         self._closed = True
-        return self._take(_length(self._sum))
+        return torch.cat([*heads, self._take(_length(self._sum))], dim=-1)
 
 
 # -- long files in bounded memory ---------------------------------------------------------
@@ -799,23 +829,26 @@ def _as_batch(block: AudioBlock) -> torch.Tensor:
 
 
 def encode_blocks(blocks: Iterable[AudioBlock], model: EncodecModel, *,
-                  num_codebooks: int | None = None, bandwidth: float | None = None
-                  ) -> Iterator[EncodedFrame]:
+                  num_codebooks: int | None = None, bandwidth: float | None = None,
+                  what: str = "streamed audio") -> Iterator[EncodedFrame]:
     """Audio blocks ``(C, n)`` or ``(B, C, n)`` at the model's rate -> encoded frames.
 
     Whole-file models yield consecutive pieces of the one chunk's codes (``scale`` None;
     concatenated along time they are ``model.encode(all)[0].codes``); segment models yield
     one frame per segment, as ``model.encode`` returns them. Blocks may have any length.
+    ``what`` names the input in errors (a NaN sample) and warnings (a peak far above 1).
     """
     if model.segment_length is None:
-        encoder = StreamingEncoder(model, num_codebooks=num_codebooks, bandwidth=bandwidth)
+        encoder = StreamingEncoder(model, num_codebooks=num_codebooks, bandwidth=bandwidth,
+                                   what=what)
         for block in blocks:
             codes = encoder.push(_as_batch(block))
             if codes.shape[-1]:
                 yield EncodedFrame(codes, None)
         yield EncodedFrame(encoder.flush(), None)
     else:
-        chunked = ChunkedStreamingEncoder(model, num_codebooks=num_codebooks, bandwidth=bandwidth)
+        chunked = ChunkedStreamingEncoder(model, num_codebooks=num_codebooks, bandwidth=bandwidth,
+                                          what=what)
         for block in blocks:
             yield from chunked.push(_as_batch(block))
         yield from chunked.flush()
@@ -862,11 +895,14 @@ def encode_file(source: str | os.PathLike | Iterable[AudioBlock], model: Encodec
     yields; the codes are those of a whole-file ``model.encode`` of the converted audio. Peak
     memory depends on ``block_seconds``, not on the file length.
     """
+    what = "streamed audio"
     if isinstance(source, (str, os.PathLike)):
+        what = str(source)
         block_size = max(1, round(block_seconds * model.sample_rate))
         source = audio_io.iter_audio_blocks(source, block_size, sample_rate=model.sample_rate,
                                             channels=model.channels)
-    return encode_blocks(source, model, num_codebooks=num_codebooks, bandwidth=bandwidth)
+    return encode_blocks(source, model, num_codebooks=num_codebooks, bandwidth=bandwidth,
+                         what=what)
 
 
 def decode_to_file(frames: Iterable[EncodedFrame | torch.Tensor], path_out: str | os.PathLike,

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from codec.audio import check_audio_values
+
 from .base import Condition
 
 
@@ -177,6 +179,7 @@ class ChromaConditioner(nn.Module):
                 raise ValueError(f"melody {i}: expected a non-empty (C, T) or (T,) tensor or None, "
                                  f"found {found}")
             else:
+                check_audio_values(item, f"melody {i}")  # NaN would give a silent argmax of C
                 monos.append(item.float() if item.dim() == 1 else item.float().mean(dim=0))
         device = self.output_proj.weight.device
         length = max([m.shape[-1] for m in monos if m is not None], default=1)

@@ -14,11 +14,19 @@ the T5 hidden states with a zero attention mask, which ``enc_to_dec_proj`` + mas
 zeros. Both reach the same unconditional branch (zeros, mask 0: ``base.null_condition``); they
 differ only for "" given as a prompt. ``empty_is_null`` selects the behaviour: True for
 audiocraft checkpoints, False for transformers folders. ``None`` is null in both.
+
+Long texts. The encoder's cost grows with the square of the text's length (a 20,000-word prompt
+took 23 GB), so a conditioner reads at most ``max_tokens`` tokens of a text, with a warning:
+the tokenizer's ``model_max_length`` when it states one (512 for the released T5s), else
+:data:`MAX_TEXT_TOKENS` (T5's training length). Texts are first cut to
+``CHARS_PER_TOKEN * max_tokens`` characters so that tokenizing stays bounded too. The API, the
+CLI and the demo all go through here.
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +39,34 @@ from .base import Condition
 from .dropout import drop_words
 
 TextBatch = str | Sequence[str | None]
+MAX_TEXT_TOKENS = 512  # T5's training length: what a text encoder reads when its tokenizer states no limit
+CHARS_PER_TOKEN = 16  # texts are cut to this many characters per token before tokenizing
+_NO_LIMIT = 1_000_000  # transformers states "no limit" as model_max_length = 1e30
+
+
+def tokenizer_limit(tokenizer: object) -> int:
+    """The most tokens a text encoder reads: the tokenizer's ``model_max_length`` when it states
+    a real one, else :data:`MAX_TEXT_TOKENS`."""
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and 0 < stated < _NO_LIMIT:
+        return stated
+    return MAX_TEXT_TOKENS
+
+
+def cut_characters(texts: list[str | None], max_tokens: int) -> tuple[list[str | None], list[int]]:
+    """Texts cut to ``CHARS_PER_TOKEN * max_tokens`` characters (far more than ``max_tokens``
+    tokens of any real text), and the indices of those that were cut."""
+    limit = CHARS_PER_TOKEN * max_tokens
+    cut = [i for i, t in enumerate(texts) if t is not None and len(t) > limit]
+    return [t[:limit] if i in cut else t for i, t in enumerate(texts)], cut
+
+
+def warn_truncated(indices: Sequence[int], max_tokens: int) -> None:
+    """One warning naming the texts the encoder reads only the beginning of."""
+    if indices:
+        which = ", ".join(str(i) for i in sorted(set(indices)))
+        warnings.warn(f"text prompt(s) {which} too long: the text encoder reads the first {max_tokens} "
+                      f"tokens of a prompt; the rest is ignored", stacklevel=4)
 
 
 def as_text_batch(texts: TextBatch) -> list[str | None]:
@@ -120,15 +156,19 @@ class T5Conditioner(nn.Module):
     T5 and decoder widths match). ``word_dropout`` acts in training mode only; MusicGen trains
     with 0.3 (melody: 0.2). ``spiece_model`` (the bytes of ``spiece.model``) is written back by
     ``save_pretrained``, so a saved folder carries the sentencepiece model whatever became of
-    the folder the tokenizer was loaded from.
+    the folder the tokenizer was loaded from. ``max_tokens`` (default: the tokenizer's stated
+    limit, else 512) caps what the encoder reads of a text, with a warning.
     """
 
     def __init__(self, *, encoder: nn.Module, tokenizer: Callable[..., Any], output_dim: int | None,
                  finetune: bool = False, word_dropout: float = 0.0, empty_is_null: bool = True,
-                 seed: int = 1234, spiece_model: bytes | None = None) -> None:
+                 seed: int = 1234, spiece_model: bytes | None = None, max_tokens: int | None = None) -> None:
         super().__init__()
         if not 0.0 <= word_dropout <= 1.0:
             raise ValueError(f"word_dropout must be in [0, 1], found {word_dropout}")
+        if max_tokens is not None and max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2 (a token and </s>), found {max_tokens}")
+        self.max_tokens = tokenizer_limit(tokenizer) if max_tokens is None else max_tokens
         self.dim = int(encoder.config.d_model)
         self.output_dim = self.dim if output_dim is None else output_dim
         self.word_dropout = word_dropout
@@ -144,7 +184,8 @@ class T5Conditioner(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, output_dim: int | None,
                         finetune: bool = False, word_dropout: float = 0.0, empty_is_null: bool = True,
-                        seed: int = 1234, dtype: torch.dtype | None = None) -> T5Conditioner:
+                        seed: int = 1234, dtype: torch.dtype | None = None,
+                        max_tokens: int | None = None) -> T5Conditioner:
         """Load tokenizer and encoder from a local T5 folder (t5-small ... t5-3b, flan-t5-*).
 
         The folder needs ``config.json``, the weights, and ``spiece.model`` or ``tokenizer.json``.
@@ -164,7 +205,7 @@ class T5Conditioner(nn.Module):
             encoder = T5EncoderModel.from_pretrained(str(path), **kwargs)
         return cls(encoder=encoder, tokenizer=tokenizer, output_dim=output_dim, finetune=finetune,
                    word_dropout=word_dropout, empty_is_null=empty_is_null, seed=seed,
-                   spiece_model=read_spiece(path))
+                   spiece_model=read_spiece(path), max_tokens=max_tokens)
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write the encoder and tokenizer as a transformers T5 folder that ``from_pretrained``
@@ -221,18 +262,35 @@ class T5Conditioner(nn.Module):
 
     def tokenize(self, texts: TextBatch) -> TextTokens:
         """texts: B prompts (None = null). Word dropout applies in training mode only."""
-        entries = as_text_batch(texts)
+        entries, cut = cut_characters(as_text_batch(texts), self.max_tokens)
         if self.training and self.word_dropout > 0:
             entries = drop_words(entries, self.word_dropout, self.generator)
         null = [t is None or (self.empty_is_null and t == "") for t in entries]
         # The encoder sees the tokenizer's mask even on null rows (audiocraft hands it an all-zero
         # one); those rows are zeroed after the projection either way.
-        encoded = self.tokenizer([t or "" for t in entries], return_tensors="pt", padding=True)
+        encoded = self._encode([t or "" for t in entries], cut)
         attention_mask = encoded["attention_mask"].long()
         keep = torch.tensor([not n for n in null], dtype=torch.long)[:, None]
         device = self.device
         return TextTokens(encoded["input_ids"].to(device), attention_mask.to(device),
                           (attention_mask * keep).to(device))
+
+    def _encode(self, texts: list[str], cut: list[int]) -> Any:
+        """The tokenizer's padded batch, each text at most ``max_tokens`` tokens (its ``</s>`` kept).
+
+        One call asks for a token more than the cap: a row that reaches it was longer, and only
+        then is the batch tokenized again at the cap, with a warning.
+        """
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_tokens + 1)
+        lengths = encoded["attention_mask"].sum(dim=-1)
+        over = cut + [i for i, n in enumerate(lengths.tolist()) if n > self.max_tokens]
+        if over:
+            warn_truncated(over, self.max_tokens)
+            if int(lengths.max()) > self.max_tokens:
+                encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                         max_length=self.max_tokens)
+        return encoded
 
     def forward(self, tokens: TextTokens) -> Condition:
         """tokens from ``tokenize`` -> Condition((B, S, output_dim), (B, S))."""
@@ -249,7 +307,8 @@ class T5Conditioner(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, output_dim={self.output_dim}, finetune={self.finetune}, "
-                f"word_dropout={self.word_dropout}, empty_is_null={self.empty_is_null}")
+                f"word_dropout={self.word_dropout}, empty_is_null={self.empty_is_null}, "
+                f"max_tokens={self.max_tokens}")
 
 
 _EDGE_PUNCTUATION = "?:!.,;\"'()"
@@ -304,10 +363,15 @@ class LUTConditioner(nn.Module):
     """Lookup-table text conditioner: word ids -> ``embed`` (dim) -> ``output_proj`` (output_dim).
 
     State-dict names follow audiocraft's LUTConditioner: ``embed.weight``, ``output_proj.*``.
+    A text's first ``max_tokens`` words are read (a warning names longer texts).
     """
 
-    def __init__(self, *, vocab: Sequence[str], dim: int, output_dim: int, split_words: bool = True) -> None:
+    def __init__(self, *, vocab: Sequence[str], dim: int, output_dim: int, split_words: bool = True,
+                 max_tokens: int = MAX_TEXT_TOKENS) -> None:
         super().__init__()
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, found {max_tokens}")
+        self.max_tokens = max_tokens
         self.tokenizer = WordTokenizer(vocab, split_words=split_words)
         self.dim = dim
         self.output_dim = output_dim
@@ -315,7 +379,13 @@ class LUTConditioner(nn.Module):
         self.output_proj = nn.Linear(dim, output_dim)
 
     def tokenize(self, texts: TextBatch) -> TextTokens:
-        ids, mask = self.tokenizer(texts)
+        """At most ``max_tokens`` words of each text (a warning names the longer ones)."""
+        entries, cut = cut_characters(as_text_batch(texts), self.max_tokens)
+        ids, mask = self.tokenizer(entries)
+        over = cut + [i for i, n in enumerate(mask.sum(dim=-1).tolist()) if n > self.max_tokens]
+        if over:
+            warn_truncated(over, self.max_tokens)
+            ids, mask = ids[:, :self.max_tokens], mask[:, :self.max_tokens]
         device = self.embed.weight.device
         return TextTokens(ids.to(device), mask.to(device), mask.to(device))
 

@@ -11,7 +11,10 @@ callback; per output a player, a mel spectrogram and a download. With **Stream**
 player (``gr.Audio(streaming=True)``) plays the first prompt while it is generated
 (:func:`generate_music_stream`; gradio encodes live audio with ffmpeg, which must be installed).
 **Codec** tab: upload audio, choose a codec and a bitrate, listen to the round trip through an
-``.ecdc`` file beside the original, and read the file's size and real bitrate.
+``.ecdc`` file beside the original, and read the file's size and real bitrate. The entropy-coding
+box is enabled only for codecs that have an LM (found as ``tokenwave compress --lm`` finds it,
+:func:`codec.pretrained.entropy_lm_for`); the round trip is also an API endpoint,
+``/codec_roundtrip`` (audio file, codec, codebook count, entropy coding), for ``gradio_client``.
 
 With no generator installed, the model list offers an untrained stand-in with fixed random
 weights (:func:`random_generator`): the app runs end to end but plays noise, and says so.
@@ -47,10 +50,13 @@ from codec import audio as audio_io
 
 MAX_PROMPTS = 4
 MAX_DURATION = 120.0  # seconds the demo generates at most per request
+MAX_SLIDER_SECONDS = 60.0  # the duration slider's end (longer through the API, up to MAX_DURATION)
 MAX_CODEC_SECONDS = 300.0  # longest upload the codec tab takes
 DEFAULT_CONCURRENCY = 2
 RANDOM_MODEL = "random"  # the model choice of the untrained stand-in
 RANDOM_LABEL = "UNTRAINED random model (plays noise; for trying the app)"
+WEIGHTS_MARK = "@"  # "<folder>@int8": that checkpoint with int8 / int4 LM weights
+QUANTIZED_WEIGHTS = ("int8", "int4")
 OUTPUT_MAX_AGE = 2 * 3600.0  # seconds generated files are kept in the work folder
 EXAMPLES = (
     "a slow, sad piano ballad in A minor",
@@ -132,6 +138,9 @@ def model_choices(model_path: str | os.PathLike | None = None,
             default = None
         if default not in [c.value for c in choices]:
             default = choices[0].value if choices else None
+    # the same checkpoints with the LM's matrices quantized at load time (faster on CPUs; lm.quant)
+    choices += [ModelChoice(f"{c.label}, {dtype} weights (CPU speed)", f"{c.value}{WEIGHTS_MARK}{dtype}")
+                for c in list(choices) for dtype in QUANTIZED_WEIGHTS]
     choices.append(ModelChoice(RANDOM_LABEL, RANDOM_MODEL))
     return choices, default or RANDOM_MODEL
 
@@ -187,7 +196,9 @@ def load_generator(choice: str | None, path: str | None = None):
                 generator = random_generator()
             else:
                 try:
-                    generator = MusicGen.from_pretrained(key)
+                    marked = key.endswith(tuple(WEIGHTS_MARK + d for d in QUANTIZED_WEIGHTS))
+                    folder, _, dtype = key.rpartition(WEIGHTS_MARK) if marked else (key, "", None)
+                    generator = MusicGen.from_pretrained(folder, dtype=dtype)
                 except Exception as error:  # any unreadable folder becomes a message
                     raise DemoError(f"Cannot load the model {key}: {_one_line(error)}") from None
                 for other in [k for k in _GENERATORS if k != RANDOM_MODEL]:
@@ -247,6 +258,25 @@ def codec_choices(models_dir: str | os.PathLike | None = None) -> list[ModelChoi
     for preset in ("encodec_24khz", "encodec_32khz", "encodec_48khz"):
         choices.append(ModelChoice(f"random:{preset} (UNTRAINED: distorts everything)", f"random:{preset}"))
     return choices
+
+
+def entropy_lm_status(spec: str) -> tuple[bool, str]:
+    """Whether the codec has an entropy-coding LM, and a line saying so (or what is missing and
+    the command that trains one)."""
+    from codec.pretrained import entropy_lm_folders, has_entropy_lm, missing_lm_message
+
+    model = load_codec_model(spec)
+    spec = spec.strip()
+    if has_entropy_lm(model, spec):
+        return True, f"uses the LM of {model.name} (smaller file, slower)"
+    return False, missing_lm_message(model, spec, entropy_lm_folders(spec))
+
+
+def duration_info(window: float | None = None) -> str:
+    """The duration slider's note: past the model's window, generation slides."""
+    where = f"the model's {window:g} s window" if window else "the model's window"
+    return (f"up to {MAX_SLIDER_SECONDS:g} s; beyond {where} the generation slides on: each new part is "
+            f"conditioned on the end of the last (slower, and the music may drift)")
 
 
 def bitrate_choices(spec: str) -> list[tuple[str, int]]:
@@ -547,7 +577,8 @@ def codec_roundtrip(audio_path: str | os.PathLike | None, codec: str, num_codebo
     """Compress an audio file to .ecdc with ``codec`` at ``num_codebooks`` (None: all) and decode
     the file back; ``use_lm`` entropy-codes with the codec's LM."""
     from codec import ecdc
-    from inference.cli import is_random, model_label, random_entropy_lm
+    from codec.pretrained import EntropyLMNotFoundError, entropy_lm_for
+    from inference.cli import model_label
 
     if not audio_path:
         raise DemoError("Upload an audio file first.")
@@ -562,10 +593,10 @@ def codec_roundtrip(audio_path: str | os.PathLike | None, codec: str, num_codebo
     except (TypeError, ValueError) as error:
         raise DemoError(_one_line(error)) from None
     lm = None
-    if use_lm:
+    if use_lm:  # the CLI's lookup: beside the codec given, then in the models folder
         try:
-            lm = random_entropy_lm(model) if is_random(model) else ecdc.load_entropy_lm(model.name)
-        except (FileNotFoundError, ValueError) as error:
+            lm = entropy_lm_for(model, codec.strip())
+        except (EntropyLMNotFoundError, ValueError) as error:
             raise DemoError(f"No entropy-coding LM for {model.name}: {_one_line(error)}") from None
     device = next(model.parameters()).device
     signal = audio_io.convert_audio(wav, sample_rate, model.sample_rate, model.channels).to(device)
@@ -654,21 +685,38 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
             raise fail(error) from None
 
     def on_model(model, path):
+        """Outputs: the model's summary, and the duration slider's note naming its window."""
         try:
-            return model_summary(model, path)
+            summary = model_summary(model, path)
+            window = load_generator(model, path).max_duration
         except Exception as error:
-            return f"Cannot use this model: {_one_line(error)}"
+            return f"Cannot use this model: {_one_line(error)}", gr.skip()
+        return summary, gr.update(info=duration_info(window))
 
     def on_codec_change(codec):
+        """Outputs: the bitrates the codec offers, and the entropy-coding box (enabled only
+        when the codec has an LM; its note says what is missing otherwise)."""
         try:
             options = bitrate_choices(codec)
+            has_lm, note = entropy_lm_status(codec)
         except Exception as error:
             raise fail(error) from None
         per_codebook = load_codec_model(codec).bandwidth_per_codebook
         closest = min(options, key=lambda option: abs(math.log(option[1] * per_codebook / 6.0)))
-        return gr.update(choices=options, value=closest[1])  # the bitrate nearest 6 kbps
+        lm_box = gr.update(interactive=True, info=note) if has_lm else \
+            gr.update(interactive=False, value=False, info=f"unavailable: {note}")
+        return gr.update(choices=options, value=closest[1]), lm_box  # the bitrate nearest 6 kbps
 
     def on_codec(upload, codec, codebooks, use_lm):
+        """Compress an audio file to .ecdc with a codec and decode the file back.
+
+        Args:
+            upload: the audio file to code.
+            codec: a codec name, a codec or generator folder, or random:<preset>.
+            codebooks: how many codebooks to keep (the bitrate); empty for all.
+            use_lm: entropy-code with the codec's LM.
+        Returns: the decoded wav, the .ecdc file, and a note on size and bitrate.
+        """
         try:
             result = codec_roundtrip(upload, codec, codebooks, use_lm, workdir=folder)
         except Exception as error:
@@ -683,7 +731,8 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
                     prompts = gr.Textbox(label=f"Prompt (one per line, up to {MAX_PROMPTS})", lines=3,
                                          placeholder=EXAMPLES[0])
                     with gr.Row():
-                        duration = gr.Slider(0.5, 60, value=10, step=0.5, label="Duration (seconds)")
+                        duration = gr.Slider(0.5, MAX_SLIDER_SECONDS, value=10, step=0.5, label="Duration (seconds)",
+                                             info=duration_info())
                         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
                     with gr.Accordion("Sampling", open=False):
                         top_k = gr.Slider(0, 1000, value=250, step=1, label="top-k (0: off)")
@@ -719,25 +768,28 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
             generate.click(on_generate, inputs=[prompts, duration, top_k, top_p, temperature, cfg_coef, seed, model,
                                                 model_path, audio_prompt, melody, stream_box],
                            outputs=[*outputs, live, files, info])
-            model.change(on_model, [model, model_path], model_info)
-            model_path.submit(on_model, [model, model_path], model_info)
+            model.change(on_model, [model, model_path], [model_info, duration])
+            model_path.submit(on_model, [model, model_path], [model_info, duration])
         with gr.Tab("Codec"):
             with gr.Row():
                 with gr.Column():
                     upload = gr.Audio(sources=["upload"], type="filepath", label="Original")
                     codec = gr.Dropdown(choices=[(c.label, c.value) for c in codecs], value=codecs[0].value,
                                         allow_custom_value=True, label="Codec (a name, a folder or random:<preset>)")
-                    bitrate = gr.Dropdown(choices=[], label="Bitrate")
-                    use_lm = gr.Checkbox(False, label="Entropy coding with the codec's LM (smaller, slower)")
+                    # Custom values: API callers pass a codebook count; codec_roundtrip checks it.
+                    bitrate = gr.Dropdown(choices=[], allow_custom_value=True, label="Bitrate")
+                    use_lm = gr.Checkbox(False, label="Entropy coding with the codec's LM (smaller, slower)",
+                                         interactive=False, info="choose a codec")
                     compress = gr.Button("Compress and decode", variant="primary")
                 with gr.Column():
                     decoded = gr.Audio(type="filepath", interactive=False, label="Round trip (decoded from the .ecdc)")
                     ecdc_file = gr.File(label=".ecdc file", interactive=False, height=120)
                     codec_info = gr.Markdown()
-            codec.change(on_codec_change, codec, bitrate)
-            compress.click(on_codec, [upload, codec, bitrate, use_lm], [decoded, ecdc_file, codec_info])
-        demo.load(on_model, [model, model_path], model_info)
-        demo.load(on_codec_change, codec, bitrate)
+            codec.change(on_codec_change, codec, [bitrate, use_lm])
+            compress.click(on_codec, [upload, codec, bitrate, use_lm], [decoded, ecdc_file, codec_info],
+                           api_name="codec_roundtrip")
+        demo.load(on_model, [model, model_path], [model_info, duration])
+        demo.load(on_codec_change, codec, [bitrate, use_lm])
     demo.queue(default_concurrency_limit=max(1, int(concurrency)))
     return demo
 
@@ -768,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["CodecRoundTrip", "DemoError", "GeneratedClip", "Generation", "ModelChoice", "RANDOM_MODEL",
-           "StreamedAudio", "bitrate_choices",
+           "StreamedAudio", "bitrate_choices", "duration_info", "entropy_lm_status",
            "build_app", "codec_choices", "codec_roundtrip", "find_generators", "generate_music",
            "generate_music_stream", "launch",
            "load_codec_model", "load_generator", "main", "model_choices", "model_summary", "random_generator",

@@ -20,14 +20,20 @@ from pathlib import Path
 
 import torch
 
-from .generator import DEFAULT_DURATION, GeneratedAudio, GeneratedAudioTokens, MusicGen
+from .generator import DEFAULT_DURATION, GeneratedAudio, GeneratedAudioTokens, MusicGen, check_generation
 from .registry import DEFAULT_MODEL
 
 _CACHE: dict[tuple, MusicGen] = {}
+_CHECKED = ("seed", "extend_stride", "use_sampling", "temperature", "top_k", "top_p", "cfg_coef")
+
+
+def _check_first(duration: float, options: dict) -> None:
+    """Bad arguments fail before the model is loaded (the generator checks them again)."""
+    check_generation(duration=duration, **{name: options[name] for name in _CHECKED if name in options})
 
 
 def load(model: str | os.PathLike | MusicGen = DEFAULT_MODEL, *, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None, t5_path: str | os.PathLike | None = None) -> MusicGen:
+         dtype: torch.dtype | str | None = None, t5_path: str | os.PathLike | None = None) -> MusicGen:
     """A generator for ``model`` (a loaded generator, a folder or a name), cached by arguments.
 
     One generator is kept at a time: loading another frees the previous one.
@@ -44,7 +50,7 @@ def load(model: str | os.PathLike | MusicGen = DEFAULT_MODEL, *, device: str | t
 
 def generate(prompts, duration: float = DEFAULT_DURATION, *,
              model: str | os.PathLike | MusicGen = DEFAULT_MODEL, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None, t5_path: str | os.PathLike | None = None,
+             dtype: torch.dtype | str | None = None, t5_path: str | os.PathLike | None = None,
              **options) -> GeneratedAudio | GeneratedAudioTokens:
     """Generate ``duration`` seconds per prompt; returns ``(wav (B, C, T), sample_rate)``.
 
@@ -54,15 +60,19 @@ def generate(prompts, duration: float = DEFAULT_DURATION, *,
     ``use_sampling=True``, ``seed=None``, ``progress=False`` (True: tqdm bar; or a
     ``callback(step, total)``), ``return_tokens=False`` (then ``(wav, sample_rate, tokens)``),
     ``audio_prompt=(wav, sample_rate)`` (continuation), ``melody=(wavs, sample_rate)``,
-    ``extend_stride=None`` (the model's: 18 s for MusicGen).
+    ``extend_stride=None`` (the model's: 18 s for MusicGen). ``dtype``: a torch dtype, or
+    ``"int8"`` / ``"int4"`` for a weight-quantized LM (faster on CPUs; :mod:`lm.quant`).
+    A bad argument (a duration outside (0, 1 hour], ``temperature <= 0`` while sampling, ...)
+    raises ValueError before the model loads.
     """
+    _check_first(duration, options)
     generator = load(model, device=device, dtype=dtype, t5_path=t5_path)
     return generator.generate(prompts, duration, **options)
 
 
 def generate_stream(prompts, duration: float = DEFAULT_DURATION, *,
                     model: str | os.PathLike | MusicGen = DEFAULT_MODEL, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None, t5_path: str | os.PathLike | None = None,
+                    dtype: torch.dtype | str | None = None, t5_path: str | os.PathLike | None = None,
                     **options) -> Iterator[torch.Tensor]:
     """:func:`generate` as a stream: audio ``(B, C, n)`` float32 pieces while the LM runs.
 
@@ -70,6 +80,7 @@ def generate_stream(prompts, duration: float = DEFAULT_DURATION, *,
     ``return_tokens``) plus ``first_chunk_frames=10`` and ``chunk_frames=25``. The pieces,
     concatenated, are :func:`generate`'s waveform for the same seed (to float rounding).
     """
+    _check_first(duration, options)
     generator = load(model, device=device, dtype=dtype, t5_path=t5_path)
     return generator.generate_stream(prompts, duration, **options)
 

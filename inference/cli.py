@@ -2,11 +2,14 @@
 
 Every command takes a file or a folder (``IN`` a folder -> ``OUT`` a folder with the same
 file names, a progress bar over the files). Outputs are written to a temporary file and
-renamed, so a failure never leaves a partial file, and an existing output is only replaced
-with ``--force``. Errors are one line on stderr (``--verbose`` adds the traceback).
+renamed, so a failure, Ctrl-C or SIGTERM never leaves a partial file, and an existing output
+is only replaced with ``--force``; an output folder that cannot be written is reported before
+any model loads. Errors are one line on stderr (``--verbose`` adds the traceback), warnings
+one ``tokenwave: warning:`` line.
 
 Models: ``--model`` takes a name (looked up in ``$TOKENWAVE_MODELS``, see
-:mod:`codec.registry`), a checkpoint path in any format :mod:`codec.formats` reads, or
+:mod:`codec.registry`), a checkpoint path in any format :mod:`codec.formats` reads, a
+generator's name or folder (its codec: ``--model tokenwave-small`` is the shipped one), or
 ``random:<preset>`` (e.g. ``random:encodec_24khz``): an untrained model with fixed-seed random
 weights that needs no download, named ``random_<preset>`` in messages and .ecdc headers (so
 ``decompress`` rebuilds it). It runs the whole pipeline but does not reproduce the audio.
@@ -31,11 +34,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import math
+import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -45,20 +54,56 @@ import torch
 
 from codec import audio
 from codec.model import PRESETS, EncodecConfig, EncodecModel, EncodedFrame
+from codec.pretrained import RANDOM_NAME_PREFIX, RANDOM_SEED, is_random  # random_<preset> models
 
 DEFAULT_MODEL = "encodec_24khz"
 RANDOM_PREFIX = "random:"  # --model random:encodec_24khz
-RANDOM_NAME_PREFIX = "random_"  # its model name: random_encodec_24khz
-RANDOM_SEED = 0
 # Inputs longer than this are processed block by block (bounded memory, no normalization).
 STREAM_ABOVE_SECONDS = 60.0
 BLOCK_SECONDS = 5.0
+# --block-seconds bounds: shorter blocks cost a Python round per few samples, longer ones
+# hold minutes of audio in memory, which is what the blocks are for avoiding.
+BLOCK_SECONDS_RANGE = (0.1, 600.0)
 # Model folders shipped with the repository, used when a name is not in the models folder.
 SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: every ``with`` block unwinds as on Ctrl-C, so the
+    atomic writers remove their temporary files."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Turn SIGTERM into :class:`Terminated` while the command runs (main thread only: signal
+    handlers cannot be installed elsewhere); the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings as ``tokenwave: warning: ...`` lines, not Python's file:line and source."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"tokenwave: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -95,25 +140,17 @@ def random_model(preset: str | EncodecConfig, seed: int = RANDOM_SEED) -> Encode
                 book.embed_avg.copy_(book.embed)
                 book.inited.fill_(1.0)
                 residual = residual - book.decode(book.quantize(residual))
+    from codec.formats import remember_weights_id, state_weights_id
+
+    remember_weights_id(model, state_weights_id(model.state_dict()))  # .ecdc files record it
     return model
 
 
 def random_entropy_lm(model: EncodecModel, seed: int = RANDOM_SEED):
-    """The entropy-coding LM for a random model: released shape, fixed-seed random weights.
+    """The entropy-coding LM for a random model (:func:`codec.pretrained.random_entropy_lm`)."""
+    from codec.pretrained import random_entropy_lm as make
 
-    Any prior gives a decodable file; an untrained one just compresses little.
-    """
-    from codec.entropy import EntropyLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        lm = EntropyLM.for_codec(num_codebooks=model.num_codebooks, card=model.codebook_size,
-                                 frame_rate=model.frame_rate)
-    return lm.eval()
-
-
-def is_random(model: EncodecModel) -> bool:
-    return model.name.startswith(RANDOM_NAME_PREFIX)
+    return make(model, seed)
 
 
 def _random_preset(spec: str) -> str | None:
@@ -127,8 +164,8 @@ def _random_preset(spec: str) -> str | None:
 def load_codec(spec: str, device: torch.device) -> EncodecModel:
     """A ready-for-inference model from a name, a path or ``random:<preset>``.
 
-    A name missing from the models folder falls back to ``assets/models/<name>`` when the
-    repository ships a model folder there.
+    A generator (name or folder) gives its codec. A name missing from the models folder falls
+    back to ``assets/models/<name>`` when the repository ships a model folder there.
     """
     preset = _random_preset(spec)
     if preset is not None:
@@ -143,26 +180,22 @@ def load_codec(spec: str, device: torch.device) -> EncodecModel:
             return load_model(shipped, device=device, inference=True)
         hint = ""
         if spec in PRESETS:
-            hint = f" (to run with no download use --model {RANDOM_PREFIX}{spec}: untrained)"
+            hint = (f" (to run with no download use --model tokenwave-small, the shipped codec, or "
+                    f"--model {RANDOM_PREFIX}{spec}: untrained)")
         raise CliError(f"{_one_line(error)}{hint}") from error
 
 
 def entropy_lm_for(model: EncodecModel, spec: str | None):
-    """The codec's entropy-coding LM: beside a model given as a path (where ``train-codec``
-    writes it), else in the models folder (released LMs)."""
-    from codec import ecdc
+    """The codec's entropy-coding LM, found as :func:`codec.pretrained.entropy_lm_for` finds it
+    (beside the model given, then in the models folder); a missing one is a one-line error
+    naming the command that trains it."""
+    from codec.pretrained import EntropyLMNotFoundError
+    from codec.pretrained import entropy_lm_for as find
 
-    if is_random(model):
-        return random_entropy_lm(model)
-    if spec and Path(spec).exists():
-        try:
-            return ecdc.load_entropy_lm(model, models_dir=Path(spec).resolve().parent)
-        except FileNotFoundError:
-            pass
     try:
-        return ecdc.load_entropy_lm(model)
-    except FileNotFoundError as error:
-        raise CliError(_one_line(error)) from error
+        return find(model, spec)
+    except EntropyLMNotFoundError as error:
+        raise CliError(_one_line(error)) from None
 
 
 def model_label(model: EncodecModel) -> str:
@@ -225,7 +258,64 @@ def plan_jobs(source: str, target: str, *, inputs: tuple[str, ...], suffix: str,
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise CliError(f"output exists: {existing[0]}{more}; use --force to overwrite")
+    check_writable([job.target for job in jobs])
     return jobs
+
+
+def check_writable(targets: list[Path]) -> None:
+    """Fail before any work if an output cannot be written where it is asked for.
+
+    For each output folder, the nearest folder that exists must be a folder (not a file) and
+    accept a new file (probed with an anonymous temporary file, which also catches read-only
+    mounts and root's exemptions); missing folders below it are created later. The message
+    names the user's path, never a temporary file.
+    """
+    seen: set[Path] = set()
+    for target in targets:
+        folder = Path(target).absolute().parent
+        if folder in seen:
+            continue
+        seen.add(folder)
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise CliError(f"cannot write {target}: {existing} is a file, not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            raise CliError(f"cannot write {target}: folder {existing} is not writable "
+                           f"({error.strerror or _one_line(error)})") from None
+
+
+def check_codec_options(args) -> None:
+    """Refuse numbers no one means (inf, nan, 0, negative) before anything runs, naming the
+    option; argparse only checks that they parse."""
+    def fail(option: str, wants: str, value) -> None:
+        raise CliError(f"{option} must be {wants}, got {value}")
+
+    bandwidth = getattr(args, "bandwidth", None)
+    if bandwidth is not None and not (math.isfinite(bandwidth) and bandwidth > 0):
+        fail("--bandwidth", "a positive number of kbps", bandwidth)
+    codebooks = getattr(args, "codebooks", None)
+    if codebooks is not None and codebooks < 1:
+        fail("--codebooks", "at least 1", codebooks)
+    block = getattr(args, "block_seconds", None)
+    low, high = BLOCK_SECONDS_RANGE
+    if block is not None and not low <= block <= high:  # nan fails too
+        fail("--block-seconds", f"between {low:g} and {high:g} seconds", block)
+    lufs = getattr(args, "target_lufs", None)
+    if lufs is not None and not -70.0 <= lufs <= 0.0:
+        fail("--target-lufs", "a loudness between -70 and 0 LUFS", lufs)
+    limit = getattr(args, "max_duration", None)
+    if limit is not None and not limit > 0:
+        fail("--max-duration", "a positive number of seconds (inf for no limit)", limit)
+
+
+def max_duration(args) -> float | None:
+    """``--max-duration`` as .ecdc's ``max_duration``: inf means no limit (None)."""
+    return None if math.isinf(args.max_duration) else args.max_duration
 
 
 def run_jobs(jobs: list[Job], work: Callable[[Job], str], args) -> int:
@@ -259,11 +349,24 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], str], args) -> int:
 
 # -- audio in, audio out ------------------------------------------------------------------------
 def load_input(path: Path, model: EncodecModel) -> tuple[torch.Tensor, float]:
-    """The file at the model's rate and channel count ``(C, T)``, and its duration in seconds."""
+    """The file at the model's rate and channel count ``(C, T)``, and its duration in seconds.
+
+    NaN/inf samples are refused (naming the file and the sample) and a peak far above 1 is
+    warned about here, at the file's own rate; encode under :func:`input_checked`."""
     wav, sr = audio.read_audio(path)
     if wav.shape[-1] == 0:
         raise CliError(f"{path} holds no audio (0 samples)")
+    audio.check_audio_values(wav, str(path), sample_rate=sr)
     return audio.convert_audio(wav, sr, model.sample_rate, model.channels), wav.shape[-1] / sr
+
+
+@contextlib.contextmanager
+def input_checked():
+    """Encode audio that :func:`load_input` already checked: the model's own peak warning
+    would repeat the file's without its name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", audio.PeakWarning)
+        yield
 
 
 def input_blocks(path: Path, model: EncodecModel, block_seconds: float):
@@ -296,7 +399,7 @@ def stream_roundtrip(job: Job, model: EncodecModel, num_codebooks: int, args) ->
     info = audio.audio_info(job.source)
     length = round(info.frames * model.sample_rate / info.sample_rate)
     frames = encode_blocks(input_blocks(job.source, model, args.block_seconds), model,
-                           num_codebooks=num_codebooks)
+                           num_codebooks=num_codebooks, what=str(job.source))
     with torch.inference_mode(), audio.AudioFileWriter(
             job.target, model.sample_rate, model.channels, subtype=args.subtype) as writer:
         for block in decode_blocks(frames, model, length=length):
@@ -314,6 +417,7 @@ def bandwidth_text(model: EncodecModel, num_codebooks: int) -> str:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_roundtrip(args) -> int:
+    check_codec_options(args)
     jobs = plan_jobs(args.input, args.output, inputs=audio.readable_extensions(), suffix=".wav",
                      force=args.force)
     for job in jobs:
@@ -328,7 +432,7 @@ def cmd_roundtrip(args) -> int:
             duration = stream_roundtrip(job, model, num_codebooks, args)
         else:
             wav, duration = load_input(job.source, model)
-            with torch.inference_mode():
+            with torch.inference_mode(), input_checked():
                 out = model(wav[None].to(device), num_codebooks=num_codebooks)[0].cpu()
             write_output_audio(job.target, out, model.sample_rate, args)
         elapsed = time.perf_counter() - start
@@ -343,7 +447,8 @@ def resolve_codebooks(model: EncodecModel, args) -> int:
     try:
         return model.resolve_codebooks(args.codebooks, args.bandwidth)
     except ValueError as error:
-        raise CliError(_one_line(error)) from None
+        option = "--bandwidth" if args.bandwidth is not None else "--codebooks"
+        raise CliError(f"{option}: {_one_line(error)}") from None
 
 
 def encode_codes(job: Job, model: EncodecModel, num_codebooks: int,
@@ -356,12 +461,13 @@ def encode_codes(job: Job, model: EncodecModel, num_codebooks: int,
         blocks = input_blocks(job.source, model, block_seconds)
         with torch.inference_mode():
             pieces = [EncodedFrame(f.codes.cpu(), None if f.scale is None else f.scale.cpu())
-                      for f in encode_blocks(blocks, model, num_codebooks=num_codebooks)]
+                      for f in encode_blocks(blocks, model, num_codebooks=num_codebooks,
+                                             what=str(job.source))]
         if model.segment_length is None:  # pieces of one chunk: join them
             pieces = [EncodedFrame(torch.cat([p.codes for p in pieces], dim=-1), None)]
         return pieces, audio.audio_info(job.source).duration
     wav, duration = load_input(job.source, model)
-    with torch.inference_mode():
+    with torch.inference_mode(), input_checked():
         frames = model.encode(wav[None].to(device), num_codebooks=num_codebooks)
     return [EncodedFrame(f.codes.cpu(), None if f.scale is None else f.scale.cpu())
             for f in frames], duration
@@ -391,6 +497,7 @@ def save_tokens(path: Path, frames: list[EncodedFrame], model: EncodecModel,
 
 
 def cmd_tokens(args) -> int:
+    check_codec_options(args)
     folder = Path(args.input).is_dir()
     suffix = (".npz" if args.npz else ".npy") if folder else Path(args.output).suffix.lower()
     if suffix not in (".npy", ".npz"):
@@ -420,6 +527,7 @@ def cmd_tokens(args) -> int:
 def cmd_compress(args) -> int:
     from codec import ecdc
 
+    check_codec_options(args)
     jobs = plan_jobs(args.input, args.output, inputs=audio.readable_extensions(), suffix=".ecdc",
                      force=args.force)
     model = load_codec(args.model, parse_device(args.device))
@@ -428,19 +536,23 @@ def cmd_compress(args) -> int:
 
     def work(job: Job) -> str:
         start = time.perf_counter()
+        info = audio.audio_info(job.source)  # refuse what decompress would refuse, up front
+        check_ecdc_duration(job.source, round(info.frames * model.sample_rate / info.sample_rate),
+                            model, args)
         if is_long(job.source):  # codes are small: only the audio must stay out of memory
             frames, duration = encode_codes(job, model, num_codebooks, args.block_seconds)
             info = audio.audio_info(job.source)
             length = round(info.frames * model.sample_rate / info.sample_rate)
             buffer = io.BytesIO()
-            buffer.write(ecdc.EcdcHeader(model.name, length, num_codebooks, lm is not None)
-                         .to_bytes())
-            ecdc.write_body(buffer, frames, ecdc.CodecLayout.from_model(model), lm)
+            layout = ecdc.CodecLayout.from_model(model)  # with the weights id, as compress()
+            buffer.write(layout.header(length, num_codebooks, lm is not None).to_bytes())
+            ecdc.write_body(buffer, frames, layout, lm)
             data = buffer.getvalue()
         else:
             wav, duration = load_input(job.source, model)
-            data = ecdc.compress(wav, model.sample_rate, model, num_codebooks=num_codebooks,
-                                 use_lm=lm is not None, lm=lm)
+            with input_checked():
+                data = ecdc.compress(wav, model.sample_rate, model, num_codebooks=num_codebooks,
+                                     use_lm=lm is not None, lm=lm, max_duration=max_duration(args))
         with audio.atomic_output(job.target) as tmp:
             tmp.write_bytes(data)
         elapsed = time.perf_counter() - start
@@ -453,10 +565,19 @@ def cmd_compress(args) -> int:
     return run_jobs(jobs, work, args)
 
 
+def check_ecdc_duration(source: Path, length: int, model: EncodecModel, args) -> None:
+    """``--max-duration``, the same test for compress and decompress (see codec.ecdc)."""
+    from codec import ecdc
+
+    ecdc.check_duration(length, model.sample_rate, max_duration(args), what=str(source),
+                        option="--max-duration")
+
+
 def cmd_decompress(args) -> int:
     from codec import ecdc
     from codec.streaming import decode_blocks
 
+    check_codec_options(args)
     jobs = plan_jobs(args.input, args.output, inputs=(".ecdc",), suffix=".wav", force=args.force)
     for job in jobs:
         check_audio_target(job.target)
@@ -478,12 +599,14 @@ def cmd_decompress(args) -> int:
         if header.use_lm and header.model_name == model.name:
             lm = entropy_lm_for(model, args.model)
         start = time.perf_counter()
+        check_ecdc_duration(job.source, header.audio_length, model, args)
         duration = header.audio_length / model.sample_rate
         if duration > STREAM_ABOVE_SECONDS:  # decode block by block into the file
             if args.normalize:
                 raise CliError(f"{job.source} holds more than {STREAM_ABOVE_SECONDS:g} s and is "
                                "decoded block by block; --normalize needs the whole signal")
-            header, frames = ecdc.parse_ecdc(data, ecdc.CodecLayout.from_model(model), lm)
+            header, frames = ecdc.parse_ecdc(data, ecdc.CodecLayout.from_model(model), lm,
+                                             max_duration=max_duration(args))
             param = next(model.parameters())
             frames = [EncodedFrame(codes.to(param.device), None if scale is None
                                    else scale.to(param.device, param.dtype))
@@ -497,7 +620,8 @@ def cmd_decompress(args) -> int:
                     out.write(block[0].cpu())
         else:
             with torch.inference_mode():
-                wav, sr = ecdc.decompress(data, model=model, lm=lm)
+                wav, sr = ecdc.decompress(data, model=model, lm=lm,
+                                          max_duration=max_duration(args))
             write_output_audio(job.target, wav.cpu(), sr, args)
         elapsed = time.perf_counter() - start
         return (f"decompress {job.source} -> {job.target}: {model_label(model)}, "
@@ -531,9 +655,27 @@ def import_sounddevice():
     return sounddevice
 
 
+def silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null once the reader of stdout is gone, so that the
+    interpreter's last flush of what is still buffered does not fail again at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests capture it)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def stream_generation(generator, prompt: str, args, options: dict, target: Path | None, sounddevice=None) -> None:
     """Generate one prompt chunk by chunk to stdout (raw PCM) and/or the speakers (through
-    ``sounddevice``, float32); also to ``target`` when given (written once complete)."""
+    ``sounddevice``, float32); also to ``target`` when given (written once complete).
+
+    A reader that closes stdout early (``... --stdout | head -c 100``) stops the generation
+    quietly, as a pipe does for any command; ``target`` is then not written (it would be cut).
+    """
 
     rate, channels = generator.sample_rate, generator.channels
     if not args.quiet:
@@ -545,13 +687,21 @@ def stream_generation(generator, prompt: str, args, options: dict, target: Path 
     began = time.perf_counter()
     output = contextlib.nullcontext() if sounddevice is None else \
         sounddevice.OutputStream(samplerate=rate, channels=channels, dtype="float32")
-    with output as player:
-        for chunk in generator.generate_stream(prompt, args.duration, first_chunk_frames=args.chunk_frames,
-                                               chunk_frames=args.chunk_frames, **options):
+    stream = generator.generate_stream(prompt, args.duration, first_chunk_frames=args.chunk_frames,
+                                       chunk_frames=args.chunk_frames, **options)
+    with output as player, contextlib.closing(stream):
+        for chunk in stream:
             chunk = chunk[0].detach().float().cpu()  # (C, n)
             if sink is not None:
-                sink.write(pcm_bytes(chunk, args.format))
-                sink.flush()
+                try:
+                    sink.write(pcm_bytes(chunk, args.format))
+                    sink.flush()
+                except BrokenPipeError:  # the reader has gone: stop, no traceback
+                    silence_stdout()
+                    if target is not None:
+                        raise CliError(f"stdout was closed before the end of the stream; {target} was not "
+                                       "written") from None
+                    return
             if player is not None:
                 player.write(np.ascontiguousarray(chunk.T.numpy()))
             if target is not None:
@@ -565,6 +715,37 @@ def stream_generation(generator, prompt: str, args, options: dict, target: Path 
                   f"in {elapsed:.1f} s", file=sys.stderr)
 
 
+def option_errors(command: Callable) -> Callable:
+    """Run ``command``, turning a :class:`~lm.sampling.GenerationArgumentError` (``top_k must be
+    >= 0``) into the CLI's words for it (``--top-k must be >= 0``)."""
+    from lm.sampling import GenerationArgumentError
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        try:
+            return command(args)
+        except GenerationArgumentError as error:
+            raise CliError(f"--{error.argument.replace('_', '-')} {error.problem}") from error
+
+    return run
+
+
+def check_generate_options(args) -> None:
+    """The arguments no generation can use, refused before a model is loaded (the library's
+    own checks: :func:`inference.generator.check_generation`)."""
+    from inference.generator import check_generation
+
+    check_codec_options(args)  # the output options generate shares with the codec commands (--target-lufs)
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.chunk_frames < 1:
+        raise CliError(f"--chunk-frames must be at least 1, got {args.chunk_frames}")
+    check_generation(duration=args.duration, seed=args.seed, extend_stride=args.extend_stride,
+                     use_sampling=not args.greedy, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, cfg_coef=args.cfg_coef)
+
+
+@option_errors
 def cmd_generate(args) -> int:
     """Prompts -> audio files with a MusicGen/AudioGen generator (``out.wav``, or
     ``out_0.wav``, ``out_1.wav``, ... for several prompts), or one prompt streamed to stdout
@@ -582,10 +763,7 @@ def cmd_generate(args) -> int:
         prompts = [""]
     if streaming and len(prompts) != 1:
         raise CliError(f"--stdout and --play stream one prompt; got {len(prompts)}")
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.chunk_frames < 1:
-        raise CliError(f"--chunk-frames must be at least 1, got {args.chunk_frames}")
+    check_generate_options(args)
     sounddevice = import_sounddevice() if args.play else None
     targets = output_paths(args.output, len(prompts)) if args.output is not None else []
     for target in targets:
@@ -594,10 +772,12 @@ def cmd_generate(args) -> int:
     if existing and not args.force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise CliError(f"output exists: {existing[0]}{more}; use --force to overwrite")
+    check_writable(targets)  # before loading models, not after generating
     if args.dtype == "bf16-weights":  # float32 compute, bfloat16 matrix weights (CPU speed)
         dtype = torch.float32
     else:
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype,
+                                                                                                    args.dtype)
     generator = MusicGen.from_pretrained(args.model, device=parse_device(args.device), dtype=dtype,
                                          t5_path=args.t5_path)
     if args.dtype == "bf16-weights":
@@ -636,11 +816,46 @@ def cmd_generate(args) -> int:
 
 
 # -- argument parsing ---------------------------------------------------------------------------
+def add_max_duration(parser: argparse.ArgumentParser, what: str) -> None:
+    from codec.ecdc import DEFAULT_MAX_DURATION_S
+
+    parser.add_argument("--max-duration", type=float, default=DEFAULT_MAX_DURATION_S,
+                        metavar="SECONDS", help=f"{what}; default {DEFAULT_MAX_DURATION_S:g} s "
+                                                "(4 h), inf for no limit")
+
+
+def package_version() -> str:
+    """tokenwave's version: the installed package's, else the one pyproject.toml states (a
+    source checkout that was never installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tokenwave")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line (``tokenwave generate: error: argument --seed: invalid int value:
+    '1e20'; see tokenwave generate --help``), exit status 2, as argparse's own but without the
+    usage block. Sub-commands' parsers are made with this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tokenwave", description="EnCodec audio codec tools: compress to .ecdc, "
         "decompress, extract tokens, round trip. IN may be a folder (then OUT is a folder).")
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
@@ -674,6 +889,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("input", metavar="IN")
     sub.add_argument("output", metavar="OUT")
     sub.add_argument("--lm", action="store_true", help="entropy-code with the codec's LM")
+    add_max_duration(sub, "refuse inputs longer than this (decompress refuses longer files by "
+                          "the same default)")
     sub.set_defaults(func=cmd_compress)
 
     sub = commands.add_parser("decompress", parents=[common, out_audio],
@@ -684,6 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--block-seconds", type=float, default=BLOCK_SECONDS,
                      help=f"block length for files longer than {STREAM_ABOVE_SECONDS:g} s, "
                           "which are decoded in bounded memory")
+    add_max_duration(sub, "refuse files claiming more audio than this (a guard against "
+                          "hostile files)")
     sub.set_defaults(func=cmd_decompress)
 
     sub = commands.add_parser("tokens", parents=[common, model, rate],
@@ -699,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("output", metavar="OUT")
     sub.set_defaults(func=cmd_roundtrip)
 
-    from inference.generator import DEFAULT_DURATION
+    from inference.generator import DEFAULT_DURATION, MAX_DURATION
     from inference.registry import DEFAULT_MODEL as DEFAULT_GENERATOR
 
     sub = commands.add_parser(
@@ -724,26 +943,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"generator folder (tokenwave, transformers or audiocraft files) or name in "
                           f"$TOKENWAVE_MODELS; default {DEFAULT_GENERATOR}")
     sub.add_argument("--duration", type=float, default=DEFAULT_DURATION,
-                     help=f"seconds per output, an audio prompt included (default {DEFAULT_DURATION:g}); "
-                          "beyond the model's window (30 s) by sliding window")
-    sub.add_argument("--seed", type=int, help="random seed (batch i uses seed + index of its first prompt)")
+                     help=f"seconds per output, an audio prompt included (default {DEFAULT_DURATION:g}, at most "
+                          f"{MAX_DURATION:g} = 1 hour); beyond the model's window (its own: 10 s for "
+                          f"{DEFAULT_GENERATOR}, 30 s for MusicGen) by sliding window")
+    sub.add_argument("--seed", type=int, help="random seed, a whole number (batch i uses seed + index of its "
+                                              "first prompt)")
     sub.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes (default 250)")
     sub.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling; > 0 replaces top-k (default 0)")
-    sub.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    sub.add_argument("--temperature", type=float, default=1.0,
+                     help="sampling temperature, > 0 (default 1); for argmax decoding use --greedy")
     sub.add_argument("--cfg-coef", type=float, default=3.0, help="classifier-free guidance (default 3; 1 = off)")
     sub.add_argument("--two-step-cfg", action="store_true", help="guidance as two passes, not one batch")
     sub.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     sub.add_argument("--extend-stride", type=float, metavar="SECONDS",
-                     help="sliding-window step beyond the window (default: the model's, 18 s for MusicGen)")
+                     help="sliding-window step beyond the window, > 0 and below the window (default: the "
+                          "model's, 18 s for MusicGen)")
     sub.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line (blank lines skipped)")
     sub.add_argument("--continue", dest="continue_from", metavar="AUDIO",
                      help="continue this audio: the output starts with it")
     sub.add_argument("--melody", metavar="AUDIO", help="melody to follow (melody models)")
     sub.add_argument("--dtype", default="float32",
-                     choices=("float32", "bfloat16", "float16", "bf16-weights"),
+                     choices=("float32", "bfloat16", "float16", "bf16-weights", "int8", "int4", "int4-g64",
+                              "int4-g128"),
                      help="LM weights' type (default float32); bf16-weights keeps float32 "
                           "activations with bfloat16 matrix weights: ~2x faster steps on CPUs "
-                          "with bf16 instructions")
+                          "with bf16 instructions; int8 / int4 (groups of 32; int4-g64, int4-g128: larger) "
+                          "quantize the LM's matrices at load time (see README: CPU quantization)")
     sub.add_argument("--t5-path", metavar="FOLDER", help="T5 folder for audiocraft checkpoints that name one")
     sub.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     sub.set_defaults(func=cmd_generate)
@@ -753,6 +978,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_training(commands)
     from inference.cli_demo import register as register_demo  # demo
     register_demo(commands)
+    from inference.cli_hub import register as register_hub  # download, models
+    register_hub(commands)
     return parser
 
 
@@ -763,10 +990,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help or a usage error (argparse printed it)
         return int(exit_.code or 0)
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("tokenwave: interrupted", file=sys.stderr)
-        return 130
+        with terminate_as_interrupt(), one_line_warnings():
+            return args.func(args)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the with blocks cleaned up
+        terminated = isinstance(interrupt, Terminated)
+        print(f"tokenwave: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
     except Exception as error:  # one line for users; the traceback on request
         if args.verbose:
             traceback.print_exc()

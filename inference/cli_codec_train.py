@@ -71,10 +71,17 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 
 def _model_name(args) -> str:
+    """The trained codec's name: stored in its config and in every .ecdc file it writes, where
+    it is how `decompress` finds the codec, so it must not be a public codec's."""
+    from codec.ecdc import PUBLIC_CODECS
+
     name = args.name or Path(args.out).resolve().name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise CliError(f"model name {name!r} must be letters, digits, '_', '.' or '-'; "
                        f"give one with --name")
+    if name in PUBLIC_CODECS and not args.train_entropy_lm:
+        raise CliError(f"model name {name!r} is a public codec's: .ecdc files name their codec, so "
+                       f"give the trained one its own name with --name")
     return name
 
 

@@ -13,7 +13,7 @@ T5 and LM training from the CLI.
 count are used, and its T5 for ``--text-embeddings``) or a codec alone (name, checkpoint path or
 ``random:<preset>``). ``finetune`` is :func:`lm.finetune.finetune`; ``--resume`` continues
 ``--out`` with the settings it was started with (give only ``--out`` and, say, a new
-``--stop-after``). The trained generator lands in ``RUN/model``. ``make-text-encoder`` is
+``--stop-after``, or a larger ``--steps`` to train on), from its newest intact checkpoint. The trained generator lands in ``RUN/model``. ``make-text-encoder`` is
 :func:`conditioning.t5_builder.build_text_encoder` over the captions of ``DATA`` (a corpus
 folder, ``.jsonl`` manifest or token cache).
 """
@@ -221,10 +221,12 @@ def register(commands) -> None:
     sub.add_argument("--save-dtype", default=sup, choices=("float32", "float16", "bfloat16"),
                      help="storage type of the exported LM and T5 weights (default float32; the others halve "
                           "the folder and load back as float32)")
-    sub.add_argument("--steps", type=int, default=sup, help="optimizer steps (default 1000)")
+    sub.add_argument("--steps", type=int, default=sup,
+                     help="optimizer steps (default 1000); with --resume a larger total continues the run to it")
     sub.add_argument("--batch-size", type=int, default=sup, help="samples per process per micro-batch (default 4)")
     sub.add_argument("--lr", type=float, default=sup, help="peak learning rate (default 1e-4)")
-    sub.add_argument("--warmup", type=int, default=sup, help="linear warmup steps (default 100)")
+    sub.add_argument("--warmup", type=int, default=sup,
+                     help="linear warmup steps (default 100; one >= --steps is cut to steps / 10, with a warning)")
     sub.add_argument("--min-lr-ratio", type=float, default=sup, help="cosine floor as a share of --lr (default 0)")
     sub.add_argument("--weight-decay", type=float, default=sup, help="AdamW weight decay (default 0.1)")
     sub.add_argument("--betas", type=float, nargs=2, default=sup, help="AdamW betas (default 0.9 0.95)")

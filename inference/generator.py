@@ -17,7 +17,13 @@ audiocraft does: the first window generates ``max_duration``; each further windo
 ``max_duration - extend_stride`` seconds generated so far (12 s for MusicGen) as its prompt and
 appends what it adds. In frames: ``total = floor(duration * frame_rate)``, window ``W``, stride
 ``S``: window ``i`` covers frames ``[i*S, min(i*S + W, total))``. A melody is cut to each
-window (repeated when shorter), as audiocraft does.
+window (repeated when shorter), as audiocraft does. The windows are planned lazily
+(:func:`iter_windows`), and a duration is at most :data:`MAX_DURATION` (1 hour): beyond it the
+number is a slip (``1e9`` would run for years), not a request.
+
+Arguments are checked before any work by :func:`check_generation` (sampling and guidance by
+:func:`lm.sampling.check_sampling`), which the CLI also calls before it loads a model; a bad
+one raises :class:`~lm.sampling.GenerationArgumentError` (a ``ValueError`` naming it).
 
 Streaming: :meth:`MusicGen.generate_stream` yields audio while the LM runs. The LM releases
 each frame once its most delayed codebook is sampled (:meth:`lm.LMModel.generate_iter`),
@@ -35,6 +41,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from typing import NamedTuple
 
 import torch
@@ -46,8 +53,14 @@ from codec.streaming import StreamingDecoder
 from conditioning import ChromaConditioner, ConditionFuser, ConditionProvider, FuserConfig
 from conditioning.text import as_text_batch
 from lm import LMModel
+from lm.sampling import GenerationArgumentError, check_real, check_sampling
+
+from .registry import DEFAULT_MODEL
 
 DEFAULT_DURATION = 10.0
+MAX_DURATION = 3600.0  # seconds: the longest generation asked for (1 hour)
+DECODE_BLOCK_SECONDS = 60.0  # longer outputs are decoded block by block (memory ~ the output)
+SEED_RANGE = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # what torch.Generator.manual_seed takes
 Codec = EncodecModel | InterleavedStereo
 Progress = bool | Callable[[int, int], None]
 
@@ -118,33 +131,69 @@ class Window(NamedTuple):
     prompt: int
 
 
+def check_duration(duration: float) -> float:
+    """``duration`` in seconds when it is a number in (0, :data:`MAX_DURATION`]; else the error."""
+    number = not isinstance(duration, bool) and isinstance(duration, Real)
+    if not (number and 0 < duration <= MAX_DURATION):  # NaN fails the comparison too
+        raise GenerationArgumentError("duration", f"must be a number of seconds above 0 and at most "
+                                                  f"{MAX_DURATION:g} (1 hour), got {duration!r}")
+    return float(duration)
+
+
+def check_generation(*, duration: float, seed: int | None = None, extend_stride: float | None = None,
+                     use_sampling: bool = True, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
+                     cfg_coef: float = 3.0) -> None:
+    """Refuse generation arguments no model can use, before any work (the CLI calls it before it
+    loads a model). What depends on the model (an extend stride below its window, an audio
+    prompt shorter than it) is checked once the model is known."""
+    check_duration(duration)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, Integral):
+            raise GenerationArgumentError("seed", f"must be a whole number, got {seed!r}")
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise GenerationArgumentError("seed", f"must be in [-2**63, 2**64 - 1], got {seed}")
+    if extend_stride is not None and not check_real("extend_stride", extend_stride) > 0:
+        raise GenerationArgumentError("extend_stride", f"must be a positive number of seconds, got {extend_stride:g}")
+    check_sampling(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef)
+
+
 def plan_windows(total: int, window: int, stride: int | None, prompt: int = 0) -> list[Window]:
-    """The LM calls that generate ``total`` frames with a ``window``-frame model.
+    """The LM calls that generate ``total`` frames with a ``window``-frame model, as a list:
+    :func:`iter_windows` (which generation uses, lazily) run to the end."""
+    return list(iter_windows(total, window, stride, prompt))
+
+
+def iter_windows(total: int, window: int, stride: int | None, prompt: int = 0) -> Iterator[Window]:
+    """The LM calls that generate ``total`` frames with a ``window``-frame model, one by one.
 
     One call when ``total <= window``; else audiocraft's sliding window: each call moves
     ``stride`` frames and re-uses what the previous call generated past the stride as its prompt.
+    The arguments are checked at once; the windows are made as they are asked for.
     """
     if total <= 0:
         raise ValueError(f"nothing to generate: {total} frames")
     if prompt >= total:
         raise ValueError(f"the audio prompt ({prompt} frames) must be shorter than the requested "
                          f"duration ({total} frames)")
-    if prompt > window:
+    if prompt > window or (prompt == window and total > window):
         raise ValueError(f"the audio prompt ({prompt} frames) is longer than the model's window "
-                         f"({window} frames)")
+                         f"({window} frames), or as long: the window has no room to continue it")
     if total <= window:
-        return [Window(0, total, prompt)]
+        return iter([Window(0, total, prompt)])
     if stride is None or not 0 < stride < window:
         raise ValueError(f"{total} frames exceed the model's {window}-frame window and no valid extend "
                          f"stride is set (got {stride} frames); pass extend_stride= (seconds, below the "
                          f"window)")
-    plan, offset = [], 0
+    return _sliding_windows(total, window, stride, prompt)
+
+
+def _sliding_windows(total: int, window: int, stride: int, prompt: int) -> Iterator[Window]:
+    offset = 0
     while offset + prompt < total:
         length = min(total - offset, window)
-        plan.append(Window(offset, length, prompt))
+        yield Window(offset, length, prompt)
         prompt = length - stride
         offset += stride
-    return plan
 
 
 class GeneratedAudio(NamedTuple):
@@ -307,22 +356,30 @@ class MusicGen(nn.Module):
 
     # -- loading and saving --------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, t5_path: str | os.PathLike | None = None,
+    def from_pretrained(cls, path_or_name: str | os.PathLike = DEFAULT_MODEL, *,
+                        device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, t5_path: str | os.PathLike | None = None,
                         models_dir: str | os.PathLike | None = None, max_duration: float | None = None,
-                        extend_stride: float | None = None) -> MusicGen:
-        """A ready generator from a folder (tokenwave, transformers or audiocraft format) or a name.
+                        extend_stride: float | None = None, revision: str | None = None,
+                        local_files_only: bool = False) -> MusicGen:
+        """A ready generator from a folder (tokenwave, transformers or audiocraft format) or a name
+        (default: the shipped ``tokenwave-small``, :data:`inference.registry.DEFAULT_MODEL`).
 
         ``device`` None picks CUDA when available, else CPU. ``dtype`` (default float32) is the
-        LM's; the codec stays float32 and T5 float32 unless ``dtype`` is bfloat16. Weights are
+        LM's; the codec stays float32 and T5 float32 unless ``dtype`` is bfloat16. ``"int8"``,
+        ``"int4"`` or ``"int4-g<N>"`` store the LM's matrices quantized (:mod:`lm.quant`; for
+        CPU decoding), quantizing float checkpoints as they load. Weights are
         read memory-mapped onto a model built on the meta device (one copy in memory).
         ``t5_path`` points at the T5 an audiocraft checkpoint names; ``max_duration`` and
-        ``extend_stride`` override the window the checkpoint implies. See :mod:`inference.pretrained`.
+        ``extend_stride`` override the window the checkpoint implies. A Hugging Face name is read at
+        ``revision`` (branch, tag or commit); ``local_files_only`` never downloads (:mod:`inference.hub`).
+        See :mod:`inference.pretrained`.
         """
         from .pretrained import load_generator
 
         return load_generator(path_or_name, cls=cls, device=device, dtype=dtype, t5_path=t5_path,
-                              models_dir=models_dir, max_duration=max_duration, extend_stride=extend_stride)
+                              models_dir=models_dir, max_duration=max_duration, extend_stride=extend_stride,
+                              revision=revision, local_files_only=local_files_only)
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> os.PathLike:
         """Write tokenwave's folder format (see :func:`inference.pretrained.save_generator`)."""
@@ -397,9 +454,19 @@ class MusicGen(nn.Module):
             return self.codec.encode_to_codes(wav, per_channel)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Codes ``(B, K, frames)`` -> waveforms ``(B, C, frames * hop)`` float32."""
+        """Codes ``(B, K, frames)`` -> waveforms ``(B, C, frames * hop)`` float32.
+
+        Beyond :data:`DECODE_BLOCK_SECONDS` the codes go through :class:`CodecStream` block by
+        block (the same audio to float rounding), so the decoder's activations, several times
+        the audio's size for a whole file, stay those of one block.
+        """
+        block = max(1, int(DECODE_BLOCK_SECONDS * self.frame_rate))
         with torch.inference_mode():
-            return self.codec.decode(tokens.to(next(self.codec.parameters()).device)).float()
+            if tokens.shape[-1] <= block:
+                return self.codec.decode(tokens.to(next(self.codec.parameters()).device)).float()
+            stream = CodecStream(self.codec)
+            pieces = [stream.push(piece) for piece in tokens.split(block, dim=-1)]
+            return torch.cat([*pieces, stream.flush()], dim=-1)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str | None] | None, duration: float = DEFAULT_DURATION, *,
@@ -416,9 +483,10 @@ class MusicGen(nn.Module):
             prompts: one string (one prompt, never split into characters), a list of them (a
                 batch), ``None``/``""`` entries for unconditional generation. ``None`` alone:
                 unconditional, batch size from ``audio_prompt``/``melody`` or 1.
-            duration: seconds of output, an audio prompt included (default 10).
+            duration: seconds of output, an audio prompt included (default 10, at most
+                :data:`MAX_DURATION`, 1 hour).
             top_k, top_p, temperature, use_sampling: sampling (defaults 250, 0, 1, True; top_p > 0
-                wins over top_k; ``use_sampling=False`` is greedy).
+                wins over top_k; ``use_sampling=False`` is greedy; sampling needs temperature > 0).
             cfg_coef: classifier-free guidance coefficient (default 3; 1 = no guidance).
             two_step_cfg: run the conditional and unconditional rows as two passes.
             seed: makes sampling reproducible (None: torch's global generator).
@@ -436,7 +504,15 @@ class MusicGen(nn.Module):
 
         Returns:
             ``(wav (B, C, T), sample_rate)``, plus ``tokens`` when ``return_tokens``.
+
+        Raises:
+            ValueError (:class:`~lm.sampling.GenerationArgumentError`, naming the argument) for a
+            duration outside (0, 1 hour], a seed torch cannot take, a non-finite number, top_k < 0,
+            top_p outside [0, 1], or ``temperature <= 0`` while sampling (greedy decoding is
+            ``use_sampling=False``); before any work.
         """
+        check_generation(duration=duration, seed=seed, extend_stride=extend_stride, use_sampling=use_sampling,
+                         temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef)
         texts, prompt_codes, melody_wavs = self._prepare_inputs(prompts, audio_prompt, melody)
         tokens = self.generate_tokens(texts, duration, prompt_codes=prompt_codes, melodies=melody_wavs,
                                       top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef,
@@ -475,6 +551,8 @@ class MusicGen(nn.Module):
         if first_chunk_frames < 1 or chunk_frames < 1:
             raise ValueError(f"first_chunk_frames and chunk_frames must be at least 1, got "
                              f"{first_chunk_frames} and {chunk_frames}")
+        check_generation(duration=duration, seed=seed, extend_stride=extend_stride, use_sampling=use_sampling,
+                         temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef)
         texts, prompt_codes, melody_wavs = self._prepare_inputs(prompts, audio_prompt, melody)
         codes = self.generate_tokens_iter(
             texts, duration, prompt_codes=prompt_codes, melodies=melody_wavs, top_k=top_k, top_p=top_p,
@@ -575,25 +653,28 @@ class MusicGen(nn.Module):
         Over a sliding window, each window's frames stream as it generates them; the frames a
         window takes as its prompt were yielded by the window before and are not repeated.
         """
+        check_generation(duration=duration, seed=seed, extend_stride=extend_stride, use_sampling=use_sampling,
+                         temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef)
         texts = list(prompts)
         batch = len(texts)
         total = self.num_frames(duration)
         window = self.num_frames(self.max_duration)
-        stride_seconds = self.config.extend_stride if extend_stride is None else extend_stride
-        stride = None if stride_seconds is None else int(stride_seconds * self.frame_rate)
+        stride = self._stride_frames(extend_stride)
         prompt_length = 0 if prompt_codes is None else prompt_codes.shape[-1]
-        plan = plan_windows(total, window, stride, prompt_length)
+        self._check_prompt(prompt_length, total, window, stride)
+        plan = iter_windows(total, window, stride, prompt_length)
         sliding = total > window
         guided = cfg_coef != 1.0
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        callbacks, close = self._progress(plan, progress)
+        callback_for, close = self._progress(lambda: iter_windows(total, window, stride, prompt_length), progress)
 
         conditions = None
         prompt = None if prompt_codes is None else prompt_codes.to(self.device)
         try:
-            for index, (window_plan, callback) in enumerate(zip(plan, callbacks)):
+            for index, window_plan in enumerate(plan):
+                callback = callback_for(index, window_plan)
                 if conditions is None or (melodies is not None and sliding):
                     window_melodies = None if melodies is None else \
                         self._melody_for_window(melodies, window_plan, sliding)
@@ -615,26 +696,69 @@ class MusicGen(nn.Module):
         finally:
             close()
 
-    def _progress(self, plan: list[Window], progress: Progress):
-        """One LM callback per window, counting steps over all windows, and a closer for the bar."""
+    def _stride_frames(self, extend_stride: float | None) -> int | None:
+        """The sliding window's step in frames (None: the model has none and none was given)."""
+        if extend_stride is not None and not extend_stride < self.max_duration:
+            raise GenerationArgumentError("extend_stride", f"must be below the model's window "
+                                                           f"({self.max_duration:g} s), got {extend_stride:g}")
+        seconds = self.config.extend_stride if extend_stride is None else extend_stride
+        return None if seconds is None else int(seconds * self.frame_rate)
+
+    def _seconds(self, frames: float) -> str:
+        return f"{round(frames / self.frame_rate, 2):g} s"
+
+    def _check_prompt(self, prompt: int, total: int, window: int, stride: int | None) -> None:
+        """An audio prompt of ``prompt`` frames must leave room to generate, in the output and
+        in the model's window; the error says so in seconds, and what to do."""
+        if prompt and prompt >= total:
+            raise ValueError(f"the audio prompt ({self._seconds(prompt)}) must be shorter than the requested "
+                             f"duration ({self._seconds(total)}), which includes it: ask for a longer duration")
+        if prompt and prompt >= window:
+            keep = window - stride if stride is not None and 0 < stride < window else window // 2
+            relation = "longer than" if prompt > window else "as long as"
+            raise ValueError(
+                f"the audio prompt is {self._seconds(prompt)}, {relation} the model's window "
+                f"({self._seconds(window)}), which leaves the model no room to continue it: use a prompt "
+                f"shorter than {self._seconds(window)}, e.g. its last {self._seconds(keep)} "
+                f"(ffmpeg -sseof -{round(keep / self.frame_rate, 2):g} -i PROMPT.wav SHORT.wav)")
+
+    def _progress(self, windows: Callable[[], Iterator[Window]], progress: Progress):
+        """``callback_for(index, window)``: the LM callback of each window in turn, counting steps
+        over all windows; and a closer for the bar. The plan is walked once for the total, lazily."""
         if not progress:
-            return [None] * len(plan), lambda: None
-        steps = []
-        for window in plan:
-            pattern = self.lm.pattern_provider.get_pattern(window.length)
-            steps.append(pattern.num_steps - pattern.first_step_with_timestep(window.prompt))
-        grand_total = sum(steps)
+            return (lambda index, window: None), (lambda: None)
+        cache: dict[tuple[int, int], int] = {}
+
+        def steps(window: Window) -> int:  # a few distinct (length, prompt) pairs: one pattern each
+            key = (window.length, window.prompt)
+            if key not in cache:
+                pattern = self.lm.pattern_provider.get_pattern(window.length)
+                cache[key] = pattern.num_steps - pattern.first_step_with_timestep(window.prompt)
+            return cache[key]
+
+        count = grand_total = 0
+        for window in windows():
+            count, grand_total = count + 1, grand_total + steps(window)
         if progress is True:
             from tqdm import tqdm
 
             bar = tqdm(total=grand_total, unit="step", desc="generating", leave=False)
             emit, close = (lambda done: bar.update(done - bar.n)), bar.close
+            label = bar.set_description_str
         elif callable(progress):
-            emit, close = (lambda done: progress(done, grand_total)), (lambda: None)
+            emit, close, label = (lambda done: progress(done, grand_total)), (lambda: None), (lambda text: None)
         else:
             raise TypeError(f"progress must be a bool or a callable(step, total), found {type(progress).__name__}")
-        bases = [sum(steps[:i]) for i in range(len(plan))]
-        return [lambda step, total, base=base: emit(base + step) for base in bases], close
+        done_before = [0]
+
+        def callback_for(index: int, window: Window) -> Callable[[int, int], None]:
+            base = done_before[0]
+            done_before[0] += steps(window)
+            if count > 1:
+                label(f"generating, window {index + 1}/{count}")
+            return lambda step, total: emit(base + step)
+
+        return callback_for, close
 
 
 class AudioGen(MusicGen):
@@ -648,4 +772,5 @@ class AudioGen(MusicGen):
 
 
 __all__ = ["AUDIOGEN_CONFIG", "AudioGen", "CodecStream", "DEFAULT_DURATION", "GeneratedAudio", "GeneratedAudioTokens",
-           "GeneratorConfig", "LMConditions", "MUSICGEN_CONFIG", "MusicGen", "Window", "plan_windows"]
+           "GeneratorConfig", "LMConditions", "MAX_DURATION", "MUSICGEN_CONFIG", "MusicGen", "Window",
+           "check_generation", "iter_windows", "plan_windows"]

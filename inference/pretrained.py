@@ -14,11 +14,12 @@ Formats (:func:`detect_format`):
   default).
 - ``"audiocraft"``: ``state_dict.bin`` (``{'best_state', 'xp.cfg': YAML, ...}``) and
   ``compression_state_dict.bin`` (a codec, or the pointer ``{'pretrained':
-  'facebook/encodec_32khz'}`` that :mod:`codec.registry` resolves locally). The YAML gives the
-  LM, the conditioners, the fuser and the window (``dataset.segment_duration``). T5 is not in
-  the checkpoint, only its name (``conditioners.description.t5.name``): it is looked for in
-  ``t5_path=``, the folder itself, ``<folder>/<name>``, ``<folder>/t5``, then
-  ``$TOKENWAVE_MODELS/<name>`` (:func:`inference.registry.find_t5`).
+  'facebook/encodec_32khz'}`` that :mod:`codec.registry` resolves, from the Hugging Face cache
+  or hub if need be). The YAML gives the LM, the conditioners, the fuser and the window
+  (``dataset.segment_duration``). T5 is not in the checkpoint, only its name
+  (``conditioners.description.t5.name``): it is looked for in ``t5_path=``, the folder itself,
+  ``<folder>/<name>``, ``<folder>/t5``, ``$TOKENWAVE_MODELS/<name>``, then the Hugging Face
+  cache and hub (:func:`inference.registry.find_t5`).
 - ``"transformers"``: ``config.json`` (``model_type`` ``musicgen`` or ``musicgen_melody``) and
   ``model.safetensors`` (``text_encoder.*``, ``audio_encoder.*``, ``decoder.*``,
   ``enc_to_dec_proj.*``, ``audio_enc_to_dec_proj.*``), plus the tokenizer files
@@ -31,6 +32,12 @@ meta device and their tensors assigned (``load_state_dict(assign=True)``) one by
 memory-mapped file (``safe_open``; pickles with ``torch.load(weights_only=True, mmap=True)``),
 converted straight to the chosen device and dtype, so the weights exist once. The codec (tens
 of millions of parameters) is read whole by :mod:`codec.formats`, then assigned the same way.
+
+Quantized LMs (``dtype="int8"``, ``"int4"``, ``"int4-g<N>"``; :mod:`lm.quant`): from a float
+checkpoint of any format the matrices are quantized one at a time as they are read, so no full
+float copy is held; a tokenwave folder saved from a quantized LM records the quantization
+(``"lm_quantization"`` in ``config.json``) and holds the integers and scales, which load as
+they are (no dequantizing, no float weights).
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -49,7 +57,8 @@ import torch
 from torch import nn
 
 from codec.conv import fold_weight_norm
-from codec.formats import CheckpointError, read_checkpoint, save_model
+from codec.formats import (CheckpointError, read_checkpoint, read_json_file, read_safetensors_file,
+                           remember_weights_id, save_model, state_weights_id)
 from codec.model import EncodecModel, InterleavedStereo
 from conditioning import (
     FUSER_PRESETS,
@@ -64,8 +73,9 @@ from conditioning import (
 from conditioning.text import quiet_transformers, read_spiece
 from inference.loaders import read_audiocraft_lm, transformers_to_audiocraft_lm
 from lm import LMConfig, LMModel, stereo_delays
+from lm.quant import QuantConfig, is_matrix_key, is_quant_spec, is_quantized_key, quantize_lm, quantize_state
 
-from . import registry
+from . import hub, registry
 from .generator import AUDIOGEN_CONFIG, AudioGen, GeneratorConfig, MusicGen
 
 FORMAT_MARKER = "tokenwave-musicgen"
@@ -110,14 +120,23 @@ def detect_format(path: str | os.PathLike) -> str:
 def load_generator(path_or_name: str | os.PathLike, *, cls: type[MusicGen] = MusicGen,
                    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                    t5_path: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None,
-                   max_duration: float | None = None, extend_stride: float | None = None) -> MusicGen:
+                   max_duration: float | None = None, extend_stride: float | None = None,
+                   revision: str | None = None, local_files_only: bool = False) -> MusicGen:
     """Build ``cls`` from a folder in any format, or a model name (:mod:`inference.registry`).
 
-    See :meth:`inference.generator.MusicGen.from_pretrained` for the arguments.
+    See :meth:`inference.generator.MusicGen.from_pretrained` for the arguments. A hub name is
+    read at ``revision`` (branch, tag or commit); ``local_files_only`` keeps every lookup (the T5
+    and codec an audiocraft checkpoint names too) to local folders and the Hugging Face cache.
     """
+    if local_files_only and hub.offline_reason() is None:
+        with hub.local_files_only():
+            return load_generator(path_or_name, cls=cls, device=device, dtype=dtype, t5_path=t5_path,
+                                  models_dir=models_dir, max_duration=max_duration,
+                                  extend_stride=extend_stride, revision=revision)
     text = os.fspath(path_or_name)
-    path = Path(text) if os.path.exists(text) else registry.resolve(text, models_dir=models_dir)
-    target = _Target(_resolve_device(device), dtype or torch.float32)
+    path = Path(text) if os.path.exists(text) and revision is None else \
+        registry.resolve(text, models_dir=models_dir, revision=revision)
+    target = _Target(_resolve_device(device), dtype)
     kind = detect_format(path)
     if kind == "audiocraft":
         parts = _load_audiocraft(path, target, cls, t5_path, models_dir)
@@ -131,6 +150,20 @@ def load_generator(path_or_name: str | os.PathLike, *, cls: type[MusicGen] = Mus
     if overrides:
         config = replace(config, **overrides)
     return cls(**parts, config=config)
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> tuple[torch.dtype, QuantConfig | None]:
+    """The LM's float dtype and quantization for a ``dtype=`` argument: a torch dtype, one of
+    ``"float32"``, ``"float16"``, ``"bfloat16"``, or ``"int8"`` / ``"int4"`` / ``"int4-g<N>"``
+    (weight-only quantization, float32 activations)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32, None
+    if dtype in SAVE_DTYPES:
+        return SAVE_DTYPES[dtype], None
+    if is_quant_spec(dtype):
+        return torch.float32, QuantConfig.parse(dtype)
+    raise ValueError(f"dtype must be a torch dtype or one of {sorted(SAVE_DTYPES)}, 'int8', 'int4', "
+                     f"'int4-g32', 'int4-g64', 'int4-g128'; got {dtype!r}")
 
 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -162,11 +195,15 @@ def save_generator(generator: MusicGen, path: str | os.PathLike, *, overwrite: b
     }
     if dtype is not None:  # informative: loading converts to the dtype asked for
         data["weights_dtype"] = str(dtype).removeprefix("torch.")
+    quantization = getattr(generator.lm, "quantization", None)
+    if quantization is not None:
+        data["lm_quantization"] = quantization.to_dict()
     state = dict(generator.lm.state_dict())
     for key, value in generator.condition_provider.state_dict().items():
         if ".t5." not in key:  # a fine-tuned T5 is written as the t5/ folder
             state[PROVIDER_PREFIX + key] = value
-    state = {k: _stored(v, dtype) for k, v in state.items()}
+    kept = (lambda k: is_quantized_key(k) or is_matrix_key(k)) if quantization is not None else (lambda k: False)
+    state = {k: _stored(v, None if kept(k) else dtype) for k, v in state.items()}  # integers, scales as they are
 
     def write(folder: Path) -> None:
         from safetensors.torch import save_file
@@ -189,16 +226,45 @@ def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 # -- shared pieces -------------------------------------------------------------------------------
 class _Target:
-    """Where weights go: device, LM dtype, and T5's dtype (float16 T5 overflows: kept float32)."""
+    """Where weights go: device, LM dtype (and quantization), and T5's dtype (float16 T5
+    overflows: kept float32)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype | str | None) -> None:
+        self.requested = dtype
+        dtype, self.quant = parse_dtype(dtype)
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point type, found {dtype}")
         self.device, self.dtype = device, dtype
         self.t5_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        self.prequantized = False  # set when the checkpoint holds quantized LM weights
 
     def lm(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.dtype)
+
+    def lm_state(self, state: StateDict) -> StateDict:
+        """LM tensors on the target; with a quantization, float matrices are quantized one at a
+        time (``state`` is emptied as it is read); a quantized checkpoint's integers, scales and
+        bfloat16 heads are kept as stored."""
+        if self.prequantized:
+            return {k: v.to(self.device) if is_quantized_key(k) or is_matrix_key(k) else self.lm(v)
+                    for k, v in state.items()}
+        if self.quant is None:
+            return {k: self.lm(v) for k, v in state.items()}
+        return quantize_state(state, self.quant, convert=self.lm)
+
+    def use_quantization(self, stored: dict | None, where: Path | str) -> None:
+        """Adopt a checkpoint's quantization (``config.json``'s ``lm_quantization``)."""
+        if stored is None:
+            return
+        try:
+            quant = QuantConfig.from_dict(stored)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{where}: invalid lm_quantization {stored!r} ({error})") from None
+        if (self.quant is not None and self.quant != quant) or self.dtype != torch.float32:
+            raise CheckpointError(f"{where}: the LM is stored quantized ({quant.name}); load it with "
+                                  f"dtype={quant.name!r} or no dtype (asked: {self.requested!r}); other "
+                                  f"dtypes need the float checkpoint")
+        self.quant, self.prequantized = quant, True
 
     def t5(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.t5_dtype)
@@ -214,13 +280,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: expected a JSON config, found unreadable text ({error})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_file(path)  # the one safe reader: errors name the file
 
 
 def _assign(module: nn.Module, state: StateDict, where: Path | str) -> nn.Module:
@@ -244,9 +304,13 @@ def _brief(items, limit: int = 5) -> str:
     return (", ".join(items[:limit]) or "none") + more
 
 
-def _meta_lm(config: LMConfig, state: StateDict, where: Path | str) -> LMModel:
+def _meta_lm(config: LMConfig, state: StateDict, where: Path | str, target: _Target) -> LMModel:
     with torch.device("meta"):
         model = LMModel(config)
+        if target.quant is not None:  # the quantized modules, to receive the quantized state
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # int4 -> int8 fallbacks: shown when quantizing
+                quantize_lm(model, target.quant)
     return _assign(model, state, where).eval()
 
 
@@ -262,6 +326,7 @@ def _codec(path: Path, device: torch.device, stereo: bool, models_dir: str | os.
         fold_weight_norm(model)
     state = {k: v.to(device=device, dtype=torch.float32, copy=copy) for k, v in checkpoint.state.items()}
     model = _assign(model, state, checkpoint.path).prepare_for_inference()
+    remember_weights_id(model, state_weights_id(checkpoint.state))  # as codec.formats.load_model
     return InterleavedStereo(model) if stereo else model
 
 
@@ -285,26 +350,24 @@ class _Weights:
 
     @staticmethod
     def _keys_of(path: Path) -> list[str]:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as file:
-                return list(file.keys())
-        except Exception as error:  # SafetensorError, OSError: corrupt, truncated or not safetensors
-            raise CheckpointError(f"{path}: expected a safetensors file, found one that cannot be read "
-                                  f"({error})") from None
+        return read_safetensors_file(path, keys_only=True)  # a truncated file is caught here
 
     def keys(self) -> list[str]:
         return list(self.files)
 
     def groups(self, groups: list[list[str]], convert: Callable[[torch.Tensor], torch.Tensor]
                ) -> Iterator[StateDict]:
-        """The tensors group by group, each converted as soon as it is read."""
+        """The tensors group by group, each converted as soon as it is read.
+
+        The files are opened per group: a memory map keeps every page read through it resident
+        (and counted in RSS) until it is closed, so holding one open across groups would keep
+        a whole float checkpoint resident while it is being quantized.
+        """
         from safetensors import safe_open
 
-        with ExitStack() as stack:
-            handles: dict[Path, Any] = {}
-            for keys in groups:
+        for keys in groups:
+            with ExitStack() as stack:
+                handles: dict[Path, Any] = {}
                 out = {}
                 for key in keys:
                     path = self.files[key]
@@ -313,7 +376,7 @@ class _Weights:
                             raise CheckpointError(f"{self.where}: shard {path.name} is missing")
                         handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
                     out[key] = convert(handles[path].get_tensor(key))
-                yield out
+            yield out
 
 
 def _torch_load(path: Path) -> Any:
@@ -379,10 +442,19 @@ def _conditioner_from_spec(name: str, spec: dict, folder: Path, target: _Target)
     kind = spec.get("kind")
     try:
         if kind == "t5":
-            with quiet_transformers():
-                return T5Conditioner.from_pretrained(folder / spec["folder"], output_dim=spec["output_dim"],
-                                                     finetune=spec["finetune"], word_dropout=spec["word_dropout"],
-                                                     empty_is_null=spec["empty_is_null"], dtype=target.t5_dtype)
+            t5_folder = folder / spec["folder"]
+            _check_t5_files(t5_folder)
+            try:
+                with quiet_transformers():
+                    return T5Conditioner.from_pretrained(
+                        t5_folder, output_dim=spec["output_dim"], finetune=spec["finetune"],
+                        word_dropout=spec["word_dropout"], empty_is_null=spec["empty_is_null"],
+                        dtype=target.t5_dtype)
+            except (OSError, ValueError, RuntimeError, TypeError) as error:
+                if isinstance(error, (CheckpointError, FileNotFoundError)):
+                    raise
+                raise CheckpointError(f"{t5_folder}: expected a transformers T5 folder, found one that cannot "
+                                      f"be loaded ({' '.join(str(error).split())[:300]})") from None
         if kind == "lut":
             return LUTConditioner(vocab=spec["vocab"], dim=spec["dim"], output_dim=spec["output_dim"],
                                   split_words=spec["split_words"])
@@ -393,6 +465,28 @@ def _conditioner_from_spec(name: str, spec: dict, folder: Path, target: _Target)
         raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} lacks {error}") from None
     raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} has unknown kind {kind!r} "
                           f"(expected t5, lut or chroma)")
+
+
+_T5_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _check_t5_files(folder: Path) -> None:
+    """Read the T5 folder's JSON files and weights header with the safe readers, so a truncated
+    ``model.safetensors`` or a garbage tokenizer is named, rather than raised by transformers."""
+    for name in _T5_JSON_FILES:
+        if (folder / name).is_file():
+            read_json_file(folder / name, f"the T5 {name}")
+    if (folder / "model.safetensors").is_file():
+        read_safetensors_file(folder / "model.safetensors", keys_only=True)
+    spiece = folder / "spiece.model"
+    if spiece.is_file():
+        from sentencepiece import SentencePieceProcessor
+
+        try:
+            SentencePieceProcessor(model_file=str(spiece))
+        except Exception as error:  # sentencepiece raises OSError or RuntimeError for bad files
+            raise CheckpointError(f"{spiece}: expected a sentencepiece model, found {spiece.stat().st_size} "
+                                  f"bytes that cannot be read ({' '.join(str(error).split())[:200]})") from None
 
 
 def _load_tokenwave(folder: Path, target: _Target) -> dict:
@@ -409,11 +503,20 @@ def _load_tokenwave(folder: Path, target: _Target) -> dict:
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{folder / CONFIG_NAME}: not a valid tokenwave generator config ({error})") \
             from None
+    target.use_quantization(data.get("lm_quantization"), folder / CONFIG_NAME)
     weights = _Weights(folder)
     lm_keys = [k for k in weights.keys() if not k.startswith(PROVIDER_PREFIX)]
     provider_keys = [k for k in weights.keys() if k.startswith(PROVIDER_PREFIX)]
-    lm_state, provider_state = weights.groups([lm_keys, provider_keys], target.lm)
-    lm = _meta_lm(lm_config, lm_state, weights.where)
+    layers: dict[str, list[str]] = defaultdict(list)
+    for key in lm_keys:
+        match = _LAYER_INDEX.search(key)
+        layers[match[1] if match else "rest"].append(key)
+    groups = weights.groups([*layers.values(), provider_keys], lambda t: t)
+    lm_state = {}
+    for _ in layers:  # one layer at a time: a quantized LM never holds its float weights
+        lm_state.update(target.lm_state(next(groups)))
+    provider_state = {k: target.lm(v) for k, v in next(groups).items()}
+    lm = _meta_lm(lm_config, lm_state, weights.where, target)
     provider = ConditionProvider({name: _conditioner_from_spec(name, spec, folder, target)
                                   for name, spec in specs.items()})
     provider = _load_provider(provider, _provider_state(provider_state), target, weights.where, t5_loaded=True)
@@ -461,11 +564,12 @@ def _transformers_lm_state(weights: _Weights, target: _Target) -> StateDict:
             match = _LAYER_INDEX.search(key)
             groups[match[1] if match else "rest"].append(key)
     state: StateDict = {}
-    for group in weights.groups(list(groups.values()), target.lm):
+    for group in weights.groups(list(groups.values()), lambda t: t):
         try:
-            state.update(transformers_to_audiocraft_lm(group))
+            translated = transformers_to_audiocraft_lm(group)
         except KeyError as error:
             raise CheckpointError(f"{weights.where}: {error.args[0]}") from None
+        state.update(target.lm_state(translated))  # quantized here, one layer at a time
     return state
 
 
@@ -496,6 +600,7 @@ def _transformers_tokenizer(folder: Path, t5_path: str | os.PathLike | None):
     if not ((source / "spiece.model").is_file() or (source / "tokenizer.json").is_file()):
         raise CheckpointError(f"{source}: no T5 tokenizer (spiece.model or tokenizer.json); the hub "
                               f"folders carry one next to config.json, or pass t5_path= to a T5 folder")
+    _check_t5_files(source)
     return T5Tokenizer.from_pretrained(str(source)), read_spiece(source)
 
 
@@ -544,7 +649,7 @@ def _load_transformers(folder: Path, target: _Target, t5_path: str | os.PathLike
     state = _transformers_lm_state(weights, target)
     provider_state = _provider_state(state)
     lm_state = {k: v for k, v in state.items() if not k.startswith(PROVIDER_PREFIX)}
-    lm = _meta_lm(lm_config, lm_state, weights.where)
+    lm = _meta_lm(lm_config, lm_state, weights.where, target)
 
     encoder = _transformers_t5(data, weights, target)
     projected = "conditioners.description.output_proj.weight" in provider_state
@@ -593,6 +698,7 @@ def _audiocraft_conditioner(name: str, spec: dict, xp_cfg: dict, dim: int, folde
             raise CheckpointError(f"{folder}: conditioners.{name}.t5.normalize_text=true (spacy text "
                                   f"normalization) is not supported")
         t5 = registry.find_t5(str(options["name"]), near=folder, t5_path=t5_path, models_dir=models_dir)
+        _check_t5_files(t5)
         with quiet_transformers():
             return T5Conditioner.from_pretrained(t5, output_dim=dim, finetune=bool(options.get("finetune", False)),
                                                  word_dropout=float(options.get("word_dropout", 0.0)),
@@ -624,7 +730,7 @@ def _load_audiocraft(path: Path, target: _Target, cls: type[MusicGen], t5_path, 
     except ValueError as error:
         raise CheckpointError(f"{lm_file}: {str(error).removeprefix('<dict>: ')}") from None
     xp_cfg = checkpoint.xp_cfg
-    lm = _meta_lm(checkpoint.config, {k: target.lm(v) for k, v in checkpoint.lm_state.items()}, lm_file)
+    lm = _meta_lm(checkpoint.config, target.lm_state(dict(checkpoint.lm_state)), lm_file, target)
     dim = checkpoint.config.dim
     try:
         specs = xp_cfg.get("conditioners") or {}
@@ -660,4 +766,5 @@ def _write_folder(path: Path, write: Callable[[Path], None], overwrite: bool) ->
     return write_folder_atomically(path, write, overwrite=overwrite)
 
 
-__all__ = ["FORMAT_MARKER", "FORMAT_VERSION", "SAVE_DTYPES", "detect_format", "load_generator", "save_generator"]
+__all__ = ["FORMAT_MARKER", "FORMAT_VERSION", "SAVE_DTYPES", "detect_format", "load_generator", "parse_dtype",
+           "save_generator"]

@@ -1,4 +1,4 @@
-"""Generator and T5 names -> local folders; nothing is ever downloaded.
+"""Generator and T5 names -> local folders: the models folder, shipped models, the Hugging Face hub.
 
 The models folder is ``models_dir`` when given, else ``$TOKENWAVE_MODELS``, else
 ``~/.cache/tokenwave`` (the same folder :mod:`codec.registry` uses for codecs). A name is
@@ -7,22 +7,25 @@ written as Hugging Face and audiocraft write it (``facebook/musicgen-small``,
 interchangeable) and looked up there, first match wins:
 
 1. ``<dir>/<name>`` and ``<dir>/facebook/<name>`` (also with ``-`` and ``_`` swapped);
-2. ``<repo>/assets/models/<name>``: model folders shipped with the repository.
+2. ``<repo>/assets/models/<name>``: model folders shipped with the repository;
+3. a hub repository (``facebook/musicgen-small``; a known short name such as ``musicgen-small``
+   means its ``facebook/`` repository) in the Hugging Face cache, else downloaded unless offline
+   (:mod:`inference.hub`). A revision (``revision=`` or ``name@revision``) skips 1 and 2.
 
 A folder may hold any format :mod:`inference.pretrained` reads: tokenwave's, transformers'
 (``config.json`` + ``model.safetensors``) or audiocraft's (``state_dict.bin`` +
 ``compression_state_dict.bin``). T5 text encoders are found the same way
 (:func:`find_t5`), under their hub names (``t5-base``, ``google-t5/t5-base``,
-``google/flan-t5-large``).
+``google/flan-t5-large``), then in the Hugging Face cache and hub.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from codec.registry import ENV_MODELS_DIR, get_models_dir
+from codec.registry import ENV_MODELS_DIR, SHIPPED_MODELS, get_models_dir
 
-SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
+from . import hub
 
 # Public checkpoints tokenwave knows, and the hub repository to copy each one from.
 KNOWN_MODELS: dict[str, str] = {
@@ -79,24 +82,42 @@ def _is_model_folder(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def resolve(name: str, *, models_dir: str | os.PathLike | None = None) -> Path:
-    """The local folder holding generator ``name``; raises :class:`ModelNotFoundError` naming
-    every place looked at and how to get the model."""
-    paths = candidates(name, models_dir)
+def hub_repo(name: str) -> str | None:
+    """The hub repository generator ``name`` means (``musicgen-small`` -> ``facebook/musicgen-small``;
+    ``org/name`` as is), or None for a name that cannot be one."""
+    repo, _ = hub.split_revision(name)
+    if canonical_name(repo) in KNOWN_MODELS and (repo.startswith("facebook/") or "/" not in repo):
+        return KNOWN_MODELS[canonical_name(repo)]
+    return repo if "/" in repo and hub.is_repo_id(repo) else None
+
+
+def resolve(name: str, *, models_dir: str | os.PathLike | None = None, revision: str | None = None,
+            local_files_only: bool = False) -> Path:
+    """The local folder (or audiocraft ``state_dict.bin``) holding generator ``name``; raises
+    :class:`ModelNotFoundError` naming every place looked at and how to get the model, or the
+    hub's reason (:class:`inference.hub.HubError`: gated, no such repository, download failed)."""
+    plain_name, revision = hub.split_revision(name, revision)
+    paths = [] if revision is not None else candidates(plain_name, models_dir)
     for path in paths:
         if _is_model_folder(path):
             return path
-    plain = canonical_name(name)
+    repo, hub_note = hub_repo(plain_name), ""
+    if repo is not None:
+        try:
+            return hub.resolve(repo, revision=revision, local_files_only=local_files_only)
+        except hub.NotCachedError as error:
+            hub_note = f"\nHugging Face: {error}"
+    plain = canonical_name(plain_name)
     looked = "\n  ".join(str(p) for p in paths)
     root = get_models_dir(models_dir)
-    if plain in KNOWN_MODELS:
-        hint = (f"copy the Hugging Face repository {KNOWN_MODELS[plain]} (transformers or audiocraft "
-                f"files) into {root / plain}")
+    if repo is not None:
+        hint = (f"run `tokenwave download {repo}` while online, or copy the Hugging Face repository {repo} "
+                f"(transformers or audiocraft files) into {root / plain}")
     else:
         hint = (f"{name!r} is neither an existing path nor a known model name "
                 f"({', '.join(KNOWN_MODELS)}); put a model folder at one of these paths")
     raise ModelNotFoundError(f"model {name!r} not found; looked at:\n  {looked}\nTo get it: {hint}. "
-                             f"The models folder is set by models_dir= or ${ENV_MODELS_DIR}.")
+                             f"The models folder is set by models_dir= or ${ENV_MODELS_DIR}.{hub_note}")
 
 
 def is_t5_folder(path: Path) -> bool:
@@ -142,12 +163,22 @@ def find_t5(name: str, *, near: str | os.PathLike | None = None, t5_path: str | 
     for path in paths:
         if is_t5_folder(path):
             return path
+    hub_note = ""
+    repos = hub.t5_repos(name)
+    for repo in repos:  # every cache spelling before any download
+        if (hit := hub.find_cached(repo)) is not None and is_t5_folder(hit):
+            return hit
+    if repos:
+        try:
+            return hub.resolve(repos[0])
+        except hub.NotCachedError as error:
+            hub_note = f"\nHugging Face: {error}"
     looked = "\n  ".join(str(p) for p in paths)
     raise ModelNotFoundError(
         f"T5 text encoder {name!r} not found; looked at:\n  {looked}\nThe checkpoint names its T5 but "
-        f"does not contain it: copy the Hugging Face repository of {name!r} (config.json, "
-        f"model.safetensors, spiece.model) to one of these folders, or pass t5_path=.")
+        f"does not contain it: run `tokenwave download {name}`, copy the Hugging Face repository of {name!r} "
+        f"(config.json, model.safetensors, spiece.model) to one of these folders, or pass t5_path=.{hub_note}")
 
 
 __all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "ModelNotFoundError", "SHIPPED_MODELS", "canonical_name",
-           "candidates", "find_t5", "is_t5_folder", "resolve", "t5_candidates"]
+           "candidates", "find_t5", "hub_repo", "is_t5_folder", "resolve", "t5_candidates"]

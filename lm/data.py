@@ -346,12 +346,13 @@ def check_audio(wav: torch.Tensor, sample_rate: int, *, min_seconds: float, sile
     """Why ``wav (C, T)`` is unusable for training (a reason string), or None when it is fine."""
     if wav.shape[-1] == 0:
         return "empty: no samples"
-    if not torch.isfinite(wav).all():
-        return "non-finite: NaN or infinite samples"
+    try:  # the one finiteness check every audio path uses (codec.audio)
+        peak = audio_io.check_audio_values(wav, "audio", sample_rate=sample_rate, warn=False)
+    except ValueError as error:
+        return f"non-finite: {str(error).split(':')[0].removeprefix('audio holds a ')}"
     seconds = wav.shape[-1] / sample_rate
     if seconds < min_seconds:
         return f"too short: {seconds:.2f} s < {min_seconds:g} s"
-    peak = float(wav.abs().max())
     peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
     if peak_db < silence_db:
         return f"silent: peak {peak_db:.1f} dBFS < {silence_db:g} dBFS"

@@ -47,7 +47,12 @@ folders. Resume restores the weights, optimizer, scheduler, gradient scaler, EMA
 python/numpy RNGs and the dropout generators of every process, and the step; batches are a pure
 function of the step (:class:`lm.data.SegmentBatches`), so on CPU a resumed run is bitwise the
 run that was never interrupted. Hyper-parameters cannot change on resume (only the run-control
-fields in :data:`RESUMABLE_FIELDS`).
+fields in :data:`RESUMABLE_FIELDS`), except ``steps``: a larger total continues the run to it
+(the cosine decay then stretches to the new total from the resumed step, so the learning rate
+rises again), and ``run.json`` records the new total. Resume starts from the newest intact
+checkpoint: one with a missing, truncated or unreadable file is skipped with a warning naming it.
+A ``warmup`` that would fill the whole run (``warmup >= steps``) is cut to ``steps // 10`` with a
+warning.
 
 Several GPUs or machines: ``accelerate launch --multi_gpu --num_processes N [--num_machines M
 --machine_rank R --main_process_ip ...] -m inference finetune ...`` runs DDP. Several CPU
@@ -129,7 +134,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Fields that may differ when a run is resumed: they steer the run, not the result.
 RESUMABLE_FIELDS = frozenset({"out", "data", "stop_after", "eval_every", "sample_every", "save_every", "keep_last",
                               "log_every", "sample_prompts", "sample_seconds", "log_with", "t5_path", "cpu",
-                              "save_dtype"})
+                              "save_dtype", "steps"})
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -521,6 +526,66 @@ def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_problem(folder: Path, *, ema: bool) -> str | None:
+    """Why ``folder`` cannot be resumed from (a missing, truncated or unreadable file, named), or
+    None. Reads the JSON files, the safetensors headers (which give the data's size, so a
+    truncated file shows) and the optimizer archive's directory, not the tensors."""
+    import zipfile
+
+    from codec.formats import CheckpointError, read_json_file, read_safetensors_file
+
+    try:
+        state = read_json_file(folder / "state.json", "a checkpoint state")
+        if not isinstance(state.get("step"), int) or not isinstance(state.get("scheduler"), dict):
+            return f"{folder / 'state.json'}: expected 'step' and 'scheduler', found keys {sorted(state)[:8]}"
+        for name in ["model.safetensors", *(["ema.safetensors"] if ema else [])]:
+            read_safetensors_file(folder / name, keys_only=True)
+        for rng in sorted(folder.glob("rng_*.safetensors")):
+            read_safetensors_file(rng, keys_only=True)
+            read_json_file(rng.with_suffix(".json"), "a random-state file")
+        optimizer = folder / "optimizer.pt"
+        if not optimizer.is_file():
+            return f"{optimizer}: missing"
+        if not zipfile.is_zipfile(optimizer):
+            return (f"{optimizer}: expected a torch checkpoint (a zip archive), found "
+                    f"{optimizer.stat().st_size} bytes that are not one (truncated?)")
+    except (CheckpointError, FileNotFoundError) as error:
+        return " ".join(str(error).split())
+    return None
+
+
+def intact_checkpoint(out: str | os.PathLike, *, ema: bool) -> Path:
+    """The newest checkpoint of a run that :func:`checkpoint_problem` finds nothing wrong with;
+    each newer, damaged one is named in a warning. Raises FileNotFoundError when there is none."""
+    found = list_checkpoints(out)
+    if not found:
+        raise FileNotFoundError(f"{out}: no complete checkpoint to resume from")
+    damaged: list[str] = []
+    for _, folder in reversed(found):
+        problem = checkpoint_problem(folder, ema=ema)
+        if problem is None:
+            if damaged:
+                warnings.warn(f"skipping damaged checkpoint(s): {'; '.join(damaged)}; resuming from {folder.name} "
+                              f"instead", stacklevel=3)
+            return folder
+        damaged.append(f"{folder.name} ({problem})")
+    raise FileNotFoundError(f"{out}: no intact checkpoint to resume from: {'; '.join(damaged)}; start a new run "
+                            "(another --out) or restore a checkpoint")
+
+
+def effective_warmup(config: FinetuneConfig, *, warn: bool = True) -> int:
+    """``config.warmup``, cut to ``steps // 10`` (with a warning) when it would fill the whole run,
+    whose learning rate would then never reach ``lr``."""
+    if config.warmup < config.steps:
+        return config.warmup
+    warmup = config.steps // 10
+    if warn:
+        warnings.warn(f"warmup of {config.warmup} steps >= the run's {config.steps} steps: the learning rate "
+                      f"would never reach {config.lr:g}; using a warmup of {warmup} steps (give --warmup below "
+                      f"--steps)", stacklevel=3)
+    return warmup
+
+
 def _fsync_folder(folder: Path) -> None:
     """fsync every file of ``folder``, then the folder itself."""
     for path in folder.iterdir():
@@ -654,10 +719,12 @@ def _mixed_precision(config: FinetuneConfig) -> str:
 
 def read_run_config(out: str | os.PathLike) -> FinetuneConfig:
     """The config a run folder was started with (``OUT/run.json``)."""
+    from codec.formats import read_json_file
+
     path = Path(out) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{out}: no {RUN_FILE}; nothing to resume there")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json_file(path, "a finetune run file")
     if data.get("format") != RUN_FORMAT:
         raise ValueError(f"{path}: expected format {RUN_FORMAT!r}, found {data.get('format')!r}")
     return FinetuneConfig.from_dict(data["config"])
@@ -712,6 +779,11 @@ class _Run:
         self.step = 0
         if self.checkpoint is not None:
             self._load_state(self.checkpoint)
+            if self.step > config.steps:
+                raise ValueError(f"{self.checkpoint} is at step {self.step}, beyond --steps {config.steps}: give "
+                                 f"--steps above {self.step} to train on, or leave it out")
+            if acc.is_main_process and read_run_config(self.out).steps != config.steps:
+                self._record_steps()
         global_batch = config.batch_size * self.world * config.grad_accum
         acc.init_trackers("tokenwave-finetune", config=_hparams(
             config, processes=self.world, distributed_type=acc.distributed_type.value, global_batch_size=global_batch))
@@ -779,8 +851,9 @@ class _Run:
             self._load_weights(self.checkpoint)
         self.model = acc.prepare(module)
         optimizer = torch.optim.AdamW(_param_groups(named, config), lr=config.lr, betas=config.betas, eps=1e-8)
+        warmup = effective_warmup(config, warn=acc.is_main_process)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_schedule(warmup=config.warmup, total=config.steps, min_ratio=config.min_lr_ratio))
+            optimizer, cosine_schedule(warmup=warmup, total=config.steps, min_ratio=config.min_lr_ratio))
         self.optimizer = acc.prepare(optimizer)
 
     # -- setup helpers -----------------------------------------------------------------------------
@@ -791,10 +864,7 @@ class _Run:
             if stored != len(self.cache):
                 warnings.warn(f"the run started on {stored} cached items, {self.cache.path} holds {len(self.cache)}: "
                               "the data order differs from an uninterrupted run", stacklevel=3)
-            found = list_checkpoints(self.out)
-            if not found:
-                raise FileNotFoundError(f"{self.out}: no complete checkpoint to resume from")
-            return found[-1][1]
+            return intact_checkpoint(self.out, ema=self.config.ema)
         if (self.out / RUN_FILE).exists() or list_checkpoints(self.out):
             raise FileExistsError(f"{self.out} already holds a training run; pass --resume to continue it or choose "
                                   "another --out")
@@ -802,6 +872,12 @@ class _Run:
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
         return None
+
+    def _record_steps(self) -> None:
+        """A resumed run with a new ``steps`` total: ``run.json`` keeps it for later resumes."""
+        data = json.loads((self.out / RUN_FILE).read_text(encoding="utf-8"))
+        data["config"]["steps"] = self.config.steps
+        write_json_atomic(self.out / RUN_FILE, data)
 
     def _build_generator(self):
         from inference.generator import MusicGen
@@ -823,9 +899,9 @@ class _Run:
             raise ValueError(f"{self.cache.path}: its text embeddings come from another T5 than this model's")
 
     def _load_weights(self, folder: Path) -> None:
-        from safetensors.torch import load_file
+        from codec.formats import read_safetensors_file as load_file
 
-        state = load_file(str(folder / "model.safetensors"))
+        state = load_file(folder / "model.safetensors")
         missing, unexpected = self.module.load_state_dict(state, strict=False)
         if not self.config.train_text_encoder:
             missing = [k for k in missing if not _is_text_encoder(k)]  # a frozen T5 is not in the checkpoint
@@ -833,13 +909,19 @@ class _Run:
             raise ValueError(f"{folder}: weights do not fit the model (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
         if self.ema is not None:
-            self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+            self.ema.load_state_dict(load_file(folder / "ema.safetensors"))
 
     def _load_state(self, folder: Path) -> None:
-        from safetensors.torch import load_file
+        from codec.formats import CheckpointError, read_json_file
+        from codec.formats import read_safetensors_file as load_file
 
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        state = read_json_file(folder / "state.json", "a checkpoint state")
+        try:
+            optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a damaged archive
+            raise CheckpointError(f"{folder / 'optimizer.pt'}: expected the optimizer state, found a file that "
+                                  f"cannot be loaded ({' '.join(str(error).split())[:200]})") from None
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
@@ -849,8 +931,8 @@ class _Run:
             warnings.warn(f"resuming with {self.world} process(es), checkpoint written by {state.get('world')}: the "
                           "data order and random streams differ from an uninterrupted run", stacklevel=3)
         if rank_file.is_file():
-            data = json.loads((folder / f"rng_{self.rank}.json").read_text(encoding="utf-8"))
-            self.rng.restore(load_file(str(rank_file)), data)
+            data = read_json_file(folder / f"rng_{self.rank}.json", "a random-state file")
+            self.rng.restore(load_file(rank_file), data)
 
     # -- training ----------------------------------------------------------------------------------
     def _inputs(self, captions: list[str | None], items: list[int]) -> dict[str, Any]:
@@ -1004,6 +1086,9 @@ class _Run:
             (tmp / "state.json").write_text(json.dumps({
                 "step": self.step, "world": self.world, "scheduler": self.scheduler.state_dict(),
                 "scaler": scaler, "config": self.config.to_dict()}, indent=1), encoding="utf-8")
+            from codec.formats import honour_umask
+
+            honour_umask(tmp)  # safetensors writes 0600 files
             _fsync_folder(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -1096,6 +1181,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, progress: bool = F
 
 __all__ = [
     "ConditionedLM", "EMA", "FinetuneConfig", "FinetuneResult", "RESUMABLE_FIELDS", "checkpoint_name",
-    "codebook_cross_entropy", "cosine_schedule", "finetune", "list_checkpoints", "read_run_config",
+    "checkpoint_problem", "codebook_cross_entropy", "cosine_schedule", "effective_warmup", "finetune",
+    "intact_checkpoint", "list_checkpoints", "read_run_config",
     "set_gradient_checkpointing",
 ]

@@ -20,7 +20,7 @@ from torch import nn
 
 from .graph import UNKNOWN, DecodeStream, StaticDecoder
 from .patterns import Pattern, PatternProvider, make_pattern_provider, stereo_delays
-from .sampling import classifier_free_guidance, guide_batched, sample_next_token
+from .sampling import check_sampling, classifier_free_guidance, guide_batched, sample_next_token
 from .transformer import KVCache, Transformer, linear
 
 
@@ -198,6 +198,10 @@ class LMModel(nn.Module):
         self.out_norm = nn.LayerNorm(c.dim, eps=c.layer_norm_eps) if c.norm_first else None
         self.linears = nn.ModuleList([nn.Linear(c.dim, c.card, bias=c.bias_proj) for _ in range(c.num_codebooks)])
         self._init_weights()
+        self.quantization = None  # an lm.quant.QuantConfig once lm.quant.quantize_lm stored the matrices
+        # The self-attention KV cache's dtype (None: the embeddings'). bfloat16 halves what a late
+        # decoding step reads from the cache; attention then runs in bfloat16.
+        self.kv_cache_dtype: torch.dtype | None = None
 
     def _init_weights(self) -> None:
         """audiocraft's 'gaussian' init with depth-wise scaling ('current'): std 1/sqrt(fan_in),
@@ -366,7 +370,7 @@ class LMModel(nn.Module):
         param = self.emb[0].weight
         head_dim = self.config.dim // self.config.num_heads
         caches = [KVCache(batch_size=batch_size, num_heads=self.config.num_heads, max_len=max_len,
-                          head_dim=head_dim, dtype=param.dtype, device=param.device)
+                          head_dim=head_dim, dtype=self.kv_cache_dtype or param.dtype, device=param.device)
                   for _ in self.transformer.layers]
         cross_kv, cross_mask = self._cross_inputs(condition, condition_mask, batch_size, param.dtype)
         return DecodingState(caches=caches, cross_kv=cross_kv, cross_mask=cross_mask)
@@ -394,7 +398,8 @@ class LMModel(nn.Module):
             prefix: ``(R, P, dim)`` prepended to the sequence (melody), ``prefix_mask (R, P)``.
                 For either, R = 2B means rows ``[conditional; unconditional]`` and enables
                 classifier-free guidance, R = B means no guidance.
-            use_sampling, temperature, top_k, top_p: see :func:`lm.sampling.sample_next_token`.
+            use_sampling, temperature, top_k, top_p: see :func:`lm.sampling.sample_next_token`;
+                checked first by :func:`lm.sampling.check_sampling` (sampling needs temperature > 0).
             cfg_coef: guidance coefficient (default: the config's, 3.0 for MusicGen).
             two_step_cfg: run conditional and unconditional rows as separate passes.
             generator: random generator for reproducible sampling.
@@ -438,6 +443,8 @@ class LMModel(nn.Module):
         B = self._batch_size(prompt, num_samples)
         guided = self._is_guided(B, condition, prefix)
         cfg_coef = self.config.cfg_coef if cfg_coef is None else cfg_coef
+        check_sampling(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                       cfg_coef=cfg_coef)
         two_step = guided and (self.config.two_step_cfg if two_step_cfg is None else two_step_cfg)
 
         K, T0 = self.num_codebooks, 0 if prompt is None else prompt.shape[-1]

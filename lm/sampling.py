@@ -3,10 +3,64 @@
 The sampling rules are MusicGen's (audiocraft): probabilities are softmax(logits / T);
 top-p (when > 0) wins over top-k (when > 0); kept probabilities are renormalized and one
 token is drawn with ``torch.multinomial``. Greedy decoding takes the argmax of the logits.
+
+:func:`check_sampling` is the one place the sampling and guidance arguments are checked; the
+generation entry points (:meth:`lm.LMModel.generate`, ``inference.MusicGen.generate``, the CLI
+before it loads a model) call it first, so a bad value fails at once, not after a model load
+or in the middle of a generation. While sampling, ``temperature <= 0`` is refused with a hint to
+greedy decoding rather than silently turned into it.
 """
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
+
 import torch
+
+GREEDY_HINT = "for greedy (argmax) decoding turn sampling off (--greedy; use_sampling=False in Python)"
+
+
+class GenerationArgumentError(ValueError):
+    """A generation argument no generation can use.
+
+    ``argument`` is its Python name (``top_k``), ``problem`` the rest of the message, so the
+    CLI can name its own option (``--top-k``) in a one-line error.
+    """
+
+    def __init__(self, argument: str, problem: str) -> None:
+        super().__init__(f"{argument} {problem}")
+        self.argument = argument
+        self.problem = problem
+
+
+def check_real(name: str, value: object) -> float:
+    """``value`` as a float when it is a finite real number (not a bool); else the error."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise GenerationArgumentError(name, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise GenerationArgumentError(name, f"must be a finite number, got {value}")
+    return float(value)
+
+
+def check_sampling(*, use_sampling: bool = True, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 0.0, cfg_coef: float | None = None) -> None:
+    """Refuse sampling/guidance arguments that cannot mean anything, with a one-line reason.
+
+    temperature: finite; > 0 while sampling (greedy decoding is ``use_sampling=False``).
+    top_k: an int >= 0 (0: no top-k). top_p: in [0, 1] (0: no top-p). cfg_coef: finite, when given.
+    """
+    temperature = check_real("temperature", temperature)
+    if use_sampling and temperature <= 0:
+        raise GenerationArgumentError("temperature", f"must be > 0 for sampling, got {temperature:g}; "
+                                                     f"{GREEDY_HINT}")
+    if isinstance(top_k, bool) or not isinstance(top_k, Integral):
+        raise GenerationArgumentError("top_k", f"must be a whole number, got {top_k!r}")
+    if top_k < 0:
+        raise GenerationArgumentError("top_k", f"must be >= 0 (0 turns top-k off), got {top_k}")
+    if not 0 <= check_real("top_p", top_p) <= 1:
+        raise GenerationArgumentError("top_p", f"must be in [0, 1] (0 turns top-p off), got {top_p:g}")
+    if cfg_coef is not None:
+        check_real("cfg_coef", cfg_coef)
 
 
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, coef: float) -> torch.Tensor:
@@ -51,10 +105,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
 def sampling_probs(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float
                    ) -> torch.Tensor:
     """Checks the sampling arguments; the tempered distribution ``(..., card)`` in float32."""
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
@@ -64,7 +115,9 @@ def sample_next_token(logits: torch.Tensor, *, use_sampling: bool = True, temper
     """Pick one token per row of ``logits (..., card)``; returns ``(...)`` int64.
 
     Greedy when ``use_sampling`` is false or ``temperature <= 0``; otherwise top-p if
-    ``top_p > 0``, else top-k if ``top_k > 0``, else the full distribution.
+    ``top_p > 0``, else top-k if ``top_k > 0``, else the full distribution. (This per-step
+    primitive keeps audiocraft's reading of ``temperature <= 0``; the generation entry points
+    refuse it through :func:`check_sampling` before any step runs.)
     """
     if not use_sampling or temperature <= 0:
         return logits.argmax(dim=-1)

@@ -119,7 +119,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     - A few float32 rows on CPU: computed as ``(weight @ x^T)^T``. A decoding step multiplies
       2-8 rows by every weight, where MKL's ``x @ W^T`` kernel runs about half as fast as
       ``W @ x^T`` (measured on AVX-512 CPUs); results agree to float rounding.
+
+    A weight stored in int8/int4 (:class:`lm.quant.QuantizedWeight`, or rows of one) runs its
+    own product.
     """
+    if not isinstance(weight, torch.Tensor):
+        return weight.linear(x, bias)
     if weight.dtype != x.dtype:
         bias = None if bias is None else bias.to(weight.dtype)
         return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
@@ -188,7 +193,8 @@ class SelfAttention(_PackedAttention):
             k, v = cache.write_at(position, k, v)
         elif cache is not None:
             k, v = cache.write(start, k, v)
-        return self._merge(self._attend(q, k, v, mask, causal))
+        # A cache in a lower precision (LMModel.kv_cache_dtype) is attended in its dtype.
+        return self._merge(self._attend(q.to(k.dtype), k, v, mask, causal).to(x.dtype))
 
 
 class CrossAttention(_PackedAttention):

@@ -38,14 +38,14 @@ python "$HERE/corpus/make_corpus.py" --out "$OUT/corpus" --hours "$HOURS" --samp
 if [[ ! -e "$OUT/codec/.done" ]]; then
     ARCH=(--preset encodec_32khz --set ratios=8,5,4,4 --set n_filters=12 --set lstm=0
           --set dimension=64 --set num_codebooks=4 --set codebook_size=512
-          --set target_bandwidths=0.9,1.8 --name codec)
+          --set target_bandwidths=0.9,1.8 --name tokenwave-small)
     [[ -d "$OUT/codec/checkpoints" ]] && ARCH=(--resume)
     stamp "2/6 codec: $CODEC_STEPS steps"
     $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/codec" \
         "${ARCH[@]}" --loss-weights reconstruction --batch-size 16 --segment-seconds 0.5 \
         --lr 6e-4 --steps "$CODEC_STEPS" --valid-every 250 --valid-clips 8 \
         --checkpoint-every 250 --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
-    rm -rf "$OUT/codec_final" && cp -r "$OUT/codec/codec" "$OUT/codec_final"
+    rm -rf "$OUT/codec_final" && cp -r "$OUT/codec/tokenwave-small" "$OUT/codec_final"
     touch "$OUT/codec/.done"
 fi
 

@@ -292,3 +292,55 @@ def test_app_streams_the_first_prompt_when_asked(served, models):
     expected, _ = sf.read(plain[0] if isinstance(plain[0], str) else plain[0]["value"], always_2d=True)
     np.testing.assert_allclose(streamed, expected, atol=2 / 32_768)
     assert "seed 4" in outputs[-1]
+
+
+def test_entropy_coding_box_follows_the_codecs_lm(models, workdir, tmp_path):
+    """The demo finds a codec's LM as `tokenwave compress --lm` does (beside the codec), offers the
+    box only then, and otherwise says what is missing and the command that trains it."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(models / "tiny", copy)
+    codec = str(copy / "codec")
+    has_lm, note = app.entropy_lm_status(codec)
+    assert not has_lm and "tiny_demo_codec_lm.th" in note and "tokenwave train-codec" in note
+    assert "--train-entropy-lm" in note
+    shipped = str(Path(__file__).parents[1] / "assets" / "models" / "tokenwave-small" / "codec")
+    has_lm, note = app.entropy_lm_status(shipped)
+    assert not has_lm and "tokenwave-small_lm.th" in note
+    from codec.entropy import EntropyLM
+
+    model = app.load_codec_model(codec)
+    lm = EntropyLM.for_codec(num_codebooks=model.num_codebooks, card=model.codebook_size,
+                                  frame_rate=model.frame_rate)
+    torch.save(lm.state_dict(), copy / "tiny_demo_codec_lm.th")  # beside the codec, in the generator folder
+    assert app.entropy_lm_status(codec)[0]
+    source = tmp_path / "tone.wav"
+    sf.write(source, 0.3 * np.sin(2 * np.pi * 440 * np.arange(8_000) / 16_000), 16_000)
+    result = app.codec_roundtrip(str(source), codec, 2, use_lm=True, workdir=workdir)
+    assert ecdc.read_header(result.ecdc_path.read_bytes())[0].use_lm and "entropy coding" in result.info
+
+
+def test_duration_slider_says_that_it_slides(models, tmp_path):
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    assert "10 s window" in app.duration_info(10.0) and "slides" in app.duration_info(10.0)
+    demo = app.build_app(str(models / "tiny"), models_dir=models, workdir=tmp_path)
+    sliders = [b for b in demo.blocks.values() if isinstance(b, gr.Slider) and b.label == "Duration (seconds)"]
+    assert len(sliders) == 1 and "slides" in sliders[0].info and sliders[0].maximum == app.MAX_SLIDER_SECONDS
+
+
+@pytest.mark.filterwarnings("ignore:::gradio.queueing")
+def test_codec_round_trip_is_an_api_endpoint(served, models, tmp_path):
+    client_module = pytest.importorskip("gradio_client")
+    assert "/codec_roundtrip" in served.get_api_info()["named_endpoints"]
+    client = client_module.Client(served.local_url, verbose=False)
+    source = tmp_path / "tone.wav"
+    sf.write(source, 0.3 * np.sin(2 * np.pi * 440 * np.arange(16_000) / 16_000), 16_000)
+    codec = str((models / "tiny" / "codec").resolve())
+    decoded, ecdc_file, info = client.predict(client_module.handle_file(str(source)), codec, 2, False,
+                                              api_name="/codec_roundtrip")
+    data, rate = sf.read(decoded if isinstance(decoded, str) else decoded["value"], always_2d=True)
+    assert rate == SR and data.shape == (SR, 1)
+    assert ecdc.read_header(Path(ecdc_file).read_bytes())[0].num_codebooks == 2 and "bytes" in info
+    with pytest.raises(Exception, match="No entropy-coding LM"):
+        client.predict(client_module.handle_file(str(source)), codec, 2, True, api_name="/codec_roundtrip")

@@ -64,6 +64,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from ..formats import honour_umask
 from ..model import EncodecModel
 from ..quantization import EuclideanCodebook
 from .balancer import Balancer
@@ -215,6 +216,7 @@ class CheckpointManager:
                 torch.save(state, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+            honour_umask(tmp)  # mkdtemp makes it 0700: give it a plain mkdir's mode
             if final.exists():  # the same step saved again (a resumed run): swap it
                 old = final.with_name(final.name + ".old")
                 os.replace(final, old)

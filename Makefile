@@ -1,4 +1,4 @@
-# Two commands: `make run` (the main job) and `make test` (the full suite).
+# Two commands: `make run` (the main job) and `make test` (ruff, then the full suite).
 # Each sets itself up: a .venv with torch==2.13.0 installed first (so pip never pulls a
 # CUDA build of a newer torch), then tokenwave and its test extras.
 PYTHON ?= python3
@@ -8,9 +8,9 @@ STAMP := $(VENV)/.tokenwave-installed
 export OMP_NUM_THREADS ?= 2
 PROMPT ?= a slow, sad piano ballad in A minor
 
-.PHONY: run test setup bench clean
+.PHONY: run test lint setup bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
@@ -25,8 +25,12 @@ run: $(STAMP)
 	mkdir -p out
 	$(BIN)/tokenwave generate "$(PROMPT)" --duration 10 --seed 0 -o out/music.wav --force
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest tests
+
+# One line length and the pyflakes/pycodestyle rules, configured in pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.codec

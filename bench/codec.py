@@ -15,7 +15,7 @@ Run from the repo root:
 Rows: ``tokenwave`` is ``prepare_for_inference()`` (codes bitwise the reference's, time-major
 decoder); ``tokenwave-fast`` is ``prepare_for_inference(exact_codes=False)`` (time-major
 encoder too, batched chunks). ``--tune-malloc`` makes glibc keep freed memory, for every
-implementation alike (see :func:`codec.fast.tune_malloc`).
+implementation alike (see :func:`codec.runners.tune_malloc`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ except ImportError:
 
 from codec import PRESETS as PRESET_CONFIGS  # noqa: E402
 from codec import EncodecModel  # noqa: E402
-from codec.fast import tune_malloc  # noqa: E402
+from codec.runners import tune_malloc  # noqa: E402
 from codec.formats import transformers_key  # noqa: E402
 from oracles import import_encodec  # noqa: E402
 

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from codec import EncodecModel, ecdc  # noqa: E402
-from codec.entropy import EntropyLM  # noqa: E402
+from codec.entropy_lm import EntropyLM  # noqa: E402
 from oracles import import_encodec  # noqa: E402
 
 

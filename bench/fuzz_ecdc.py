@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 from codec import EncodecModel, EncodedFrame, ecdc  # noqa: E402
 from codec.ecdc import CodecLayout, EcdcError, EcdcHeader  # noqa: E402
-from codec.entropy import EntropyLM  # noqa: E402
+from codec.entropy_lm import EntropyLM  # noqa: E402
 from codec.model import PRESETS  # noqa: E402
 
 NAMES = ("encodec_24khz", "encodec_48khz")

@@ -1,4 +1,4 @@
-"""LM generation speed: tokenwave (eager, static-cache/graph) vs transformers' MusicGen, same weights.
+"""LM generation speed: tokenwave (static-cache decoder, CUDA graph) vs transformers' MusicGen, same weights.
 
 MusicGen-small- and -medium-sized decoders (small: dim 1024, 24 layers, 16 heads; medium: dim
 1536, 48 layers, 24 heads; 4 codebooks of 2048) with random weights, cross-attention to a
@@ -8,8 +8,9 @@ In one run, per size and batch:
 - ``transformers``: ``MusicgenForCausalLM.generate`` with a dynamic cache; ``tf-static``: with a
   ``StaticCache``; on CUDA ``tf-compile``: static cache with transformers' own ``torch.compile``
   of the forward (``--no-compile`` skips it; a failure is reported, not fatal);
-- ``tw-eager``: ``LMModel.generate(fast=False)``; ``tw-graph``: ``fast=True`` (the static-cache
-  step of :mod:`lm.graph`, captured in a CUDA graph on CUDA, uncaptured on CPU; the capture is
+- ``tw``: ``LMModel.generate(fast=False)`` (:mod:`lm.static_decoder`, each step attending over the
+  cache written so far); ``tw-graph``: ``fast=True`` (the same step with static shapes over the
+  whole cache, captured in a CUDA graph on CUDA, uncaptured on CPU; the capture is
   part of every timed call); on CPU also ``tw-bf16w`` (bfloat16 matrix weights, float32
   activations), ``tw-int8`` and ``tw-int4`` (weight-only int8 / int4 matrices, groups of 32, :mod:`lm.quant`;
   ``--no-quant`` skips them), each with its logit error against float32;
@@ -49,7 +50,7 @@ from collections.abc import Callable
 
 import torch
 
-from inference.loaders import transformers_to_audiocraft_lm
+from inference.formats.transformers import transformers_to_audiocraft_lm
 from lm import LMConfig, LMModel
 from lm.quant import quantize_lm, quantize_state
 
@@ -145,7 +146,7 @@ def ours_runner(model: LMModel, fast: bool) -> Callable:
 def build_generator(lm: LMModel, device: torch.device):
     """A MusicGen around ``lm``: a lookup-table text conditioner and a random full-size 32 kHz codec."""
     from conditioning import ConditionProvider, LUTConditioner  # noqa: PLC0415
-    from inference.cli import random_model  # noqa: PLC0415
+    from codec.pretrained import random_model  # noqa: PLC0415
     from inference.generator import GeneratorConfig, MusicGen  # noqa: PLC0415
 
     text = LUTConditioner(vocab=["calm", "piano"], dim=32, output_dim=lm.config.dim)
@@ -195,7 +196,7 @@ def accuracy(model: LMModel, low: LMModel, condition, mask, length: int = 48) ->
 
 def codec_speed(device: torch.device, seconds: float, chunk_frames: int, repeats: int) -> None:
     """Decode ``seconds`` of random codes with the random 32 kHz codec, offline and streamed."""
-    from inference.cli import random_model  # noqa: PLC0415
+    from codec.pretrained import random_model  # noqa: PLC0415
     from inference.generator import CodecStream  # noqa: PLC0415
 
     codec = random_model("encodec_32khz").to(device)
@@ -272,7 +273,7 @@ def main() -> None:
             runners.append(("tf-static", reference_runner(reference, "static", steps + 8)))
             if cuda and not args.no_compile:
                 runners.append(("tf-compile", reference_runner(copy.deepcopy(reference), "compile", steps + 8)))
-        runners += [("tw-eager", ours_runner(ours, fast=False)), ("tw-graph", ours_runner(ours, fast=True))]
+        runners += [("tw", ours_runner(ours, fast=False)), ("tw-graph", ours_runner(ours, fast=True))]
         low = None
         variants: dict[str, LMModel] = {}  # CPU weight formats, for first audio and accuracy
         if not cuda and not args.no_bf16 and dtype == torch.float32 and _wanted("tw-bf16w", args.impls):
@@ -302,7 +303,7 @@ def main() -> None:
                     times[name].append(run(batch, steps, condition, mask))
             best = {name: statistics.median(values) for name, values in times.items()}
             ttfa = {}
-            firsts = [("tw-eager", ours, False), ("tw-graph", ours, True)]
+            firsts = [("tw", ours, False), ("tw-graph", ours, True)]
             firsts += [(name, model, False) for name, model in variants.items()]
             for name, model, fast in firsts:
                 if name not in best:

@@ -5,7 +5,7 @@ Writes random weights for a ``musicgen_large``-sized decoder (dim 2048, 48 layer
 (one shard per layer, bfloat16 by default: 6.5 GB on disk instead of 13 GB) with the shipped
 model's small T5 as the text encoder and a random 32 kHz EnCodec as the audio encoder. Then,
 per ``--dtypes`` entry, a fresh subprocess loads it with ``MusicGen.from_pretrained(folder,
-dtype=...)`` and reports its peak RSS (``ru_maxrss``), the RSS after loading, the LM's weight
+dtype=...)`` and reports its peak RSS (``VmHWM``), the RSS after loading, the LM's weight
 bytes, and the process's RSS before loading (torch, transformers imported).
 
 No second copy means: peak RSS <= baseline + what the loaded model holds (+ one layer). A
@@ -61,7 +61,7 @@ def write_checkpoint(folder: Path, size: str, dtype: torch.dtype) -> float:
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from codec.formats import save_model  # noqa: PLC0415
-    from inference.cli import random_model  # noqa: PLC0415
+    from codec.pretrained import random_model  # noqa: PLC0415
 
     dim, layers, heads = SIZES[size]
     folder.mkdir(parents=True)
@@ -80,7 +80,8 @@ def write_checkpoint(folder: Path, size: str, dtype: torch.dtype) -> float:
             "decoder.model.decoder.layer_norm.weight": torch.ones(dim, dtype=dtype),
             "decoder.model.decoder.layer_norm.bias": torch.zeros(dim, dtype=dtype)}
     for k in range(CODEBOOKS):
-        rest[f"decoder.model.decoder.embed_tokens.{k}.weight"] = (0.02 * torch.randn(CARD + 1, dim, generator=gen)).to(dtype)
+        embedding = 0.02 * torch.randn(CARD + 1, dim, generator=gen)
+        rest[f"decoder.model.decoder.embed_tokens.{k}.weight"] = embedding.to(dtype)
         rest[f"decoder.lm_heads.{k}.weight"] = (0.02 * torch.randn(CARD, dim, generator=gen)).to(dtype)
     shards = layers + 1
     weight_map, total = {}, 0
@@ -103,18 +104,18 @@ def write_checkpoint(folder: Path, size: str, dtype: torch.dtype) -> float:
 
 
 _CHILD = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads({threads})
 from inference.generator import MusicGen
-def rss():
-    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
+def rss(field='VmRSS'):  # VmHWM: this process's own peak (ru_maxrss keeps the parent's across exec)
+    return int(open('/proc/self/status').read().split(field + ':')[1].split()[0]) / 1024
 before = rss()
 start = time.perf_counter()
 generator = MusicGen.from_pretrained({folder!r}, device='cpu', dtype={dtype!r})
 seconds = time.perf_counter() - start
 lm = generator.lm
 weights = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]) / 2**20
-print(json.dumps(dict(before=before, after=rss(), peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps(dict(before=before, after=rss(), peak=rss('VmHWM'),
                       lm_mb=weights, seconds=seconds)))
 """
 

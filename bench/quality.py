@@ -136,7 +136,7 @@ class Scorer:
         with torch.no_grad():
             scores = {"mel_distance": float(self.mel(out, ref)[0]), "si_snr": float(si_snr(out, ref)[0])}
         if visqol:
-            from codec.training.trainer import visqol_score
+            from codec.training.validate import visqol_score
 
             scores["visqol"] = visqol_score(reference, decoded, self.sample_rate)
         return scores
@@ -145,7 +145,7 @@ class Scorer:
 def default_codebooks(model: EncodecModel) -> list[int]:
     """The codebook counts of the bandwidths the codec was trained for (as its trainer picks
     them), and all of its codebooks."""
-    from codec.training.trainer import codebook_choices
+    from codec.training.loop import codebook_choices
 
     return sorted(set(codebook_choices(model)) | {model.num_codebooks})
 
@@ -307,7 +307,7 @@ def _log(text: str) -> None:
 
 
 def _codec_section(args, report: dict) -> None:
-    from inference.cli import load_codec, model_label
+    from codec.pretrained import load_codec, model_label
 
     clips, rate, names = load_clips(args.data, args.clips)
     model = None

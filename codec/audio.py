@@ -1,9 +1,10 @@
-"""Audio I/O for the codec: read, resample, convert channels, normalize, write.
+"""Audio files for the codec: read, inspect, write (whole or block by block), and the one check
+that audio is finite.
 
 Audio is a float32 tensor shaped ``(C, T)`` (channels first, as the models take it) on the CPU.
-Files are read with libsndfile through ``soundfile`` and resampled with ``soxr`` (high
-quality, deterministic: the same input gives the same output, whole or block by block).
-Writes go to a temporary file in the destination folder that is renamed at the end, so a
+Files are read with libsndfile through ``soundfile``; blocks are converted on the way with
+:mod:`codec.resample`, and writes can normalize with :mod:`codec.loudness` (both re-exported
+here). Writes go to a temporary file in the destination folder that is renamed at the end, so a
 crash or an error never leaves a half-written file under the final name.
 """
 from __future__ import annotations
@@ -12,17 +13,27 @@ import math
 import os
 import struct
 import sys
-import uuid
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import soundfile as sf
 import soxr
 import torch
+
+# Conversion and normalization live in their own modules; ``codec.audio.X`` keeps naming them.
+from .files import AtomicPath, atomic_path
+from .loudness import (  # noqa: F401
+    NORMALIZE_MODES,
+    integrated_loudness,
+    loudness_normalize,
+    normalize_audio,
+    peak_normalize,
+)
+from .resample import check_rate, convert_audio, convert_channels, resample  # noqa: F401
 
 # Extension -> (libsndfile major format, subtype that must exist for it, or None).
 _READ_EXTENSIONS: dict[str, tuple[str, str | None]] = {
@@ -33,9 +44,6 @@ _READ_EXTENSIONS: dict[str, tuple[str, str | None]] = {
 }
 _WRITE_FORMATS: dict[str, str] = {".wav": "WAV", ".flac": "FLAC"}
 SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
-NORMALIZE_MODES = ("peak", "loudness")
-# Loudness gating blocks are 400 ms (ITU-R BS.1770): shorter audio has no defined loudness.
-_LOUDNESS_BLOCK_SECONDS = 0.4
 # Audio is expected in [-1, 1]; a peak beyond this is a scale error (e.g. int16 values as
 # floats) or heavy clipping, worth a warning before it is encoded.
 PEAK_WARNING = 4.0
@@ -234,148 +242,18 @@ def read_audio(path: str | os.PathLike, *, start: int | None = None,
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(sample_rate)
 
 
-# -- resampling and channels ---------------------------------------------------------------
-def _check_rate(name: str, rate: int) -> int:
-    if int(rate) != rate or rate <= 0:
-        raise ValueError(f"{name} must be a positive integer number of Hz, got {rate}")
-    return int(rate)
-
-
-def resample(wav: torch.Tensor, sr_in: int, sr_out: int, *, quality: str = "HQ") -> torch.Tensor:
-    """Resample ``(..., T)`` audio to ``(..., round(T * sr_out / sr_in))`` with soxr.
-
-    soxr's ``HQ`` (20-bit precision, linear phase) by default. Same rates return ``wav`` as is.
-    """
-    sr_in, sr_out = _check_rate("sr_in", sr_in), _check_rate("sr_out", sr_out)
-    if sr_in == sr_out:
-        return wav
-    if wav.dim() == 0:
-        raise ValueError("expected audio shaped (..., T), got a scalar")
-    lead, length = wav.shape[:-1], wav.shape[-1]
-    dtype = torch.float64 if wav.dtype == torch.float64 else torch.float32
-    # soxr wants (T, channels); every leading index becomes one channel.
-    flat = wav.detach().to("cpu", dtype).reshape(-1, length).T.numpy()
-    out = soxr.resample(np.ascontiguousarray(flat), sr_in, sr_out, quality=quality)
-    out = torch.from_numpy(np.ascontiguousarray(out.T)).reshape(*lead, -1)
-    return out.to(wav.device)
-
-
-def convert_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
-    """``(..., C, T) -> (..., channels, T)``: mixdown to mono by mean, mono to stereo by copy."""
-    if wav.dim() < 2:
-        raise ValueError(f"expected audio shaped (..., C, T), got {tuple(wav.shape)}")
-    have = wav.shape[-2]
-    if have == channels:
-        return wav
-    if channels == 1:
-        return wav.mean(dim=-2, keepdim=True)
-    if have == 1 and channels == 2:
-        return wav.expand(*wav.shape[:-2], 2, wav.shape[-1]).contiguous()
-    raise ValueError(f"cannot convert {have} channel(s) to {channels}: only mixdown to mono "
-                     f"and mono to stereo are supported")
-
-
-def convert_audio(wav: torch.Tensor, sr: int, target_sr: int,
-                  target_channels: int) -> torch.Tensor:
-    """``(..., C, T)`` at ``sr`` -> ``(..., target_channels, T')`` at ``target_sr``."""
-    if target_channels < wav.shape[-2]:  # mix down first: less to resample
-        return resample(convert_channels(wav, target_channels), sr, target_sr)
-    return convert_channels(resample(wav, sr, target_sr), target_channels)
-
-
-# -- normalization ------------------------------------------------------------------------
-def _db_to_gain(db: float) -> float:
-    return 10.0 ** (db / 20.0)
-
-
-def peak_normalize(wav: torch.Tensor, peak_db: float = -1.0) -> torch.Tensor:
-    """Scale so the largest absolute sample is ``peak_db`` dBFS; silence is returned as is."""
-    if peak_db > 0:
-        raise ValueError(f"peak_db must be <= 0 dBFS, got {peak_db}")
-    peak = float(wav.abs().max()) if wav.numel() else 0.0
-    if peak == 0.0:
-        return wav
-    return wav * (_db_to_gain(peak_db) / peak)
-
-
-def integrated_loudness(wav: torch.Tensor, sample_rate: int) -> float:
-    """Integrated loudness in LUFS (ITU-R BS.1770-4: K-weighting, 400 ms gated blocks).
-
-    ``wav`` is ``(C, T)`` with C <= 5; silence gives ``-inf``. Needs at least 0.4 s.
-    """
-    try:
-        import pyloudnorm
-    except ImportError as error:  # optional dependency: only loudness needs it
-        raise ImportError("loudness measurement needs the 'pyloudnorm' package: "
-                          "pip install pyloudnorm") from error
-    if wav.dim() != 2:
-        raise ValueError(f"expected audio shaped (C, T), got {tuple(wav.shape)}")
-    if wav.shape[-1] < _LOUDNESS_BLOCK_SECONDS * sample_rate:
-        raise ValueError(f"loudness needs at least {_LOUDNESS_BLOCK_SECONDS} s of audio, got "
-                         f"{wav.shape[-1] / sample_rate:.3f} s; use peak normalization instead")
-    data = wav.detach().to("cpu", torch.float64).T.numpy()
-    if not np.any(data):
-        return -math.inf
-    return float(pyloudnorm.Meter(sample_rate).integrated_loudness(data))
-
-
-def loudness_normalize(wav: torch.Tensor, sample_rate: int, target_lufs: float = -14.0,
-                       peak_db: float = -1.0) -> torch.Tensor:
-    """Scale ``(C, T)`` audio to ``target_lufs``, but never past a ``peak_db`` dBFS peak.
-
-    When reaching the target would push the peak above ``peak_db`` the gain is lowered to fit
-    and a warning says so: the output is quieter than asked rather than clipped.
-    """
-    loudness = integrated_loudness(wav, sample_rate)
-    if not math.isfinite(loudness):  # silence (or below the -70 LUFS gate): nothing to scale
-        return wav
-    gain = _db_to_gain(target_lufs - loudness)
-    peak = float(wav.abs().max())
-    ceiling = _db_to_gain(peak_db)
-    if peak * gain > ceiling:
-        gain = ceiling / peak
-        reached = loudness + 20 * math.log10(gain)
-        warnings.warn(f"loudness normalization to {target_lufs:g} LUFS would clip; limited to a "
-                      f"{peak_db:g} dBFS peak, giving {reached:.1f} LUFS", stacklevel=2)
-    return wav * gain
-
-
-def normalize_audio(wav: torch.Tensor, sample_rate: int, mode: str | None, *,
-                    peak_db: float = -1.0, target_lufs: float = -14.0) -> torch.Tensor:
-    """Apply ``mode`` ('peak', 'loudness' or None) to ``(C, T)`` audio."""
-    if mode is None:
-        return wav
-    if mode == "peak":
-        return peak_normalize(wav, peak_db)
-    if mode == "loudness":
-        return loudness_normalize(wav, sample_rate, target_lufs, peak_db)
-    raise ValueError(f"normalize must be one of {NORMALIZE_MODES} or None, got {mode!r}")
-
-
 # -- writing ------------------------------------------------------------------------------
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
-
-    On any error the temporary file is removed and ``path`` is left as it was.
-    """
+def atomic_output(path: str | os.PathLike) -> AtomicPath:
+    """``with atomic_output(path) as tmp:``: a temporary file beside ``path``, renamed to ``path``
+    only if the block succeeds (:func:`codec.files.atomic_path`; ``path`` is replaced). On any
+    error the temporary file is removed and ``path`` is left as it was; an ``OSError`` names
+    ``path``, not the temporary file."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"output path is a folder: {str(path)!r}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {str(path.parent)!r}")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as error:  # name the user's path, not the hidden temporary one
-        tmp.unlink(missing_ok=True)
-        if error.filename is None or Path(error.filename) != tmp:
-            raise
-        raise OSError(error.errno, f"cannot write {str(path)!r}: {error.strerror}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return atomic_path(path, overwrite=True)
 
 
 def _write_format(path: Path, subtype: str) -> str:
@@ -426,7 +304,7 @@ def write_audio(path: str | os.PathLike, wav: torch.Tensor | np.ndarray, sample_
     """
     path = Path(path)
     fmt = _write_format(path, subtype)
-    sample_rate = _check_rate("sample_rate", sample_rate)
+    sample_rate = check_rate("sample_rate", sample_rate)
     wav = normalize_audio(_as_channels_first(wav), sample_rate, normalize, peak_db=peak_db,
                           target_lufs=target_lufs)
     data = _clip_for_pcm(wav.T.numpy(), subtype, str(path))
@@ -457,14 +335,13 @@ class AudioFileWriter:
         self.channels = channels
         self.subtype = subtype
         fmt = _write_format(self.path, subtype)
+        sample_rate = check_rate("sample_rate", sample_rate)
         self._output = atomic_output(self.path)
-        sample_rate = _check_rate("sample_rate", sample_rate)
-        self._tmp = self._output.__enter__()
         try:
-            self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate,
+            self._file = sf.SoundFile(str(self._output.tmp), "w", samplerate=sample_rate,
                                       channels=channels, format=fmt, subtype=subtype)
         except BaseException as error:
-            self._output.__exit__(type(error), error, error.__traceback__)
+            self._output.discard()
             if isinstance(error, (sf.SoundFileError, RuntimeError)):
                 raise _write_error(self.path, error) from None
             raise
@@ -487,7 +364,7 @@ class AudioFileWriter:
 
     def close(self) -> None:
         self._file.close()
-        self._output.__exit__(None, None, None)
+        self._output.commit()
         if self._clipped:
             warnings.warn(f"{str(self.path)}: {self._clipped} sample(s) exceeded [-1, 1] and "
                           f"were clipped in {self.subtype}", stacklevel=2)
@@ -495,7 +372,7 @@ class AudioFileWriter:
     def abort(self) -> None:
         """Drop the partial file; ``path`` is left as it was."""
         self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self._output.discard()
 
     def __enter__(self) -> "AudioFileWriter":
         return self
@@ -520,7 +397,7 @@ def iter_audio_blocks(path: str | os.PathLike, block_size: int, *,
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     info = audio_info(path)
-    sr_out = info.sample_rate if sample_rate is None else _check_rate("sample_rate", sample_rate)
+    sr_out = info.sample_rate if sample_rate is None else check_rate("sample_rate", sample_rate)
     ch_out = info.channels if channels is None else channels
     convert_channels(torch.zeros(info.channels, 0), ch_out)  # fail before reading anything
     stream = None

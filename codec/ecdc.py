@@ -11,7 +11,7 @@ Layout (all big-endian)::
                the chunk's codes frame-major (frame 0 codebooks 0..K-1, frame 1, ...):
                  without the LM: `log2(codebook_size)`-bit values packed LSB-first, the last
                  byte zero-padded;
-                 with the LM: a fresh arithmetic coder and LM state (`codec.entropy`), flushed
+                 with the LM: a fresh arithmetic coder and LM state (`codec.entropy_lm`), flushed
                  to a whole byte.
 
 The original release only has 1024-entry codebooks (10 bits). For the 2048-entry models
@@ -46,156 +46,28 @@ without the LM are portable.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import math
-import re
-import struct
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
-import numpy as np
 import torch
 
-from .entropy import (ArithmeticDecoder, ArithmeticEncoder, EntropyDecodingError, EntropyLM,
-                      max_symbols_for_bits, quantized_cdf, symbol_bounds)
+from . import registry
+from .arithmetic import EntropyDecodingError, max_symbols_for_bits
+from .binary import (PUBLIC_CODECS, SAFE_NAME, SCALE, CodecLayout, EcdcError, EcdcHeader,
+                     check_identity, pack_bits, read_header, read_scale, unpack_bits)
+from .config import PRESETS
+from .entropy_lm import EntropyLM, decode_chunk, encode_chunk
+from .files import CheckpointError, read_pickle, verify_sha256_prefix
+from .formats import load_model
 from .model import EncodedFrame
 
-MAGIC = b"ECDC"
-VERSION = 0
-_HEADER = struct.Struct("!4sBI")
-_SCALE = struct.Struct("!f")
-# The metadata is ~60 bytes; anything much larger is not an .ecdc file.
-MAX_METADATA_BYTES = 1 << 16
 # Decoding refuses files that claim more audio than this by default (see `decompress`): the
 # decoded audio is held in memory whole. Writing refuses longer audio by the same default, so
 # every file we write decodes with the defaults; raise both with `max_duration=`
 # (`--max-duration` on the command line).
 DEFAULT_MAX_DURATION_S = 4 * 3600.0
-# Model names in a file are looked up in the models folder only; no paths, no traversal.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_WEIGHTS_ID = re.compile(r"^[0-9a-f]{8,64}$")
-# Codecs whose files carry no weights id: the public presets, as the original writes them.
-PUBLIC_CODECS = frozenset({"encodec_24khz", "encodec_48khz", "encodec_32khz", "encodec_16khz"})
-
-
-class EcdcError(ValueError):
-    """An .ecdc file that cannot be decoded: malformed, truncated, corrupted, or naming a model
-    (or entropy-coding LM) that is not available. The message says what was expected."""
-
-
-@dataclass(frozen=True)
-class EcdcHeader:
-    """The file's metadata: model name, audio length in samples, codebooks, LM used, and the
-    codec's weights id (None: not recorded, as in the original's files)."""
-
-    model_name: str
-    audio_length: int
-    num_codebooks: int
-    use_lm: bool
-    weights_id: str | None = None
-
-    def to_bytes(self) -> bytes:
-        """Header + JSON, byte-identical to the original's (`json.dumps` defaults, key order)
-        when there is no weights id."""
-        meta = {"m": self.model_name, "al": self.audio_length, "nc": self.num_codebooks,
-                "lm": self.use_lm}
-        if self.weights_id is not None:
-            meta["w"] = self.weights_id
-        raw = json.dumps(meta).encode("utf-8")
-        return _HEADER.pack(MAGIC, VERSION, len(raw)) + raw
-
-
-@dataclass(frozen=True)
-class CodecLayout:
-    """What the container needs to know about a codec: the chunking and code sizes."""
-
-    name: str
-    sample_rate: int
-    channels: int
-    frame_rate: int
-    num_codebooks: int
-    codebook_size: int
-    normalize: bool
-    segment_length: int | None
-    segment_stride: int | None
-    weights_id: str | None = None
-
-    @classmethod
-    def from_model(cls, model) -> "CodecLayout":
-        """From an `EncodecModel` (or anything with the same attributes); with its weights id
-        unless it is one of `PUBLIC_CODECS`."""
-        return cls(name=model.name, sample_rate=model.sample_rate, channels=model.channels,
-                   frame_rate=model.frame_rate, num_codebooks=model.num_codebooks,
-                   codebook_size=model.codebook_size, normalize=model.normalize,
-                   segment_length=model.segment_length, segment_stride=model.segment_stride,
-                   weights_id=identity_of(model))
-
-    @classmethod
-    def from_config(cls, config) -> "CodecLayout":
-        """From an `EncodecConfig`, without building the model (same chunking rules)."""
-        segment = None if config.segment is None else int(config.segment * config.sample_rate)
-        stride = None if segment is None else max(1, int((1 - config.overlap) * segment))
-        return cls(name=config.name, sample_rate=config.sample_rate, channels=config.channels,
-                   frame_rate=config.frame_rate, num_codebooks=config.num_codebooks,
-                   codebook_size=config.codebook_size, normalize=config.normalize,
-                   segment_length=segment, segment_stride=stride)
-
-    @property
-    def bits_per_codebook(self) -> int:
-        bits = self.codebook_size.bit_length() - 1
-        if 1 << bits != self.codebook_size:
-            raise ValueError(f"codebook size must be a power of 2, got {self.codebook_size}")
-        return bits
-
-    def chunk_frames(self, audio_length: int) -> Iterator[int]:
-        """Frames in each chunk of `audio_length` samples, as the model's `encode` makes them."""
-        segment = self.segment_length or audio_length
-        stride = self.segment_stride or audio_length
-        for offset in range(0, audio_length, stride):
-            yield self.frames_for(min(segment, audio_length - offset))
-
-    def count_chunks(self, audio_length: int) -> int:
-        return -(-audio_length // (self.segment_stride or audio_length))
-
-    def total_frames(self, audio_length: int) -> int:
-        """Sum of `chunk_frames`, in O(1): only the last two chunks can be partial."""
-        if self.segment_length is None or self.segment_stride is None:
-            return self.frames_for(audio_length)
-        full = max(0, self.count_chunks(audio_length) - 2)
-        tail = self.chunk_frames(audio_length - full * self.segment_stride)
-        return full * self.frames_for(self.segment_length) + sum(tail)
-
-    def frames_for(self, num_samples: int) -> int:
-        """ceil(num_samples * frame_rate / sample_rate), exactly (see the module docstring)."""
-        return -(-num_samples * self.frame_rate // self.sample_rate)
-
-    def header(self, audio_length: int, num_codebooks: int, use_lm: bool) -> EcdcHeader:
-        """The header of a file this codec writes (its weights id included when it has one)."""
-        return EcdcHeader(self.name, audio_length, num_codebooks, use_lm, self.weights_id)
-
-
-def identity_of(model) -> str | None:
-    """The weights id a file written by `model` records: None for `PUBLIC_CODECS` (files
-    identical to the original's) and for objects that are not torch modules."""
-    if model.name in PUBLIC_CODECS or not isinstance(model, torch.nn.Module):
-        return None
-    from .formats import weights_id
-
-    return weights_id(model)
-
-
-def check_identity(header: EcdcHeader, layout: CodecLayout) -> None:
-    """Refuse to decode a file with a codec whose weights differ from the writer's."""
-    if header.weights_id is None or layout.weights_id is None:
-        return
-    if header.weights_id != layout.weights_id:
-        raise EcdcError(f"file was written by codec {header.model_name!r} (weights "
-                        f"{header.weights_id}); the codec given has weights {layout.weights_id}: "
-                        f"pass the right codec (--model on the command line)")
 
 
 def check_duration(audio_length: int, sample_rate: int, max_duration: float | None, *,
@@ -216,70 +88,6 @@ def check_duration(audio_length: int, sample_rate: int, max_duration: float | No
 
 
 # -- writing ----------------------------------------------------------------------------
-# Values are (un)packed this many at a time: a multiple of 8 values is a whole number of bytes
-# for any width, and the bit planes of a block stay small.
-_PACK_BLOCK = 1 << 15
-
-
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """`values` (n,) ints in [0, 2**bits) -> `bits`-bit values packed LSB-first, last byte
-    zero-padded (the original's `BitPacker` then `flush`)."""
-    values = np.asarray(values, dtype=np.int64).reshape(-1)
-    shifts = np.arange(bits, dtype=np.int64)
-    out = []
-    for start in range(0, len(values), _PACK_BLOCK):
-        planes = (values[start:start + _PACK_BLOCK, None] >> shifts) & 1
-        out.append(np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little").tobytes())
-    return b"".join(out)
-
-
-def unpack_bits(data: bytes | memoryview, bits: int, count: int) -> np.ndarray:
-    """Inverse of `pack_bits`: the first `count` values (int64) of `data`, which must hold
-    at least `count * bits` bits."""
-    raw = np.frombuffer(data, dtype=np.uint8)
-    weights = np.int64(1) << np.arange(bits, dtype=np.int64)
-    out = np.empty(count, dtype=np.int64)
-    block_bytes = _PACK_BLOCK * bits // 8
-    for index, start in enumerate(range(0, count, _PACK_BLOCK)):
-        n = min(_PACK_BLOCK, count - start)
-        chunk = raw[index * block_bytes: index * block_bytes + -(-n * bits // 8)]
-        planes = np.unpackbits(chunk, bitorder="little")[: n * bits].reshape(n, bits)
-        out[start:start + n] = planes.astype(np.int64) @ weights
-    return out
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the entropy LM with `threads` torch threads (the probabilities, hence the bits,
-    depend on the thread count); restores the previous setting."""
-    if threads < 1:
-        raise ValueError(f"lm_threads must be >= 1, got {threads}")
-    previous = torch.get_num_threads()
-    if previous != threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if previous != threads:
-            torch.set_num_threads(previous)
-
-
-def encode_chunk_lm(codes: torch.Tensor, lm: EntropyLM, threads: int = 1) -> bytes:
-    """Entropy-code one chunk's codes `(K, F)` with a fresh LM state and coder."""
-    num_codebooks, num_frames = codes.shape
-    codes_np = codes.cpu().numpy()
-    coder = ArithmeticEncoder()
-    with torch_threads(threads):
-        state = lm.initial_state(num_codebooks, cache_keys=threads == 1)
-        prev = None
-        for t in range(num_frames):
-            probs = lm.step(state, prev)
-            starts, ends = symbol_bounds(quantized_cdf(probs[0].numpy()), codes_np[:, t])
-            coder.push_bounds(starts, ends)
-            prev = codes[:, t].view(1, num_codebooks)
-    return coder.finish()
-
-
 def write_body(fileobj: BinaryIO, frames: list[EncodedFrame], layout: CodecLayout,
                lm: EntropyLM | None = None, *, lm_threads: int = 1) -> None:
     """Write the chunks of `frames` (codes `(1, K, F)`, scale `(1, 1)` or None); with `lm`
@@ -289,13 +97,13 @@ def write_body(fileobj: BinaryIO, frames: list[EncodedFrame], layout: CodecLayou
         if layout.normalize:
             if scale is None:
                 raise ValueError(f"{layout.name} normalizes chunks but a frame has no scale")
-            fileobj.write(_SCALE.pack(float(scale.reshape(-1)[0])))
+            fileobj.write(SCALE.pack(float(scale.reshape(-1)[0])))
         codes = codes[0].detach().cpu()
         if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < layout.codebook_size:
             raise ValueError(f"codes must be in [0, {layout.codebook_size}), found "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         if lm is not None:
-            fileobj.write(encode_chunk_lm(codes, lm, lm_threads))
+            fileobj.write(encode_chunk(codes, lm, lm_threads))
         else:
             fileobj.write(pack_bits(codes.t().numpy(), bits))
 
@@ -327,7 +135,7 @@ def write_ecdc(fileobj: BinaryIO, wav: torch.Tensor, sample_rate: int, model, *,
     if sample_rate != model.sample_rate:
         raise ValueError(f"{model.name} takes {model.sample_rate} Hz audio, got {sample_rate} Hz; "
                          f"resample with codec.audio.convert_audio")
-    if not _SAFE_NAME.match(model.name):
+    if not SAFE_NAME.match(model.name):
         raise ValueError(f"model name {model.name!r} cannot be stored in an .ecdc file "
                          f"(letters, digits, '_', '.', '-' only)")
     layout = CodecLayout.from_model(model)
@@ -366,77 +174,6 @@ def compress(wav: torch.Tensor, sample_rate: int, model, bandwidth: float | None
 
 
 # -- reading ----------------------------------------------------------------------------
-def read_header(data: bytes | memoryview) -> tuple[EcdcHeader, int]:
-    """Parse and check the header; returns it and the offset where the body starts."""
-    if len(data) < _HEADER.size:
-        raise EcdcError(f"not an .ecdc file: {len(data)} bytes, shorter than the "
-                        f"{_HEADER.size}-byte header")
-    magic, version, meta_size = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise EcdcError(f"not an .ecdc file: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise EcdcError(f"unsupported .ecdc version {version}, expected {VERSION}")
-    if meta_size > MAX_METADATA_BYTES:
-        raise EcdcError(f"metadata length {meta_size} exceeds {MAX_METADATA_BYTES} bytes")
-    end = _HEADER.size + meta_size
-    if len(data) < end:
-        raise EcdcError(f"file truncated in the metadata: {len(data)} bytes, header says {end}")
-    try:
-        meta = json.loads(bytes(data[_HEADER.size:end]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise EcdcError(f"metadata is not valid UTF-8 JSON: {error}") from None
-    if not isinstance(meta, dict):
-        raise EcdcError(f"metadata must be a JSON object, got {type(meta).__name__}")
-    missing = [key for key in ("m", "al", "nc", "lm") if key not in meta]
-    if missing:
-        raise EcdcError(f"metadata lacks {missing}; found keys {sorted(meta)[:10]}")
-    name, length, codebooks, use_lm = meta["m"], meta["al"], meta["nc"], meta["lm"]
-    if not isinstance(name, str) or not _SAFE_NAME.match(name):
-        raise EcdcError(f"metadata 'm' must be a model name, got {name!r:.80}")
-    for key, value in (("al", length), ("nc", codebooks)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise EcdcError(f"metadata {key!r} must be a positive integer, got {value!r:.80}")
-    if not isinstance(use_lm, bool):
-        raise EcdcError(f"metadata 'lm' must be true or false, got {use_lm!r:.80}")
-    weights = meta.get("w")
-    if weights is not None and not (isinstance(weights, str) and _WEIGHTS_ID.match(weights)):
-        raise EcdcError(f"metadata 'w' must be a weights id (8 to 64 hex digits), got "
-                        f"{weights!r:.80}")
-    return EcdcHeader(name, length, codebooks, use_lm, weights), end
-
-
-def _read_scale(data: memoryview, pos: int) -> tuple[torch.Tensor, int]:
-    if len(data) < pos + _SCALE.size:
-        raise EcdcError("file truncated: a chunk's scale is missing")
-    scale, = _SCALE.unpack_from(data, pos)
-    if not (math.isfinite(scale) and scale > 0):
-        raise EcdcError(f"corrupted chunk scale {scale}: expected a positive finite number")
-    return torch.tensor([[scale]], dtype=torch.float32), pos + _SCALE.size
-
-
-def decode_chunk_lm(data: memoryview, pos: int, num_codebooks: int, num_frames: int,
-                    lm: EntropyLM, threads: int = 1) -> tuple[torch.Tensor, int]:
-    """Entropy-decode one chunk starting at byte `pos`: codes `(K, F)` and the end offset.
-
-    Codes are collected as they decode, so memory grows with the data actually decoded, not
-    with the frame count the header claims."""
-    decoder = ArithmeticDecoder(data, pos)
-    decoded: list[list[int]] = []
-    with torch_threads(threads):
-        state = lm.initial_state(num_codebooks, cache_keys=threads == 1)
-        prev = None
-        for t in range(num_frames):
-            probs = lm.step(state, prev)
-            try:
-                symbols = decoder.pull_many(quantized_cdf(probs[0].numpy()))
-            except EntropyDecodingError as error:
-                raise EcdcError(f"corrupted entropy-coded data in frame {t}: {error}") from None
-            decoded.append(symbols)
-            prev = torch.tensor([symbols])
-    codes = torch.tensor(decoded, dtype=torch.long).reshape(num_frames, num_codebooks).t()
-    return codes.contiguous(), decoder.position
-
-
 def parse_ecdc(data: bytes | bytearray | memoryview, layout: CodecLayout,
                lm: EntropyLM | None = None, *,
                max_duration: float | None = DEFAULT_MAX_DURATION_S, lm_threads: int = 1,
@@ -465,7 +202,7 @@ def parse_ecdc(data: bytes | bytearray | memoryview, layout: CodecLayout,
         raise EcdcError("file is entropy coded; an EntropyLM is needed to read it")
     # Check the claimed sizes against the data before building anything per chunk.
     num_chunks = layout.count_chunks(header.audio_length)
-    scale_bytes = _SCALE.size if layout.normalize else 0
+    scale_bytes = SCALE.size if layout.normalize else 0
     body_bytes = len(data) - pos
     bits = layout.bits_per_codebook
     if header.use_lm:
@@ -488,10 +225,13 @@ def parse_ecdc(data: bytes | bytearray | memoryview, layout: CodecLayout,
     for num_frames in layout.chunk_frames(header.audio_length):
         scale = None
         if layout.normalize:
-            scale, pos = _read_scale(data, pos)
+            scale, pos = read_scale(data, pos)
         if header.use_lm:
-            codes, pos = decode_chunk_lm(data, pos, header.num_codebooks, num_frames, lm,
-                                         lm_threads)
+            try:
+                codes, pos = decode_chunk(data, pos, header.num_codebooks, num_frames, lm,
+                                          lm_threads)
+            except EntropyDecodingError as error:
+                raise EcdcError(f"corrupted entropy-coded data in {error}") from None
         else:
             size = -(-num_frames * header.num_codebooks * bits // 8)
             values = unpack_bits(data[pos:pos + size], bits, num_frames * header.num_codebooks)
@@ -572,11 +312,9 @@ def decompress(data: bytes | bytearray | memoryview, model=None, *, lm: EntropyL
 
 
 def _load_named_model(name: str, models_dir: str | Path | None):
-    from . import formats, registry
-
     try:
         path = registry.resolve(name, models_dir=models_dir)
-        return formats.load_model(path)
+        return load_model(path)
     except (FileNotFoundError, ValueError) as error:
         raise EcdcError(f"cannot load the model {name!r} the file was compressed with: "
                         f"{error}") from None
@@ -602,15 +340,12 @@ def load_entropy_lm(codec: "str | CodecLayout", *,
 
     Looks for the release file (`encodec_lm_24khz-1608e3c0.th`, `encodec_lm_48khz-7add9fc3.th`;
     the sha256 prefix in the name is verified) or `<LM name>.th` through `codec.registry`, and
-    reads it with `torch.load(weights_only=True)`.
+    reads it with `torch.load(weights_only=True)` (`codec.files`).
 
     Raises:
         FileNotFoundError: no such file (the message lists where it looked and how to get it).
         EcdcError: the file is not a matching entropy LM.
     """
-    from . import registry
-    from .model import PRESETS
-
     if isinstance(codec, str):
         if codec not in PRESETS:
             raise EcdcError(f"no preset {codec!r} to size its entropy LM; pass the model")
@@ -621,12 +356,12 @@ def load_entropy_lm(codec: "str | CodecLayout", *,
         layout = CodecLayout.from_model(codec)
     path = Path(registry.resolve(lm_name(layout.name), models_dir=models_dir))
     expected = registry.release_checksum(path.name)
-    if expected is not None:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if not digest.startswith(expected):
-            raise EcdcError(f"{path}: sha256 {digest[:len(expected)]} does not match the "
-                            f"{expected} in its name")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if expected is not None:
+            verify_sha256_prefix(path, expected)
+        state = read_pickle(path)
+    except CheckpointError as error:
+        raise EcdcError(str(error)) from None
     if not isinstance(state, dict):
         raise EcdcError(f"{path}: expected a state dict, found {type(state).__name__}")
     lm = EntropyLM.for_codec(num_codebooks=layout.num_codebooks, card=layout.codebook_size,
@@ -636,3 +371,9 @@ def load_entropy_lm(codec: "str | CodecLayout", *,
     except RuntimeError as error:
         raise EcdcError(f"{path}: not an entropy LM for {layout.name}: {error}") from None
     return lm.eval()
+
+
+# Names of the byte format (codec.binary) that callers reach through this module.
+__all__ = ["DEFAULT_MAX_DURATION_S", "PUBLIC_CODECS", "CodecLayout", "EcdcError", "EcdcHeader",
+           "check_duration", "compress", "decompress", "lm_name", "load_entropy_lm",
+           "parse_ecdc", "read_ecdc", "read_header", "write_body", "write_ecdc"]

@@ -1,98 +1,49 @@
-"""EnCodec: SEANet encoder + residual VQ + SEANet decoder, with the four public presets."""
+"""EnCodec: SEANet encoder + residual VQ + SEANet decoder (:class:`EncodecModel`), and
+:class:`InterleavedStereo`, stereo through a mono model. Both take audio ``(B, C, T)`` and give
+codes ``(B, K, F)`` with ``sample_rate``, ``frame_rate``, ``num_codebooks`` and ``codebook_size``.
+
+Configs and presets are in :mod:`codec.config` (re-exported here); checkpoint files in
+:mod:`codec.formats`, which builds models from this module and, on import, hands
+:class:`EncodecModel` its loader and saver (:func:`use_checkpoint_formats`), so that
+``from_pretrained``/``save_pretrained`` work without this module importing the formats.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
-from typing import NamedTuple
+import os
+from dataclasses import replace
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from .audio import check_audio_values
+from .config import PRESETS, EncodecConfig
 from .conv import fold_weight_norm
-from .fast import run_channel_major, run_time_major
 from .quantization import ResidualVectorQuantizer
-from .seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
+from .runners import run_channel_major, run_time_major
+from .seanet import SEANetDecoder, SEANetEncoder
+
+__all__ = ["PRESETS", "EncodecConfig", "EncodecModel", "EncodedFrame", "InterleavedStereo",
+           "linear_overlap_add", "overlap_add_weights", "use_checkpoint_formats"]
 
 
-@dataclass(frozen=True)
-class EncodecConfig:
-    """Everything needed to build an EnCodec model; a checkpoint carries one."""
-
-    name: str = "encodec_24khz"
-    sample_rate: int = 24_000
-    channels: int = 1
-    causal: bool = True
-    norm: str = "weight_norm"
-    pad_mode: str = "reflect"
-    ratios: tuple[int, ...] = (8, 5, 4, 2)
-    n_filters: int = 32
-    dimension: int = 128
-    num_codebooks: int = 32
-    codebook_size: int = 1024
-    true_skip: bool = False
-    n_residual_layers: int = 1
-    kernel_size: int = 7
-    last_kernel_size: int = 7
-    residual_kernel_size: int = 3
-    dilation_base: int = 2
-    compress: int = 2
-    lstm: int = 2
-    trim_right_ratio: float = 1.0
-    normalize: bool = False  # per-chunk RMS scaling (48 kHz)
-    segment: float | None = None  # chunk duration in seconds; None = whole file at once
-    overlap: float = 0.01
-    target_bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)
-
-    def __post_init__(self) -> None:
-        for name in ("ratios", "target_bandwidths"):  # JSON gives lists
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-
-    @property
-    def hop_length(self) -> int:
-        return math.prod(self.ratios)
-
-    @property
-    def frame_rate(self) -> int:
-        return math.ceil(self.sample_rate / self.hop_length)
-
-    def seanet(self) -> SEANetConfig:
-        names = {f.name for f in fields(SEANetConfig)}
-        return SEANetConfig(**{k: v for k, v in asdict(self).items() if k in names})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "EncodecConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown EncodecConfig fields {sorted(unknown)}; "
-                             f"expected a subset of {sorted(known)}")
-        return cls(**data)
+_Loader = Callable[..., "EncodecModel"]
+_Saver = Callable[..., Any]
+_FORMATS: list[tuple[_Loader, _Saver]] = []
 
 
-PRESETS: dict[str, EncodecConfig] = {
-    "encodec_24khz": EncodecConfig(),
-    "encodec_48khz": EncodecConfig(
-        name="encodec_48khz", sample_rate=48_000, channels=2, causal=False,
-        norm="time_group_norm", num_codebooks=16, normalize=True, segment=1.0,
-        target_bandwidths=(3.0, 6.0, 12.0, 24.0)),
-    # MusicGen's tokenizer. The released weights are only published as the transformers
-    # folder facebook/encodec_32khz (audiocraft's export is a pointer to it), whose config
-    # pads by reflection; audiocraft trained it with constant padding. A checkpoint's own
-    # config always wins; this preset follows the released model.
-    "encodec_32khz": EncodecConfig(
-        name="encodec_32khz", sample_rate=32_000, causal=False, ratios=(8, 5, 4, 4),
-        n_filters=64, num_codebooks=4, codebook_size=2048, true_skip=True,
-        pad_mode="reflect", target_bandwidths=(2.2,)),
-    # AudioGen's tokenizer.
-    "encodec_16khz": EncodecConfig(
-        name="encodec_16khz", sample_rate=16_000, causal=False, ratios=(8, 5, 4, 2),
-        n_filters=64, num_codebooks=4, codebook_size=2048, true_skip=True,
-        pad_mode="constant", target_bandwidths=(2.2,)),
-}
+def use_checkpoint_formats(load: _Loader, save: _Saver) -> None:
+    """Install the checkpoint loader and saver behind ``from_pretrained``/``save_pretrained``;
+    :mod:`codec.formats` calls it once on import (``import codec`` imports it)."""
+    _FORMATS[:] = [(load, save)]
+
+
+def _checkpoint_formats(method: str) -> tuple[_Loader, _Saver]:
+    if not _FORMATS:
+        raise RuntimeError(f"EncodecModel.{method} needs codec.formats; import codec (or "
+                           f"codec.formats) first")
+    return _FORMATS[0]
 
 
 class EncodedFrame(NamedTuple):
@@ -163,7 +114,11 @@ class EncodecModel(nn.Module):
     ``encode`` turns ``(B, C, T)`` audio into a list of :class:`EncodedFrame` (one per chunk;
     a single one unless the config sets ``segment``); ``decode`` inverts it. Any number of
     codebooks from 1 to ``num_codebooks`` can be chosen per call, directly or as a bandwidth.
+    The codec interface it shares with :class:`InterleavedStereo`: rates, ``channels``,
+    ``num_codebooks``, ``encode_to_codes``, ``decode``, ``base_model`` and ``interleaved``.
     """
+
+    interleaved = False  # one model codes all channels (InterleavedStereo: True)
 
     def __init__(self, config: EncodecConfig) -> None:
         super().__init__()
@@ -175,6 +130,11 @@ class EncodecModel(nn.Module):
             dimension=config.dimension, num_codebooks=config.num_codebooks,
             codebook_size=config.codebook_size)
 
+    @property
+    def base_model(self) -> "EncodecModel":
+        """The model that holds the weights (itself; InterleavedStereo: its mono model)."""
+        return self
+
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "EncodecModel":
@@ -183,16 +143,13 @@ class EncodecModel(nn.Module):
         return cls(replace(PRESETS[name], **overrides))
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str, **kwargs) -> "EncodecModel":
-        """Load any supported checkpoint format or a model name; see :mod:`codec.formats`."""
-        from .formats import load_model
+    def from_pretrained(cls, path_or_name: str | os.PathLike, **kwargs: Any) -> "EncodecModel":
+        """Load any supported checkpoint format or a model name (:func:`codec.formats.load_model`)."""
+        return _checkpoint_formats("from_pretrained")[0](path_or_name, **kwargs)
 
-        return load_model(path_or_name, **kwargs)
-
-    def save_pretrained(self, path) -> None:
-        from .formats import save_model
-
-        save_model(self, path)
+    def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the tokenwave format, or ``format=`` another (:func:`codec.formats.save_model`)."""
+        _checkpoint_formats("save_pretrained")[1](self, path, **kwargs)
 
     def prepare_for_inference(self, device: str | torch.device | None = None,
                               dtype: torch.dtype | None = None, *,
@@ -204,9 +161,9 @@ class EncodecModel(nn.Module):
         precision dtype the codebooks stay float32 so that distances are not rounded to it.
 
         On CPU the decoder then runs time-major with channels-last convolutions
-        (:func:`codec.fast.run_time_major`), 1.5-2x faster than the references, audio within
+        (:func:`codec.runners.run_time_major`), 1.5-2x faster than the references, audio within
         ~1e-7 relative of theirs. By default the encoder keeps the reference's kernels
-        (:func:`codec.fast.run_channel_major`): codes are bitwise those the reference
+        (:func:`codec.runners.run_channel_major`): codes are bitwise those the reference
         implementations give with the same threads on the same machine. ``exact_codes=False``
         runs the encoder time-major too and stacks equal-length chunks into batches, 1.3-2x
         faster; a code can then differ from the reference's where its two nearest codewords
@@ -243,28 +200,10 @@ class EncodecModel(nn.Module):
     codebook_size = property(lambda self: self.config.codebook_size)
     hop_length = property(lambda self: self.config.hop_length)
     frame_rate = property(lambda self: self.config.frame_rate)
-
-    @property
-    def bits_per_codebook(self) -> int:
-        return int(math.log2(self.codebook_size))
-
-    @property
-    def bandwidth_per_codebook(self) -> float:
-        """kbps one codebook costs: log2(bins) * frame_rate / 1000."""
-        return self.bits_per_codebook * self.frame_rate / 1000
-
-    @property
-    def segment_length(self) -> int | None:
-        if self.config.segment is None:
-            return None
-        return int(self.config.segment * self.sample_rate)
-
-    @property
-    def segment_stride(self) -> int | None:
-        length = self.segment_length
-        if length is None:
-            return None
-        return max(1, int((1 - self.config.overlap) * length))
+    bits_per_codebook = property(lambda self: self.config.bits_per_codebook)
+    bandwidth_per_codebook = property(lambda self: self.config.bandwidth_per_codebook)
+    segment_length = property(lambda self: self.config.segment_length)
+    segment_stride = property(lambda self: self.config.segment_stride)
 
     def num_codebooks_for_bandwidth(self, bandwidth: float) -> int:
         """Codebooks for a bandwidth in kbps, as the reference counts them (floor, at least 1)."""
@@ -507,8 +446,12 @@ class InterleavedStereo(nn.Module):
     """Stereo through a mono model, as MusicGen stereo does.
 
     Left and right are encoded separately; codebooks are interleaved ``[L0, R0, L1, R1, ...]``
-    so the codes are ``(B, 2K, F)``.
+    so the codes are ``(B, 2K, F)``. It implements the codec interface :class:`EncodecModel`
+    does (rates, channels, ``num_codebooks``, ``encode_to_codes``, ``decode``, ``base_model``,
+    ``interleaved``), so callers never check which of the two they hold.
     """
+
+    interleaved = True  # codebooks alternate channels: L0 R0 L1 R1 ...
 
     def __init__(self, mono: EncodecModel) -> None:
         super().__init__()
@@ -524,6 +467,11 @@ class InterleavedStereo(nn.Module):
     channels = property(lambda self: 2)
     num_codebooks = property(lambda self: 2 * self.model.num_codebooks)
     codebook_size = property(lambda self: self.model.codebook_size)
+    base_model = property(lambda self: self.model)  # the mono model that holds the weights
+
+    def encode_to_codes(self, wav: torch.Tensor, num_codebooks: int | None = None) -> torch.Tensor:
+        """The codec interface's name for :meth:`encode`."""
+        return self.encode(wav, num_codebooks)
 
     def encode(self, wav: torch.Tensor, num_codebooks: int | None = None) -> torch.Tensor:
         """``(B, 2, T) -> (B, 2K, F)``, ``num_codebooks`` per channel."""

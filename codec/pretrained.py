@@ -1,4 +1,9 @@
-"""Where a codec's entropy-coding LM is found: one lookup for the command line and the demo.
+"""Codecs by name: loading, untrained stand-ins, and the entropy-coding LM lookup.
+
+:func:`load_codec` turns a name, a checkpoint path or ``random:<preset>`` into a codec ready for
+inference, for the command line, the demo and training alike. :func:`random_model` builds an
+untrained stand-in with seeded random weights, named ``random_<preset>`` so that an .ecdc file
+it wrote names a model :func:`load_codec` rebuilds.
 
 The ``.ecdc`` prior of a codec named ``NAME`` is the file ``<lm name>.th``
 (:func:`codec.ecdc.lm_name`: ``encodec_24khz`` -> ``encodec_lm_24khz``, others ``NAME_lm``),
@@ -17,15 +22,21 @@ command that makes one.
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import registry
-from .entropy import EntropyLM
+from .config import PRESETS, EncodecConfig
+from .entropy_lm import EntropyLM
+from .formats import load_model, remember_weights_id, state_weights_id
+from .model import EncodecModel
 
 RANDOM_NAME_PREFIX = "random_"  # names of untrained stand-ins: random_encodec_24khz
+RANDOM_SPEC_PREFIX = "random:"  # how a user asks for one: random:encodec_24khz
 RANDOM_SEED = 0
 GENERATOR_CODEC_DIR = "codec"
 
@@ -37,6 +48,91 @@ class EntropyLMNotFoundError(FileNotFoundError):
 def is_random(model) -> bool:
     """An untrained stand-in with seeded random weights (its name starts with ``random_``)."""
     return model.name.startswith(RANDOM_NAME_PREFIX)
+
+
+def random_model(preset: str | EncodecConfig, seed: int = RANDOM_SEED) -> EncodecModel:
+    """An untrained model with reproducible random weights, for runs with no download.
+
+    A preset name gives the model name ``random_<preset>``; a config keeps its own name. Each
+    codebook is drawn from a Gaussian fitted to what the previous stages leave of the encoder's
+    output on a fixed noise probe, so every stage spreads its codes over the codebook (an
+    untrained quantizer's all-zero codebooks would give code 0 everywhere).
+
+    Raises:
+        ValueError: ``preset`` is not a name in :data:`codec.model.PRESETS`.
+    """
+    if isinstance(preset, EncodecConfig):
+        config = preset
+    elif preset in PRESETS:
+        config = replace(PRESETS[preset], name=f"{RANDOM_NAME_PREFIX}{preset}")
+    else:
+        raise ValueError(f"unknown preset {preset!r} for a random model; expected one of "
+                         f"{', '.join(sorted(PRESETS))}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EncodecModel(config).prepare_for_inference()
+        probe = 0.1 * torch.randn(1, config.channels, 2 * config.sample_rate)
+        with torch.no_grad():
+            residual = model.encoder(probe / probe.pow(2).mean().sqrt() if config.normalize
+                                     else probe)[0].T  # (F, D)
+            for layer in model.quantizer.vq.layers:
+                residual = _seed_codebook(layer._codebook, residual)
+    remember_weights_id(model, state_weights_id(model.state_dict()))  # .ecdc files record it
+    return model
+
+
+def _seed_codebook(book, residual: torch.Tensor) -> torch.Tensor:
+    """Fill ``book`` from the residual ``(F, D)`` it is to quantize; returns what it leaves.
+
+    Entries of scale sqrt(2 ln M / D) * std: the nearest of M random vectors then removes a fixed
+    share of the residual, so more codebooks do better."""
+    size, dim = book.codebook_size, residual.shape[1]
+    spread = residual.std(0) * math.sqrt(2 * math.log(size) / dim)
+    book.embed.copy_(residual.mean(0) + spread * torch.randn(size, dim))
+    book.embed_avg.copy_(book.embed)
+    book.inited.fill_(1.0)
+    return residual - book.decode(book.quantize(residual))
+
+
+def random_preset(spec: str) -> str | None:
+    """The preset of ``random:<preset>`` (any text after the prefix, checked by
+    :func:`random_model`) or of a model name ``random_<preset>``; None for other specs."""
+    if spec.startswith(RANDOM_SPEC_PREFIX):
+        return spec[len(RANDOM_SPEC_PREFIX):]
+    if spec.startswith(RANDOM_NAME_PREFIX) and spec[len(RANDOM_NAME_PREFIX):] in PRESETS:
+        return spec[len(RANDOM_NAME_PREFIX):]
+    return None
+
+
+def load_codec(spec: str, device: str | torch.device | None = None) -> EncodecModel:
+    """A ready-for-inference codec from a name, a checkpoint path or ``random:<preset>``.
+
+    A generator (name or folder) gives its codec; names are looked up as
+    :func:`codec.registry.resolve` does (the models folder, then the shipped ``assets/models``).
+
+    Raises:
+        FileNotFoundError: nothing by that name; for a preset name with no file, the message says
+            how to run without a download.
+        ValueError: ``random:<preset>`` with an unknown preset.
+    """
+    preset = random_preset(spec)
+    if preset is not None:
+        return random_model(preset).to(device)
+    try:
+        return load_model(spec, device=device, inference=True)
+    except FileNotFoundError as error:
+        if spec not in PRESETS:
+            raise
+        raise FileNotFoundError(f"{' '.join(str(error).split())} (to run with no download use "
+                                f"tokenwave-small, the shipped codec, or {RANDOM_SPEC_PREFIX}{spec}: "
+                                f"untrained)") from error
+
+
+def model_label(model) -> str:
+    """The codec's name for messages; an untrained stand-in says so."""
+    if is_random(model):
+        return f"{model.name} (UNTRAINED random weights, seed {RANDOM_SEED})"
+    return model.name
 
 
 def random_entropy_lm(model, seed: int = RANDOM_SEED) -> EntropyLM:
@@ -138,6 +234,7 @@ def missing_lm_message(model, spec: str | os.PathLike | None, folders: list[Path
                    f"or leave out entropy coding.")
 
 
-__all__ = ["EntropyLMNotFoundError", "RANDOM_NAME_PREFIX", "RANDOM_SEED", "entropy_lm_folders",
-           "entropy_lm_for", "find_entropy_lm", "has_entropy_lm", "is_random", "missing_lm_message",
-           "random_entropy_lm"]
+__all__ = ["EntropyLMNotFoundError", "RANDOM_NAME_PREFIX", "RANDOM_SEED", "RANDOM_SPEC_PREFIX",
+           "entropy_lm_folders", "entropy_lm_for", "find_entropy_lm", "has_entropy_lm", "is_random",
+           "load_codec", "missing_lm_message", "model_label", "random_entropy_lm", "random_model",
+           "random_preset"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .fast import cached
+from .kernels import cached
 
 
 def _group_size() -> int:

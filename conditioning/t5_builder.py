@@ -1,6 +1,7 @@
 """A small T5 text encoder made from a corpus' captions, for models trained from nothing.
 
-    from conditioning.t5_builder import TextEncoderSpec, build_text_encoder, caption_texts
+    from conditioning.t5_builder import TextEncoderSpec, build_text_encoder
+    from lm.token_cache import caption_texts
     build_text_encoder(caption_texts("corpus/"), "t5-captions", TextEncoderSpec(d_model=256))
     T5Conditioner.from_pretrained("t5-captions", output_dim=lm_dim)
 
@@ -21,21 +22,23 @@ plain ``sentencepiece`` package all load it offline):
    given width and depth, meant to be trained jointly with the LM
    (``tokenwave finetune --t5 FOLDER --train-text-encoder``).
 
-Captions come from a corpus folder (``.txt``/``.json`` sidecars), a ``.jsonl`` manifest or a
-token cache (:mod:`lm.data`): each item's description and its metadata fields merged as the
-training captions merge them (``"genre: rock. bpm: 120"``), so the words that caption
-augmentation brings in are in the vocabulary too.
+The builder takes caption texts; the LM side reads them from a corpus or a token cache
+(:func:`lm.token_cache.caption_texts`: each item's description and its metadata fields merged as
+the training captions merge them, so the words that caption augmentation brings in are in the
+vocabulary too).
 """
 from __future__ import annotations
 
 import io
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from codec.files import atomic_write
 
 from .text import SPIECE_NAME, quiet_transformers
 
@@ -77,9 +80,11 @@ class TextEncoderSpec:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
         if self.vocab_size < 8:
-            raise ValueError(f"vocab_size must be >= 8 (3 special ids and the characters), found {self.vocab_size}")
+            raise ValueError(f"vocab_size must be >= 8 (3 special ids and the characters), "
+                             f"found {self.vocab_size}")
         if self.feed_forward_proj not in FEED_FORWARD:
-            raise ValueError(f"feed_forward_proj must be one of {FEED_FORWARD}, found {self.feed_forward_proj!r}")
+            raise ValueError(f"feed_forward_proj must be one of {FEED_FORWARD}, "
+                             f"found {self.feed_forward_proj!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), found {self.dropout}")
 
@@ -103,30 +108,6 @@ class TextEncoderBuild(NamedTuple):
     vocab_size: int
     num_parameters: int
     num_bytes: int
-
-
-# -- captions ------------------------------------------------------------------------------------
-def caption_texts(source: str | os.PathLike) -> list[str]:
-    """Caption texts of a corpus folder, a ``.jsonl`` manifest or a token cache folder.
-
-    Per item: its description, and its metadata fields merged (``"genre: rock. bpm: 120"``),
-    each when present. Items without a caption give nothing; order follows the corpus.
-    """
-    from lm.data import TokenCache, plain_caption, scan_corpus
-
-    path = Path(source)
-    if path.is_dir() and (path / "index.json").is_file():
-        metas = [item.meta for item in TokenCache(path).items]
-    else:
-        metas = [entry.meta for entry in scan_corpus(path).entries]
-    texts: list[str] = []
-    for meta in metas:
-        merged = plain_caption(replace(meta, description=None))
-        texts.extend(t for t in (meta.description, merged) if t)
-    if not texts:
-        raise ValueError(f"{source}: expected captions (.txt/.json sidecars, manifest descriptions or "
-                         f"metadata), found none")
-    return texts
 
 
 # -- the vocabulary --------------------------------------------------------------------------------
@@ -168,7 +149,8 @@ def _write(folder: Path, texts: Sequence[str], spec: TextEncoderSpec) -> tuple[i
     tokenizer = T5Tokenizer.from_pretrained(str(folder), extra_ids=0)
     ids = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
     if ids != (PAD_ID, EOS_ID, UNK_ID):  # T5Tokenizer's own layout: a change there must not go unseen
-        raise RuntimeError(f"the T5 tokenizer gives pad/eos/unk ids {ids}, expected {(PAD_ID, EOS_ID, UNK_ID)}")
+        raise RuntimeError(f"the T5 tokenizer gives pad/eos/unk ids {ids}, "
+                           f"expected {(PAD_ID, EOS_ID, UNK_ID)}")
     tokenizer.save_pretrained(str(folder))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -178,17 +160,16 @@ def _write(folder: Path, texts: Sequence[str], spec: TextEncoderSpec) -> tuple[i
     return len(tokenizer), sum(p.numel() for p in encoder.parameters())
 
 
-def build_text_encoder(texts: Sequence[str], out: str | os.PathLike, spec: TextEncoderSpec = TextEncoderSpec(),
-                       *, overwrite: bool = False) -> TextEncoderBuild:
+def build_text_encoder(texts: Sequence[str], out: str | os.PathLike,
+                       spec: TextEncoderSpec = TextEncoderSpec(), *,
+                       overwrite: bool = False) -> TextEncoderBuild:
     """Train the vocabulary on ``texts``, build a random T5 encoder, write both to ``out``
     (atomically; a non-empty ``out`` is replaced only with ``overwrite``)."""
-    from codec.formats import write_folder_atomically
-
     sizes: list[int] = []
-    folder = write_folder_atomically(Path(out), lambda tmp: sizes.extend(_write(tmp, texts, spec)),
-                                     overwrite=overwrite)
+    folder = atomic_write(Path(out), lambda tmp: sizes.extend(_write(tmp, texts, spec)), folder=True,
+                          overwrite=overwrite)
     num_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return TextEncoderBuild(folder, sizes[0], sizes[1], num_bytes)
 
 
-__all__ = ["TextEncoderBuild", "TextEncoderSpec", "build_text_encoder", "caption_texts", "train_sentencepiece"]
+__all__ = ["TextEncoderBuild", "TextEncoderSpec", "build_text_encoder", "train_sentencepiece"]

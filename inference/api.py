@@ -7,10 +7,11 @@
     for chunk in generate_stream("calm piano melody at night", duration=30, seed=0):
         ...  # (B, C, n) float32 audio, while the model is still generating
 
-The model (default ``tokenwave-small``, shipped in ``assets/models``; other names are looked up in ``$TOKENWAVE_MODELS``; see
-:mod:`inference.registry`) is loaded on the first call and kept for the next ones with the
-same model, device and dtype. Every sampling argument and its default is
-:meth:`inference.generator.MusicGen.generate`'s.
+The model (default ``tokenwave-small``, shipped in ``assets/models``; other names are looked up
+in ``$TOKENWAVE_MODELS``; see :mod:`inference.registry`) is loaded on the first call and kept for
+the next ones with the same model, device and dtype. The options are
+:meth:`inference.generator.MusicGen.generate`'s; the sampling ones and their defaults are
+:class:`lm.sampling.SamplingConfig`'s.
 """
 from __future__ import annotations
 
@@ -20,16 +21,23 @@ from pathlib import Path
 
 import torch
 
-from .generator import DEFAULT_DURATION, GeneratedAudio, GeneratedAudioTokens, MusicGen, check_generation
+from lm.sampling import SAMPLING_OPTIONS
+
+from .config import DEFAULT_DURATION, check_generation
+from .generator import GeneratedAudio, GeneratedAudioTokens, MusicGen
 from .registry import DEFAULT_MODEL
 
 _CACHE: dict[tuple, MusicGen] = {}
-_CHECKED = ("seed", "extend_stride", "use_sampling", "temperature", "top_k", "top_p", "cfg_coef")
 
 
-def _check_first(duration: float, options: dict) -> None:
-    """Bad arguments fail before the model is loaded (the generator checks them again)."""
-    check_generation(duration=duration, **{name: options[name] for name in _CHECKED if name in options})
+def _check_first(duration: float, options: dict) -> dict:
+    """Bad arguments fail before the model is loaded; the sampling options are folded into one
+    :class:`~lm.sampling.SamplingConfig` (``sampling=``), the others passed on as they are."""
+    sampling = {name: options.pop(name) for name in SAMPLING_OPTIONS if name in options}
+    options["sampling"] = check_generation(duration=duration, seed=options.get("seed"),
+                                           extend_stride=options.get("extend_stride"),
+                                           sampling=options.get("sampling"), **sampling)
+    return options
 
 
 def load(model: str | os.PathLike | MusicGen = DEFAULT_MODEL, *, device: str | torch.device | None = None,
@@ -55,23 +63,24 @@ def generate(prompts, duration: float = DEFAULT_DURATION, *,
     """Generate ``duration`` seconds per prompt; returns ``(wav (B, C, T), sample_rate)``.
 
     ``prompts``: one string (one prompt), a list (a batch), ``None``/``""`` entries for
-    unconditional generation. ``options`` are :meth:`MusicGen.generate`'s: ``top_k=250``,
-    ``top_p=0.0``, ``temperature=1.0``, ``cfg_coef=3.0``, ``two_step_cfg=False``,
-    ``use_sampling=True``, ``seed=None``, ``progress=False`` (True: tqdm bar; or a
-    ``callback(step, total)``), ``return_tokens=False`` (then ``(wav, sample_rate, tokens)``),
+    unconditional generation. ``options`` are :meth:`MusicGen.generate`'s: ``sampling=`` (a
+    :class:`~lm.sampling.SamplingConfig`) and/or its fields (``top_k``, ``top_p``, ``temperature``,
+    ``cfg_coef``, ``two_step_cfg``, ``use_sampling``), ``seed=None``, ``progress=False`` (True: a
+    tqdm bar; or a ``callback(step, total)``), ``return_tokens=False`` (then ``(wav, sample_rate, tokens)``),
     ``audio_prompt=(wav, sample_rate)`` (continuation), ``melody=(wavs, sample_rate)``,
     ``extend_stride=None`` (the model's: 18 s for MusicGen). ``dtype``: a torch dtype, or
     ``"int8"`` / ``"int4"`` for a weight-quantized LM (faster on CPUs; :mod:`lm.quant`).
     A bad argument (a duration outside (0, 1 hour], ``temperature <= 0`` while sampling, ...)
     raises ValueError before the model loads.
     """
-    _check_first(duration, options)
+    options = _check_first(duration, options)
     generator = load(model, device=device, dtype=dtype, t5_path=t5_path)
     return generator.generate(prompts, duration, **options)
 
 
 def generate_stream(prompts, duration: float = DEFAULT_DURATION, *,
-                    model: str | os.PathLike | MusicGen = DEFAULT_MODEL, device: str | torch.device | None = None,
+                    model: str | os.PathLike | MusicGen = DEFAULT_MODEL,
+                    device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, t5_path: str | os.PathLike | None = None,
                     **options) -> Iterator[torch.Tensor]:
     """:func:`generate` as a stream: audio ``(B, C, n)`` float32 pieces while the LM runs.
@@ -80,7 +89,7 @@ def generate_stream(prompts, duration: float = DEFAULT_DURATION, *,
     ``return_tokens``) plus ``first_chunk_frames=10`` and ``chunk_frames=25``. The pieces,
     concatenated, are :func:`generate`'s waveform for the same seed (to float rounding).
     """
-    _check_first(duration, options)
+    options = _check_first(duration, options)
     generator = load(model, device=device, dtype=dtype, t5_path=t5_path)
     return generator.generate_stream(prompts, duration, **options)
 

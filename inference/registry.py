@@ -12,7 +12,7 @@ interchangeable) and looked up there, first match wins:
    means its ``facebook/`` repository) in the Hugging Face cache, else downloaded unless offline
    (:mod:`inference.hub`). A revision (``revision=`` or ``name@revision``) skips 1 and 2.
 
-A folder may hold any format :mod:`inference.pretrained` reads: tokenwave's, transformers'
+A folder may hold any format :mod:`inference.formats` reads: tokenwave's, transformers'
 (``config.json`` + ``model.safetensors``) or audiocraft's (``state_dict.bin`` +
 ``compression_state_dict.bin``). T5 text encoders are found the same way
 (:func:`find_t5`), under their hub names (``t5-base``, ``google-t5/t5-base``,

@@ -9,8 +9,6 @@ loads directly (see ``inference.loaders``).
 """
 from __future__ import annotations
 
-import bisect
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
@@ -18,9 +16,9 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from torch import nn
 
-from .graph import UNKNOWN, DecodeStream, StaticDecoder
-from .patterns import Pattern, PatternProvider, make_pattern_provider, stereo_delays
-from .sampling import check_sampling, classifier_free_guidance, guide_batched, sample_next_token
+from .patterns import PatternProvider, make_pattern_provider, stereo_delays
+from .sampling import check_sampling
+from .static_decoder import UNKNOWN, DecodingState, FrameTracker, Prefix, StaticDecoder
 from .transformer import KVCache, Transformer, linear
 
 
@@ -72,7 +70,8 @@ class LMConfig:
 
     def pattern_provider(self) -> PatternProvider:
         if self.pattern == "delay":
-            kwargs = dict(delays=self.delays, flatten_first=self.flatten_first, empty_initial=self.empty_initial)
+            kwargs = dict(delays=self.delays, flatten_first=self.flatten_first,
+                          empty_initial=self.empty_initial)
         elif self.pattern == "unroll":
             kwargs = dict(flattening=self.flattening, delays=self.delays)
         elif self.pattern == "coarse_first":
@@ -89,7 +88,8 @@ class LMConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown LMConfig fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise ValueError(f"unknown LMConfig fields {sorted(unknown)}; "
+                             f"expected a subset of {sorted(known)}")
         return cls(**data)
 
 
@@ -124,63 +124,6 @@ def get_preset(name: str) -> LMConfig:
     return PRESETS[name]
 
 
-@dataclass
-class DecodingState:
-    """Per-generation state of incremental decoding (one per forward stream).
-
-    ``caches`` hold self-attention keys/values per layer, ``cross_kv`` the condition's
-    projected keys/values per layer, ``cross_mask`` its boolean mask ``(B, 1, 1, S)``,
-    ``key_mask (B, max_len)`` the self-attention keys that may be attended (set when a
-    padded prefix is prepended) and ``offset`` the number of positions already processed.
-    """
-
-    caches: list[KVCache]
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    cross_mask: torch.Tensor | None = None
-    key_mask: torch.Tensor | None = None
-    offset: int = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.caches[0].keys.shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.caches[0].max_len
-
-
-class _FrameTracker:
-    """Which frames of a pattern are final after each sequence step, and their codes.
-
-    Frame ``t`` is final at the last step holding one of its codes (prompt frames: before
-    any step). Frames are released in order: ``ready_after(s)`` counts the leading frames
-    all final after step ``s``.
-    """
-
-    def __init__(self, pattern: Pattern, prompt_frames: int, device: torch.device) -> None:
-        T, K = pattern.timesteps, pattern.num_codebooks
-        last = [-1] * T
-        steps = torch.zeros(K, T, dtype=torch.long)
-        for s, coords in enumerate(pattern.layout):
-            for c in coords:
-                if c.t < T:
-                    steps[c.k, c.t] = s
-                    if c.t >= prompt_frames:
-                        last[c.t] = max(last[c.t], s)
-        self.final_by = list(itertools.accumulate(last, max))  # frames are released in order
-        self.steps = steps.to(device)  # (K, T): the sequence step holding each code
-        self.done = 0
-
-    def ready_after(self, step: int) -> int:
-        return bisect.bisect_right(self.final_by, step)
-
-    def take(self, sequence: torch.Tensor, ready: int) -> torch.Tensor:
-        """Codes ``(B, K, ready - done)`` of the frames released since the last call."""
-        index = self.steps[:, self.done: ready]
-        self.done = ready
-        return sequence.gather(2, index.expand(sequence.shape[0], -1, -1))
-
-
 class LMModel(nn.Module):
     """Transformer LM over interleaved codebook sequences ``(B, K, S)`` -> logits ``(B, K, S, card)``."""
 
@@ -196,7 +139,8 @@ class LMModel(nn.Module):
             bias_ff=c.bias_ff, activation=c.activation, layer_norm_eps=c.layer_norm_eps,
             dropout=c.dropout, max_period=c.max_period)
         self.out_norm = nn.LayerNorm(c.dim, eps=c.layer_norm_eps) if c.norm_first else None
-        self.linears = nn.ModuleList([nn.Linear(c.dim, c.card, bias=c.bias_proj) for _ in range(c.num_codebooks)])
+        self.linears = nn.ModuleList([nn.Linear(c.dim, c.card, bias=c.bias_proj)
+                                      for _ in range(c.num_codebooks)])
         self._init_weights()
         self.quantization = None  # an lm.quant.QuantConfig once lm.quant.quantize_lm stored the matrices
         # The self-attention KV cache's dtype (None: the embeddings'). bfloat16 halves what a late
@@ -218,10 +162,10 @@ class LMModel(nn.Module):
                     init(module.weight, module.in_features, depth)
                     if module.bias is not None:
                         nn.init.zeros_(module.bias)
-        for linear in self.linears:
-            init(linear.weight, self.config.dim)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        for head in self.linears:
+            init(head.weight, self.config.dim)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
 
     @property
     def special_token_id(self) -> int:
@@ -404,11 +348,13 @@ class LMModel(nn.Module):
             two_step_cfg: run conditional and unconditional rows as separate passes.
             generator: random generator for reproducible sampling.
             callback: called as ``callback(step, total)`` after every step.
-            fast: run the steps after the first through :class:`lm.graph.StaticDecoder` (static
-                KV cache, no host synchronization, a CUDA graph on CUDA). Off by default until
-                the CUDA capture has run on a GPU.
-                Same tokens as the eager path for greedy float32 decoding and, on CPU, for
-                seeded sampling (the logits differ by float rounding only).
+            fast: static shapes for the steps of :class:`lm.static_decoder.StaticDecoder`
+                (each attends over the whole preallocated KV cache at a device position), so
+                that on CUDA they are captured once into a CUDA graph and replayed; on CPU the
+                same step runs uncaptured. Off: each step attends over the positions written
+                so far. Same tokens either way for greedy float32 decoding and, on CPU, for
+                seeded sampling (the logits differ by float rounding only). Opt-in until the
+                CUDA capture has run on a GPU.
 
         The codes are the concatenation of what :meth:`generate_iter` yields.
         """
@@ -460,82 +406,43 @@ class LMModel(nn.Module):
         start = pattern.first_step_with_timestep(T0)
         S = sequence.shape[-1]
         max_len = S + (0 if prefix is None else prefix.shape[1])
-        frames = _FrameTracker(pattern, T0, device)
+        frames = FrameTracker(pattern, T0, device)
         if T0:
             yield frames.take(sequence, T0)
 
-        streams = self._streams(B, guided, two_step, max_len, condition, condition_mask, prefix, prefix_mask)
-        sampling = dict(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p)
-        static = None
+        streams, prefixes = self._streams(B, guided, two_step, max_len, condition, condition_mask, prefix,
+                                          prefix_mask)
+        decoder = StaticDecoder(self, sequence=sequence, valid=valid, streams=streams, offset=start,
+                                guidance="two_step" if two_step else ("batched" if guided else "none"),
+                                cfg_coef=cfg_coef, use_sampling=use_sampling, temperature=temperature,
+                                top_k=top_k, top_p=top_p, generator=generator, static_shapes=fast)
         for offset in range(start, S):
-            if static is not None:
-                static.step()
+            if offset == start:
+                decoder.prefill(prefixes)  # the prompt and prefix, then the first step
             else:
-                self._eager_step(sequence, valid, offset, start, streams, guided, two_step, cfg_coef,
-                                 sampling, generator)
-                if fast and offset + 1 < S:
-                    static = self._static_decoder(sequence, valid, offset + 1, streams, prefix, guided,
-                                                  two_step, cfg_coef, sampling, generator)
+                decoder.step()
             if callback is not None:
                 callback(1 + offset - start, S - start)
             ready = frames.ready_after(offset)
             if ready > frames.done:
                 yield frames.take(sequence, ready)
 
-    def _eager_step(self, sequence: torch.Tensor, valid: torch.Tensor, offset: int, start: int, streams,
-                    guided: bool, two_step: bool, cfg_coef: float, sampling: dict,
-                    generator: torch.Generator | None) -> None:
-        """Sample sequence step ``offset`` from Python (the first step also runs the prefill)."""
-        prev = offset - 1 if offset > start else 0
-        outputs = [self._last_logits(sequence[..., prev:offset], state, rows, pre, pre_mask)
-                   for state, rows, pre, pre_mask in streams]
-        if two_step:
-            logits = classifier_free_guidance(outputs[0], outputs[1], cfg_coef)
-        elif guided:
-            logits = guide_batched(outputs[0], cfg_coef)
-        else:
-            logits = outputs[0]
-        token = sample_next_token(logits, generator=generator, **sampling)
-        token = torch.where(valid[:, offset], token, self.special_token_id)
-        current = sequence[..., offset]  # prompt positions are kept, only unknowns are written
-        sequence[..., offset] = torch.where(current == UNKNOWN, token, current)
-
-    def _static_decoder(self, sequence, valid, offset, streams, prefix, guided, two_step, cfg_coef, sampling,
-                        generator, **options):
-        """The :class:`~lm.graph.StaticDecoder` that takes over at sequence step ``offset``."""
-        decode_streams = [DecodeStream(caches=state.caches, rows=rows, cross_kv=state.cross_kv,
-                                       cross_mask=state.cross_mask, key_mask=state.key_mask)
-                          for state, rows, _, _ in streams]
-        guidance = "two_step" if two_step else ("batched" if guided else "none")
-        return StaticDecoder(self, sequence=sequence, valid=valid, streams=decode_streams, offset=offset,
-                             prefix_length=0 if prefix is None else prefix.shape[1], guidance=guidance,
-                             cfg_coef=cfg_coef, generator=generator, **sampling, **options)
-
-    def _last_logits(self, sequence: torch.Tensor, state: DecodingState, rows: int,
-                     prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None) -> torch.Tensor:
-        """Logits ``(rows, K, card)`` of the last position, the sequence repeated up to ``rows``.
-
-        The prefix enters on the first call only; later calls find it in the KV cache.
-        """
-        if rows != sequence.shape[0]:
-            sequence = sequence.repeat(rows // sequence.shape[0], 1, 1)
-        if state.offset:
-            prefix = prefix_mask = None
-        hidden = self.hidden(sequence, prefix=prefix, prefix_mask=prefix_mask, state=state)
-        return self.heads(hidden[:, -1:])[:, :, 0].float()  # guidance and sampling in float32
-
-    def _streams(self, B, guided, two_step, max_len, condition, condition_mask, prefix, prefix_mask):
-        """One (state, rows, prefix, prefix_mask) per forward pass run at each step."""
-        rows = 2 * B if guided else B
+    def _streams(self, B: int, guided: bool, two_step: bool, max_len: int, condition: torch.Tensor | None,
+                 condition_mask: torch.Tensor | None, prefix: torch.Tensor | None,
+                 prefix_mask: torch.Tensor | None) -> tuple[list[DecodingState], list[Prefix]]:
+        """The forward passes run at each step (two for two-step guidance, each on its half of
+        the condition rows) and the prefix each prepends."""
         if not two_step:
+            rows = 2 * B if guided else B
             state = self.init_state(rows, max_len, condition=condition, condition_mask=condition_mask)
-            return [(state, rows, prefix, prefix_mask)]
+            return [state], [(prefix, prefix_mask)]
 
         def half(x, i):
             return None if x is None else x.chunk(2)[i]
 
-        return [(self.init_state(B, max_len, condition=half(condition, i), condition_mask=half(condition_mask, i)),
-                 B, half(prefix, i), half(prefix_mask, i)) for i in range(2)]
+        states = [self.init_state(B, max_len, condition=half(condition, i),
+                                  condition_mask=half(condition_mask, i)) for i in range(2)]
+        return states, [(half(prefix, i), half(prefix_mask, i)) for i in range(2)]
 
     @staticmethod
     def _batch_size(prompt: torch.Tensor | None, num_samples: int | None) -> int:

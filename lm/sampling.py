@@ -2,17 +2,23 @@
 
 The sampling rules are MusicGen's (audiocraft): probabilities are softmax(logits / T);
 top-p (when > 0) wins over top-k (when > 0); kept probabilities are renormalized and one
-token is drawn with ``torch.multinomial``. Greedy decoding takes the argmax of the logits.
+token is drawn as ``torch.multinomial`` draws one sample (:func:`draw`), minus its host-side
+check, so a decoding step never waits for the host. Greedy decoding takes the argmax.
 
 :func:`check_sampling` is the one place the sampling and guidance arguments are checked; the
 generation entry points (:meth:`lm.LMModel.generate`, ``inference.MusicGen.generate``, the CLI
 before it loads a model) call it first, so a bad value fails at once, not after a model load
 or in the middle of a generation. While sampling, ``temperature <= 0`` is refused with a hint to
 greedy decoding rather than silently turned into it.
+
+:class:`SamplingConfig` holds every option of one generation's sampling and guidance (as
+whisper's ``DecodingOptions``): its field defaults are the only place those defaults are
+written, and a config that exists has passed :func:`check_sampling`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, fields, replace
 from numbers import Integral, Real
 
 import torch
@@ -42,25 +48,73 @@ def check_real(name: str, value: object) -> float:
     return float(value)
 
 
-def check_sampling(*, use_sampling: bool = True, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 0.0, cfg_coef: float | None = None) -> None:
+def check_sampling(*, use_sampling: bool = True, temperature: float | None = None, top_k: int | None = None,
+                   top_p: float | None = None, cfg_coef: float | None = None) -> None:
     """Refuse sampling/guidance arguments that cannot mean anything, with a one-line reason.
 
-    temperature: finite; > 0 while sampling (greedy decoding is ``use_sampling=False``).
-    top_k: an int >= 0 (0: no top-k). top_p: in [0, 1] (0: no top-p). cfg_coef: finite, when given.
+    Only the arguments given are checked (None: not given). temperature: finite; > 0 while
+    sampling (greedy decoding is ``use_sampling=False``). top_k: an int >= 0 (0: no top-k).
+    top_p: in [0, 1] (0: no top-p). cfg_coef: finite.
     """
-    temperature = check_real("temperature", temperature)
-    if use_sampling and temperature <= 0:
-        raise GenerationArgumentError("temperature", f"must be > 0 for sampling, got {temperature:g}; "
-                                                     f"{GREEDY_HINT}")
-    if isinstance(top_k, bool) or not isinstance(top_k, Integral):
-        raise GenerationArgumentError("top_k", f"must be a whole number, got {top_k!r}")
-    if top_k < 0:
-        raise GenerationArgumentError("top_k", f"must be >= 0 (0 turns top-k off), got {top_k}")
-    if not 0 <= check_real("top_p", top_p) <= 1:
+    if temperature is not None:
+        temperature = check_real("temperature", temperature)
+        if use_sampling and temperature <= 0:
+            raise GenerationArgumentError("temperature", f"must be > 0 for sampling, got {temperature:g}; "
+                                                         f"{GREEDY_HINT}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, Integral):
+            raise GenerationArgumentError("top_k", f"must be a whole number, got {top_k!r}")
+        if top_k < 0:
+            raise GenerationArgumentError("top_k", f"must be >= 0 (0 turns top-k off), got {top_k}")
+    if top_p is not None and not 0 <= check_real("top_p", top_p) <= 1:
         raise GenerationArgumentError("top_p", f"must be in [0, 1] (0 turns top-p off), got {top_p:g}")
     if cfg_coef is not None:
         check_real("cfg_coef", cfg_coef)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How one generation picks its tokens; checked by :func:`check_sampling` when made.
+
+    use_sampling: draw tokens (False: greedy argmax). temperature: > 0 while sampling.
+    top_k: keep the k most likely tokens (0: off). top_p: nucleus mass, wins over top_k when > 0.
+    cfg_coef: classifier-free guidance coefficient (1: no guidance, half the work).
+    two_step_cfg: run the conditional and unconditional rows as two passes.
+    """
+
+    use_sampling: bool = True
+    temperature: float = 1.0
+    top_k: int = 250
+    top_p: float = 0.0
+    cfg_coef: float = 3.0
+    two_step_cfg: bool = False
+
+    def __post_init__(self) -> None:
+        check_sampling(use_sampling=self.use_sampling, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p, cfg_coef=self.cfg_coef)
+
+    @classmethod
+    def from_options(cls, sampling: SamplingConfig | None = None, **options) -> SamplingConfig:
+        """``sampling`` (default: the defaults) with ``options`` (field names) replaced; an
+        unknown option raises a TypeError naming it and the known ones."""
+        unknown = sorted(set(options) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}; the sampling options are "
+                            f"{list(SAMPLING_OPTIONS)}")
+        base = cls() if sampling is None else sampling
+        return replace(base, **options) if options else base
+
+    @property
+    def guided(self) -> bool:
+        """Whether the generation uses classifier-free guidance: the one place it is decided."""
+        return self.cfg_coef != 1.0
+
+    def as_kwargs(self) -> dict[str, bool | float | int]:
+        """The fields as keyword arguments (what :meth:`lm.LMModel.generate` takes)."""
+        return asdict(self)
+
+
+SAMPLING_OPTIONS = tuple(f.name for f in fields(SamplingConfig))
 
 
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, coef: float) -> torch.Tensor:
@@ -80,17 +134,22 @@ def guide_batched(logits: torch.Tensor, coef: float) -> torch.Tensor:
     return classifier_free_guidance(cond, uncond, coef)
 
 
-def multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of ``probs (..., card)``; returns indices ``(...)``."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, num_samples=1, generator=generator).reshape(probs.shape[:-1])
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of ``probs (..., card)`` -> indices ``(...)``; no host synchronization.
+
+    ``argmax(p / q)`` with ``q ~ Exp(1)`` picks index i with probability ``p_i / sum(p)``
+    (the exponential race); it is how ``torch.multinomial`` draws one sample, from the same
+    generator stream, minus the ``.item()`` check of its input.
+    """
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def sample_top_k(probs: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Keep the ``k`` most likely tokens (ties with the k-th included), renormalize, draw."""
     kth = torch.topk(probs, min(k, probs.shape[-1]), dim=-1).values[..., -1:]
     kept = probs * (probs >= kth)
-    return multinomial(kept / kept.sum(dim=-1, keepdim=True), generator)
+    return draw(kept / kept.sum(dim=-1, keepdim=True), generator)
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -98,7 +157,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     kept = sorted_probs * (mass_before <= p)
-    choice = multinomial(kept / kept.sum(dim=-1, keepdim=True), generator)
+    choice = draw(kept / kept.sum(dim=-1, keepdim=True), generator)
     return torch.gather(order, -1, choice.unsqueeze(-1)).squeeze(-1)
 
 
@@ -126,4 +185,4 @@ def sample_next_token(logits: torch.Tensor, *, use_sampling: bool = True, temper
         return sample_top_p(probs, top_p, generator)
     if top_k > 0:
         return sample_top_k(probs, top_k, generator)
-    return multinomial(probs, generator)
+    return draw(probs, generator)

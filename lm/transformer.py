@@ -5,12 +5,13 @@ in_proj_weight``, ``.cross_attention.*``, ``.linear1``, ``.norm1``, ``.norm_cros
 checkpoints load with ``load_state_dict``. Attention runs through torch SDPA; xformers'
 memory-efficient kernel is used only when asked for, installed and the tensors are on CUDA.
 
-Incremental decoding keeps keys/values in a preallocated :class:`KVCache` per layer and the
-cross-attention keys/values of the condition are projected once per generation. A decoding
-step can also take its position as a device tensor (``position=``): it then writes the cache
-with ``index_copy_`` and attends over the whole static cache under a mask, so that no shape
-or Python value depends on the step and the step can be captured in a CUDA graph
-(:mod:`lm.graph`).
+Decoding keeps keys/values in a preallocated :class:`KVCache` per layer and the
+cross-attention keys/values of the condition are projected once per generation. A pass at
+host positions (``start=``, the prefill) attends over the positions written so far; a step
+can instead take its position as a device tensor (``position=``): it then writes the cache
+with ``index_copy_`` and attends over the whole cache under a mask, so that no shape or
+Python value depends on the step and a CUDA graph can replay it (:mod:`lm.static_decoder`).
+Both follow one masking rule, :meth:`Transformer.self_mask`.
 """
 from __future__ import annotations
 
@@ -319,11 +320,11 @@ class Transformer(nn.Module):
         if position is not None:
             if caches is None or T != 1:
                 raise ValueError(f"a tensor position takes one step (got {T}) and KV caches")
-            positions = position.reshape(1)
-            self_mask, causal = self._static_mask(position, caches[0].max_len, key_mask), False
+            positions, num_keys, host_start = position.reshape(1), caches[0].max_len, None
         else:
             positions = torch.arange(start, start + T, device=x.device)
-            self_mask, causal = self._self_mask(T, start, key_mask, x.device)
+            num_keys, host_start = start + T, start
+        self_mask, causal = self.self_mask(positions, num_keys, key_mask, host_start)
         x = x + sin_embedding(positions, C, self.max_period, dtype=x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, self_mask=self_mask, causal=causal,
@@ -332,38 +333,27 @@ class Transformer(nn.Module):
         return x
 
     @staticmethod
-    def _static_mask(position: torch.Tensor, max_len: int, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """Boolean ``(B or 1, 1, 1, max_len)``: keys up to ``position``, less masked prefix padding.
+    def self_mask(queries: torch.Tensor, num_keys: int, key_mask: torch.Tensor | None,
+                  start: int | None = None) -> tuple[torch.Tensor | None, bool]:
+        """The self-attention rule: a query at position p sees keys ``0..p`` of ``num_keys``, less
+        the prefix padding false in ``key_mask (B, >= num_keys)``, but always itself (so padded
+        prefix positions, whose outputs nobody attends to, never have an empty row).
 
-        The same rule as :meth:`_self_mask` for one query, over the whole static cache.
+        ``queries (T,)``: the query positions. ``start``: their first one when the host knows it
+        (None: a device position over the whole static cache). Returns ``(None, True)`` for a
+        plain causal square, ``(None, False)`` when one query sees every key, and otherwise a
+        boolean mask ``(B or 1, 1, T, num_keys)`` and False.
         """
-        keys = torch.arange(max_len, device=position.device)
-        here = keys == position.reshape(1)
-        allowed = (keys <= position.reshape(1))[None]
-        if key_mask is not None:
-            allowed = allowed & (key_mask[:, :max_len].to(torch.bool) | here)
-        return allowed[:, None, None, :]
-
-    @staticmethod
-    def _self_mask(T: int, start: int, key_mask: torch.Tensor | None,
-                   device: torch.device) -> tuple[torch.Tensor | None, bool]:
-        """The self-attention mask for queries at ``start..start+T-1`` over keys ``0..start+T-1``.
-
-        Returns ``(None, True)`` for a plain causal square, ``(None, False)`` when one query sees
-        everything before it, and a boolean ``(B or 1, 1, T, start+T)`` mask otherwise. Every
-        query may see itself, so padded prefix positions (whose outputs nobody attends to)
-        never have an empty row.
-        """
-        end = start + T
-        if key_mask is None:
-            if start == 0 and T > 1:
+        T = queries.shape[0]
+        if key_mask is None and start is not None:
+            if start == 0 and T > 1 and num_keys == T:
                 return None, True
-            if T == 1:
+            if T == 1 and num_keys == start + 1:
                 return None, False
-        keys = torch.arange(end, device=device)[None, :]
-        queries = torch.arange(start, end, device=device)[:, None]
+        keys = torch.arange(num_keys, device=queries.device)[None, :]
+        queries = queries[:, None]
         allowed = keys <= queries
         if key_mask is not None:
-            allowed = allowed & (key_mask[:, None, :end].to(torch.bool) | (keys == queries))
+            allowed = allowed & (key_mask[:, None, :num_keys].to(torch.bool) | (keys == queries))
             return allowed[:, None], False
         return allowed[None, None], False

@@ -121,7 +121,7 @@ def test_random_model_is_reproducible_and_uses_its_codebooks():
     with torch.no_grad():
         codes = a.encode(torch.randn(1, 1, SR) * 0.1, num_codebooks=8)[0].codes[0]
     assert all(len(torch.unique(row)) > 10 for row in codes)  # no all-zero codebooks
-    with pytest.raises(cli.CliError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown preset"):  # a library error (codec.pretrained)
         cli.random_model("encodec_99khz")
 
 
@@ -337,7 +337,7 @@ def test_unknown_model_name(tmp_path, capsys):
 
 def test_shipped_model_folder_is_the_fallback(tmp_path, capsys, models_dir, monkeypatch):
     monkeypatch.setenv("TOKENWAVE_MODELS", str(tmp_path / "empty"))
-    monkeypatch.setattr(cli, "SHIPPED_MODELS", models_dir)
+    monkeypatch.setattr("codec.registry.SHIPPED_MODELS", models_dir)
     make_wav(tmp_path / "in.wav")
     code, out, _ = run(capsys, "roundtrip", tmp_path / "in.wav", tmp_path / "o.wav", "--model",
                        "tiny_codec", "-n", "2")
@@ -379,7 +379,7 @@ def test_long_inputs_stream_with_the_same_results(tmp_path, capsys, monkeypatch,
     tokens = "t.npz" if model == "tiny_chunked" else "t.npy"
     outputs = {}
     for mode, threshold in (("whole", 60.0), ("blocks", 0.1)):
-        monkeypatch.setattr(cli, "STREAM_ABOVE_SECONDS", threshold)
+        monkeypatch.setattr("inference.cli.codec.STREAM_ABOVE_SECONDS", threshold)
         folder = tmp_path / mode
         folder.mkdir()
         for argv in (["roundtrip", tmp_path / "in.wav", folder / "rt.wav", *common,
@@ -405,7 +405,7 @@ def test_long_inputs_stream_with_the_same_results(tmp_path, capsys, monkeypatch,
 
 
 def test_long_inputs_refuse_normalization(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "STREAM_ABOVE_SECONDS", 0.1)
+    monkeypatch.setattr("inference.cli.codec.STREAM_ABOVE_SECONDS", 0.1)
     make_wav(tmp_path / "in.wav")
     code, _, err = run(capsys, "roundtrip", tmp_path / "in.wav", tmp_path / "o.wav", "--model",
                        "tiny_codec", "-n", "2", "--normalize", "peak")
@@ -418,3 +418,54 @@ def test_python_dash_m_inference(tmp_path):
     result = subprocess.run([sys.executable, "-m", "inference", "roundtrip", "--help"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--bandwidth" in result.stdout
+
+
+# -- the command line as a package --------------------------------------------------------
+@pytest.mark.parametrize("option,value", [("--bandwidth", "nan"), ("--bandwidth", "99"),
+                                          ("--codebooks", "0"), ("--codebooks", "9")])
+def test_rate_is_checked_once_by_the_model(tmp_path, capsys, option, value):
+    """--bandwidth/--codebooks reach the model unchecked: its message, under the option's name."""
+    make_wav(tmp_path / "in.wav")
+    code, _, err = run(capsys, "roundtrip", tmp_path / "in.wav", tmp_path / "o.wav", "--model",
+                       "tiny_codec", option, value)
+    number = {"--bandwidth": float, "--codebooks": int}[option](value)
+    with pytest.raises(ValueError) as library:
+        tiny().resolve_codebooks(**{"--bandwidth": {"bandwidth": number},
+                                    "--codebooks": {"num_codebooks": number}}[option])
+    assert_one_line_error(code, err)
+    assert err.strip() == f"tokenwave: error: {option}: {library.value}"
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_extra_commands_come_from_entry_points(tmp_path, capsys, monkeypatch):
+    """Packages above the CLI add sub-commands through ``tokenwave.commands``; one that fails to
+    load is one warning line and the other commands still run."""
+    import importlib.metadata
+    from types import SimpleNamespace
+
+    def register(commands) -> None:
+        sub = commands.add_parser("hello", help="say hello")
+        sub.add_argument("--name", default="world")
+        sub.set_defaults(func=lambda args: print(f"hello {args.name}") or 0)
+
+    def broken():
+        raise ImportError("no module named 'missing_extra'")
+
+    points = [SimpleNamespace(name="hello", value="extra:register", load=lambda: register),
+              SimpleNamespace(name="bad", value="missing_extra:register", load=broken)]
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: points if kw.get("group") == "tokenwave.commands" else real(**kw))
+    code, out, err = run(capsys, "hello", "--name", "tokenwave")
+    assert code == 0 and out == "hello tokenwave\n"
+    assert err == ("tokenwave: warning: command 'bad' (missing_extra:register) not loaded: "
+                   "no module named 'missing_extra'\n")
+
+
+def test_installed_demo_command_is_an_entry_point():
+    """``tokenwave demo`` is found through the installed entry point, not imported by the CLI."""
+    import importlib.metadata
+
+    points = {p.name: p.value for p in importlib.metadata.entry_points(group="tokenwave.commands")}
+    assert points.get("demo") == "demos.command:register"
+    assert "demo" in cli.build_parser()._subparsers._group_actions[0].choices

@@ -12,11 +12,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from codec import EncodecModel, EncodedFrame, InterleavedStereo
 from codec.conv import (StreamableConv1d, StreamableConvTranspose1d, fold_weight_norm, pad1d)
-from codec.fast import pad_time_major, run_channel_major, run_time_major
+from codec.runners import pad_time_major, run_channel_major, run_time_major
 from codec.model import linear_overlap_add
 from codec.quantization import ResidualVectorQuantizer
 
@@ -402,7 +401,7 @@ def test_time_major_without_onednn_and_in_float64(preset, monkeypatch):
     with torch.inference_mode():
         latent = model.encoder(wav)
         want = model.decoder(latent)
-        monkeypatch.setattr("codec.fast._HAS_ONEDNN", False)
+        monkeypatch.setattr("codec.runners._HAS_ONEDNN", False)
         got = run_time_major(model.decoder.model, latent.transpose(1, 2)).transpose(1, 2)
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
     monkeypatch.undo()

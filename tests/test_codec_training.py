@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from codec import audio, ecdc
-from codec.entropy import EntropyLM
+from codec.entropy_lm import EntropyLM
+from codec.files import CheckpointError
 from codec.formats import load_model
 from codec.model import PRESETS, EncodecModel
 from codec.training import (Balancer, CheckpointManager, CodecTrainConfig, CodecTrainer,
@@ -24,7 +25,8 @@ from codec.training import (Balancer, CheckpointManager, CodecTrainConfig, Codec
                             feature_matching_loss, hinge_discriminator_loss,
                             hinge_generator_loss, load_codec_for_training, mel_filterbank,
                             scan_audio_folder, si_snr)
-from codec.training.trainer import codec_codes, visqol_score
+from codec.training.entropy_trainer import codec_codes
+from codec.training.validate import visqol_score
 from inference import cli
 
 SR = 24_000
@@ -404,6 +406,25 @@ def test_checkpoint_of_another_codec_is_refused(tmp_path, accelerator, corpus_di
         CheckpointManager.load(CheckpointManager(tmp_path / "checkpoints").latest(), "entropy_lm")
 
 
+def test_resume_skips_a_truncated_latest_checkpoint(tmp_path, accelerator, corpus_dir):
+    """A damaged newest state.pt is named in a warning and the run resumes from the one before;
+    with no intact checkpoint left, the error names each damaged one."""
+    trainer = _trainer(tmp_path, accelerator, corpus_dir, replace(FAST, steps=4, keep_last=3))
+    trainer.fit(clips(corpus_dir))
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    latest = manager.latest() / "state.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"step_000000004.*state\.pt"):
+        CheckpointManager.load(latest.parent, "codec")
+    resumed = _trainer(tmp_path, accelerator, corpus_dir, replace(FAST, steps=4, keep_last=3))
+    with pytest.warns(UserWarning, match=r"step_000000004 \(.*state\.pt.*\); resuming from step_000000002"):
+        assert resumed.resume().name == "step_000000002"
+    assert resumed.step == 2
+    (tmp_path / "checkpoints" / "step_000000002" / "state.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(FileNotFoundError, match=r"no intact checkpoint.*step_000000004.*step_000000002"):
+        _trainer(tmp_path, accelerator, corpus_dir, replace(FAST, steps=4, keep_last=3)).resume()
+
+
 def test_inference_prepared_model_is_refused_and_folded_files_reload(tmp_path, accelerator):
     model = build_codec(TINY)
     folded = build_codec(TINY).prepare_for_inference()
@@ -556,3 +577,30 @@ def test_cli_train_codec_errors(tmp_path, capsys, corpus_dir):
     code, _, err = run(capsys, "train-codec", corpus_dir, "--out", tmp_path / "r",
                        "--train-entropy-lm", "--cpu")
     assert code == 1 and "needs a trained codec" in err
+
+
+def test_cli_resume_skips_a_truncated_latest_checkpoint(tmp_path, capsys, corpus_dir):
+    """``train-codec --resume`` names a damaged newest checkpoint in a warning and goes on from
+    the one before; with none intact it fails in one line naming them."""
+    out = tmp_path / "run"
+    common = [corpus_dir, "--out", out, "--batch-size", 2, "--segment-seconds", 0.1,
+              "--checkpoint-every", 1, "--log-every", 1, "--valid-clips", 0, "--num-workers", 0,
+              "--cpu", "-q"]
+    code, _, err = run(capsys, "train-codec", *common, "--name", "mini", "--steps", 2, *TINY_SETS)
+    assert code == 0, err
+    newest = out / "checkpoints" / "step_000000002" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    code, _, err = run(capsys, "train-codec", *common, "--steps", 3, "--resume")
+    assert code == 0, err
+    assert (r"tokenwave: warning: skipping damaged checkpoint(s): step_000000002 (" in err
+            and "state.pt" in err and "resuming from step_000000001" in err)
+    manager = CheckpointManager(out / "checkpoints")
+    assert [p.name for p in manager.all()] == ["step_000000001", "step_000000002", "step_000000003"]
+    assert CheckpointManager.load(manager.latest(), "codec")["step"] == 3
+    assert CheckpointManager.load(out / "checkpoints" / "step_000000002", "codec")["step"] == 2
+
+    for folder in manager.all():
+        (folder / "state.pt").write_bytes(b"PK\x03\x04 not a zip")
+    code, _, err = run(capsys, "train-codec", *common, "--steps", 4, "--resume")
+    assert code == 1 and err.count("\n") == 1
+    assert "no intact checkpoint" in err and "step_000000003" in err and "step_000000001" in err

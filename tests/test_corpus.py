@@ -153,7 +153,7 @@ def test_tiny_corpus_builds_with_captions_that_match(corpus):
 
 @needs_fluidsynth
 def test_corpus_reads_as_tokenwave_prepare_data(corpus):
-    from lm.data import scan_corpus
+    from lm.corpus import scan_corpus
 
     result = scan_corpus(corpus)
     assert len(result.entries) == 3 and not result.skipped

@@ -1,4 +1,4 @@
-"""Corpus scanning, caption augmentation, token cache and training batches (lm.data).
+"""Corpus scanning, caption augmentation, token cache and training batches (lm.corpus, token_cache, batches).
 
 A tiny corpus is synthesized per test: 1-2 s sines and noise at the codec's rate (800 Hz) and
 at twice it (resampled), captions as .txt and .json, plus bad files (unreadable bytes, an empty
@@ -19,21 +19,17 @@ from test_generator import CODEC, SR, build_tiny_generator
 from codec import audio as audio_io
 from codec.model import InterleavedStereo
 from inference.cli import random_model
-from lm import data as lm_data
-from lm.data import (
+from lm import token_cache as lm_data
+from lm.batches import SegmentBatches, validation_batches
+from lm.corpus import (
     CaptionAugmentation,
-    CodecTokenizer,
-    SegmentBatches,
-    TokenCache,
     TrackMeta,
     augment_caption,
     caption_vocabulary,
-    codec_fingerprint,
     plain_caption,
-    prepare_corpus,
     scan_corpus,
-    validation_batches,
 )
+from lm.token_cache import CodecTokenizer, TokenCache, codec_fingerprint, prepare_corpus
 
 CAPTIONS = ["happy rock with drums", "calm piano at night", "synth drums", "calm rock", "happy piano synth",
             "night drums"]

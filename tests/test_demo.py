@@ -306,7 +306,7 @@ def test_entropy_coding_box_follows_the_codecs_lm(models, workdir, tmp_path):
     shipped = str(Path(__file__).parents[1] / "assets" / "models" / "tokenwave-small" / "codec")
     has_lm, note = app.entropy_lm_status(shipped)
     assert not has_lm and "tokenwave-small_lm.th" in note
-    from codec.entropy import EntropyLM
+    from codec.entropy_lm import EntropyLM
 
     model = app.load_codec_model(codec)
     lm = EntropyLM.for_codec(num_codebooks=model.num_codebooks, card=model.codebook_size,
@@ -344,3 +344,16 @@ def test_codec_round_trip_is_an_api_endpoint(served, models, tmp_path):
     assert ecdc.read_header(Path(ecdc_file).read_bytes())[0].num_codebooks == 2 and "bytes" in info
     with pytest.raises(Exception, match="No entropy-coding LM"):
         client.predict(client_module.handle_file(str(source)), codec, 2, True, api_name="/codec_roundtrip")
+
+
+def test_non_finite_uploads_are_refused_with_the_sample(models, workdir, tmp_path):
+    """Uploads go through the one finite-audio check (codec.audio.check_audio_values): the message
+    names the file and the first bad sample, for the codec tab and the generation uploads alike."""
+    wav = 0.1 * np.ones(SR, dtype=np.float32)
+    wav[200] = np.nan
+    bad = tmp_path / "nan.wav"
+    sf.write(bad, wav, SR, subtype="FLOAT")  # float WAVs keep NaN; read_audio returns them as stored
+    with pytest.raises(app.DemoError, match=r"upload \(nan\.wav\) holds a non-finite value .* sample 200"):
+        app.codec_roundtrip(str(bad), str(models / "tiny" / "codec"), 2, workdir=workdir)
+    with pytest.raises(app.DemoError, match=r"melody \(nan\.wav\) holds a non-finite value .* sample 200"):
+        app.generate_music("calm", duration=0.1, model=str(models / "tiny"), melody=str(bad), workdir=workdir)

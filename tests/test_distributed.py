@@ -31,11 +31,13 @@ from test_generator import WINDOW, build_tiny_generator
 from codec import audio
 from codec.formats import load_model
 from codec.quantization import ResidualVectorQuantizer
-from codec.training.trainer import CheckpointManager, LoopConfig, _TrainingLoop
+from codec.training.loop import CheckpointManager, LoopConfig
+from codec.training.loop import TrainingLoop as _TrainingLoop
 from inference import MusicGen
+from inference.finetune import finetune
 from lm import finetune as ft
-from lm.data import CodecTokenizer, prepare_corpus
-from lm.finetune import FinetuneConfig, finetune, list_checkpoints
+from lm.run import FinetuneConfig, list_checkpoints
+from lm.token_cache import CodecTokenizer, prepare_corpus
 
 pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),

@@ -16,7 +16,7 @@ import torch
 
 from codec import EncodecModel, EncodedFrame, ecdc
 from codec.ecdc import CodecLayout, EcdcError, EcdcHeader
-from codec.entropy import EntropyLM
+from codec.entropy_lm import EntropyLM
 from codec.model import PRESETS
 from oracles import import_encodec
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from codec import EncodecModel, EncodedFrame, ecdc
 from codec.ecdc import CodecLayout, EcdcError, EcdcHeader
-from codec.entropy import EntropyLM
+from codec.entropy_lm import EntropyLM
 from codec.model import PRESETS
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from codec import EncodecModel
-from codec.fast import run_channel_major
+from codec.runners import run_channel_major
 from oracles import import_encodec
 
 encodec = import_encodec()

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from codec.entropy import (MIN_RANGE, TOTAL_RANGE_BITS, ArithmeticDecoder, ArithmeticEncoder,
-                           EntropyDecodingError, EntropyLM, max_symbols_for_bits, quantized_cdf)
+from codec.arithmetic import (MIN_RANGE, TOTAL_RANGE_BITS, ArithmeticDecoder, ArithmeticEncoder,
+                              EntropyDecodingError, max_symbols_for_bits, quantized_cdf)
+from codec.entropy_lm import EntropyLM
 from oracles import import_encodec
 
 encodec = import_encodec()

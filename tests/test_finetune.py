@@ -21,17 +21,11 @@ from test_generator import build_tiny_generator
 
 from inference import MusicGen
 from inference.cli import main
+from inference.finetune import finetune
 from lm import finetune as ft
-from lm.data import CodecTokenizer, TokenCache, encode_text_states, prepare_corpus
-from lm.finetune import (
-    ConditionedLM,
-    FinetuneConfig,
-    codebook_cross_entropy,
-    cosine_schedule,
-    finetune,
-    list_checkpoints,
-    set_gradient_checkpointing,
-)
+from lm.run import FinetuneConfig, list_checkpoints
+from lm.token_cache import CodecTokenizer, TokenCache, encode_text_states, prepare_corpus
+from lm.training import ConditionedLM, codebook_cross_entropy, cosine_schedule, set_gradient_checkpointing
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +75,7 @@ def test_loss_decreases_on_a_fixed_batch(setup):
     torch.manual_seed(0)
     generator = MusicGen.from_pretrained(base, device="cpu")
     cache = TokenCache(cache_dir)
-    from lm.data import SegmentBatches
+    from lm.batches import SegmentBatches
 
     batch = SegmentBatches(cache, list(range(len(cache))), segment_frames=40, batch_size=4,
                            special_token=16).batch(0)
@@ -170,6 +164,43 @@ def test_uninterrupted_run_layout(uninterrupted):
     ema = load_file(str(list_checkpoints(out)[-1][1] / "ema.safetensors"))
     assert torch.equal(generator.lm.linears[0].weight, ema["lm.linears.0.weight"])
     assert generator.generate("happy rock", 0.05, seed=0).wav.shape == (1, 1, 40)
+
+
+def test_the_training_loop_takes_any_target_and_calls_back_for_the_generator_outputs(setup, tmp_path):
+    """lm.finetune.train trains the modules a builder returns and leaves the whole-generator
+    outputs (initial folder, samples, export) to that target: the seam inference.finetune uses."""
+    from lm.finetune import BuildContext, train
+
+    base, _ = setup
+    generator = MusicGen.from_pretrained(base, device="cpu")
+    before = generator.lm.linears[0].weight.detach().clone()
+    calls: list[tuple] = []
+
+    class Target:
+        lm, condition_provider, fuser = generator.lm, generator.condition_provider, generator.fuser
+        mask_condition_padding = generator.config.mask_condition_padding
+
+        def start(self, out):
+            calls.append(("start", out))
+
+        def write_samples(self, folder, prompts, seconds, seed):
+            calls.append(("samples", folder.name, len(prompts), seconds, seed))
+
+        def export(self, folder, dtype):
+            calls.append(("export", folder, dtype))
+
+    contexts: list[BuildContext] = []
+    config = config_for(setup, tmp_path / "run", steps=3, save_every=0, save_dtype="bfloat16")
+    result = train(config, lambda context: contexts.append(context) or Target(),
+                   export_to=tmp_path / "result")
+    assert len(contexts) == 1 and not contexts[0].resuming and contexts[0].device.type == "cpu"
+    samples = tmp_path / "run" / "samples" / "step_00000003"
+    prompts = json.loads((samples / "prompts.json").read_text())["prompts"]
+    assert calls == [("start", tmp_path / "run"), ("samples", "step_00000003", len(prompts), 0.05, 5),
+                     ("export", tmp_path / "result", torch.bfloat16)]
+    assert result.model_dir == tmp_path / "result" and result.step == 3
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [3]
+    assert not torch.equal(generator.lm.linears[0].weight, before)
 
 
 def test_resume_after_a_stop_is_bitwise_the_uninterrupted_run(setup, tmp_path, uninterrupted):

@@ -250,7 +250,7 @@ def test_architecture_inferred_from_shapes(tmp_path, changes):
     config = replace(TINY, **changes)
     torch.save(random_model(config).state_dict(), tmp_path / "x.th")
     checkpoint = read_checkpoint(tmp_path / "x.th", config=config)  # loads when config fits
-    inferred = formats._infer_architecture(checkpoint.state, tmp_path / "x.th")
+    inferred = formats.original.infer_architecture(checkpoint.state, tmp_path / "x.th")
     assert inferred == {k: getattr(config, k) for k in inferred}
 
 
@@ -334,7 +334,7 @@ def audiocraft_package(yaml_text: str, state: dict) -> dict:
 
 
 def test_audiocraft_yaml_with_interpolations_gives_the_32khz_preset(tmp_path):
-    keys = formats._key_names(PRESETS["encodec_32khz"], tmp_path)
+    keys = formats.checkpoint.key_names(PRESETS["encodec_32khz"], tmp_path)
     state = {k: torch.zeros(0) for k in keys}  # shapes are checked after the config is read
     # the released model pads by reflection (see the preset); audiocraft's YAML says constant
     released = AUDIOCRAFT_32K_YAML.replace("pad_mode: constant", "pad_mode: reflect")
@@ -347,11 +347,11 @@ def test_audiocraft_yaml_with_interpolations_gives_the_32khz_preset(tmp_path):
 def test_audiocraft_config_parsing_matches_the_preset():
     import yaml
 
-    config = formats._audiocraft_config(yaml.safe_load(AUDIOCRAFT_32K_YAML), Path("c.bin"))
+    config = formats.audiocraft.audiocraft_config(yaml.safe_load(AUDIOCRAFT_32K_YAML), Path("c.bin"))
     assert config == replace(PRESETS["encodec_32khz"], name="c", pad_mode="constant")
     reflect = AUDIOCRAFT_32K_YAML.replace("pad_mode: constant", "pad_mode: reflect")
-    config = formats._audiocraft_config(yaml.safe_load(reflect),
-                                        Path("x/compression_state_dict.bin"))
+    config = formats.audiocraft.audiocraft_config(yaml.safe_load(reflect),
+                                                  Path("x/compression_state_dict.bin"))
     assert config == PRESETS["encodec_32khz"]
 
 

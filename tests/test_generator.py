@@ -30,8 +30,9 @@ from conditioning import (
 from inference import AudioGen, GeneratorConfig, MusicGen, detect_format
 from inference import api, registry
 from inference.cli import random_model
-from inference.generator import Window, plan_windows
+from inference.config import Window, plan_windows
 from lm import LMConfig, LMModel
+from lm.sampling import SamplingConfig
 
 SR, HOP, FRAME_RATE = 800, 4, 200
 DIM, CARD, K = 32, 16, 4
@@ -147,11 +148,38 @@ def test_defaults_are_the_documented_ones():
 
     signature = inspect.signature(MusicGen.generate)
     defaults = {name: p.default for name, p in signature.parameters.items()}
-    assert defaults["duration"] == 10.0 and defaults["top_k"] == 250 and defaults["top_p"] == 0.0
-    assert defaults["temperature"] == 1.0 and defaults["cfg_coef"] == 3.0 and defaults["use_sampling"] is True
+    sampling = SamplingConfig()  # the sampling defaults are written once, there
+    assert defaults["duration"] == 10.0 and defaults["sampling"] is None and "top_k" not in defaults
+    assert sampling.top_k == 250 and sampling.top_p == 0.0 and sampling.two_step_cfg is False
+    assert sampling.temperature == 1.0 and sampling.cfg_coef == 3.0 and sampling.use_sampling is True
     assert MusicGen.default_config == GeneratorConfig(max_duration=30.0, extend_stride=18.0)
     assert AudioGen.default_config == GeneratorConfig(max_duration=10.0, extend_stride=2.0)
     assert inspect.signature(api.generate).parameters["duration"].default == 10.0
+
+
+def test_a_sampling_config_is_the_same_as_its_fields_by_name(generator, monkeypatch):
+    """``sampling=`` and the options by name are one thing; the arguments are checked once per call."""
+    from inference import generator as generator_module
+
+    config = SamplingConfig(top_k=3, temperature=0.7, cfg_coef=2.0)
+    by_config = generator.generate("happy rock", 0.05, seed=1, sampling=config, return_tokens=True)
+    by_name = generator.generate("happy rock", 0.05, seed=1, top_k=3, temperature=0.7, cfg_coef=2.0,
+                                 return_tokens=True)
+    mixed = generator.generate("happy rock", 0.05, seed=1, sampling=SamplingConfig(top_k=3, cfg_coef=2.0),
+                               temperature=0.7, return_tokens=True)
+    assert torch.equal(by_config.tokens, by_name.tokens) and torch.equal(by_config.tokens, mixed.tokens)
+    default = generator.generate("happy rock", 0.05, seed=1, return_tokens=True)
+    assert not torch.equal(by_config.tokens, default.tokens)
+    with pytest.raises(TypeError, match="topk"):
+        generator.generate("happy rock", 0.05, topk=3)
+
+    calls = []
+    original = generator_module.check_generation
+    monkeypatch.setattr(generator_module, "check_generation", lambda **kw: calls.append(kw) or original(**kw))
+    generator.generate("happy rock", 0.05, seed=1, top_k=3)
+    assert len(calls) == 1  # not again in generate_tokens and generate_tokens_iter
+    list(generator.generate_stream("happy rock", 0.05, seed=1))
+    assert len(calls) == 2
 
 
 def test_audiogen_text_to_sound_on_the_16khz_codec():

@@ -23,7 +23,7 @@ import torch
 
 from codec import audio, ecdc
 from codec.model import EncodecConfig, EncodedFrame
-from codec.streaming import (ChunkedStreamingDecoder, ChunkedStreamingEncoder, StreamingEncoder,
+from codec.streaming import (ChunkedStreamingEncoder, StreamingEncoder,
                              encode_blocks)
 from inference import cli
 
@@ -223,7 +223,7 @@ def test_continuation_prompt_with_nan_is_refused():
 def test_cli_refuses_nan_naming_file_and_sample(tmp_path, capsys, monkeypatch, command, out_name,
                                                 long):
     if long:
-        monkeypatch.setattr(cli, "STREAM_ABOVE_SECONDS", 0.1)
+        monkeypatch.setattr("inference.cli.codec.STREAM_ABOVE_SECONDS", 0.1)
     wav = with_bad_sample(signal_wav(0.5), 2345)
     sf.write(tmp_path / "bad.wav", wav.T.numpy(), SR, subtype="FLOAT")  # write_audio refuses it
     code, _, err = run(capsys, command, tmp_path / "bad.wav", tmp_path / out_name, "--model",

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_data import write_corpus
 from test_generator import build_tiny_generator
 
@@ -22,9 +21,10 @@ from codec.formats import CheckpointError, read_json_file, read_safetensors_file
 from codec.model import EncodecConfig
 from inference import MusicGen
 from inference.cli import main, random_model
+from inference.finetune import finetune
 from lm import finetune as ft
-from lm.data import CodecTokenizer, prepare_corpus
-from lm.finetune import FinetuneConfig, checkpoint_problem, effective_warmup, finetune, list_checkpoints
+from lm.run import FinetuneConfig, checkpoint_problem, effective_warmup, list_checkpoints
+from lm.token_cache import CodecTokenizer, prepare_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "assets" / "models" / "tokenwave-small"
@@ -196,7 +196,7 @@ def test_saved_models_honour_the_umask(tmp_path, umask, mask):
 
 
 def test_codec_training_checkpoints_honour_the_umask(tmp_path, umask):
-    from codec.training.trainer import CheckpointManager
+    from codec.training.loop import CheckpointManager
 
     umask(0o022)
     saved = CheckpointManager(tmp_path / "checkpoints").save(3, {"kind": "codec", "step": 3})

@@ -12,13 +12,8 @@ import pytest
 import torch
 import yaml
 
-from inference.loaders import (
-    audiocraft_to_transformers_lm,
-    load_audiocraft_lm,
-    lm_config_from_audiocraft,
-    read_audiocraft_lm,
-    transformers_to_audiocraft_lm,
-)
+from inference.formats.audiocraft import load_audiocraft_lm, lm_config_from_audiocraft, read_audiocraft_lm
+from inference.formats.transformers import audiocraft_to_transformers_lm, transformers_to_audiocraft_lm
 from lm import LMConfig, LMModel, get_preset
 from lm.transformer import sin_embedding
 

@@ -93,3 +93,24 @@ def test_bad_arguments():
         sample_next_token(torch.randn(2, 5), top_p=1.5)
     with pytest.raises(ValueError, match="top_k"):
         sample_next_token(torch.randn(2, 5), top_k=-1)
+
+
+def test_sampling_config_is_checked_when_made_and_replaced_by_name():
+    from dataclasses import FrozenInstanceError
+
+    from lm.sampling import SAMPLING_OPTIONS, GenerationArgumentError, SamplingConfig
+
+    assert SAMPLING_OPTIONS == ("use_sampling", "temperature", "top_k", "top_p", "cfg_coef", "two_step_cfg")
+    with pytest.raises(GenerationArgumentError, match="temperature must be > 0"):
+        SamplingConfig(temperature=0.0)
+    assert SamplingConfig(use_sampling=False, temperature=0.0).temperature == 0.0  # greedy: no temperature
+    with pytest.raises(GenerationArgumentError, match="top_k"):
+        SamplingConfig.from_options(top_k=-1)
+    base = SamplingConfig(top_k=7)
+    assert SamplingConfig.from_options(base) is base
+    assert SamplingConfig.from_options(base, cfg_coef=1.0) == SamplingConfig(top_k=7, cfg_coef=1.0)
+    with pytest.raises(TypeError, match="topk"):
+        SamplingConfig.from_options(topk=5)
+    with pytest.raises(FrozenInstanceError):
+        base.top_k = 3
+    assert SamplingConfig().guided and not SamplingConfig(cfg_coef=1.0).guided

@@ -26,7 +26,9 @@ from torch import nn
 from codec.conv import StreamableConv1d
 from codec.lstm import StreamableLSTM
 from codec.model import EncodecModel
-from codec.streaming import StreamingEncoder, _build, _conv, _LSTM, _Pointwise, _Weight
+from codec.kernels import CurrentWeight as _Weight, exact_conv as _conv
+from codec.stream_layers import LSTMNode as _LSTM, PointwiseNode as _Pointwise, build_nodes as _build
+from codec.streaming import StreamingEncoder
 
 from test_streaming import _audio, _model, _offline_codes, _random_sizes, _stream_encode
 

@@ -27,12 +27,15 @@ from test_generator import CODEC, SR
 
 from codec.formats import save_model
 from conditioning import T5Conditioner
-from conditioning.t5_builder import TextEncoderSpec, build_text_encoder, caption_texts, train_sentencepiece
+from conditioning.t5_builder import TextEncoderSpec, build_text_encoder, train_sentencepiece
 from inference import MusicGen
 from inference.cli import main, random_model
-from inference.pretrained import save_generator
-from lm.data import CodecTokenizer, SegmentBatches, TokenCache, prepare_corpus
-from lm.finetune import FinetuneConfig, codebook_cross_entropy, finetune, list_checkpoints
+from inference.finetune import finetune
+from inference.formats import save_generator
+from lm.batches import SegmentBatches
+from lm.run import FinetuneConfig, list_checkpoints
+from lm.token_cache import CodecTokenizer, TokenCache, caption_texts, prepare_corpus
+from lm.training import codebook_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 MOODS = ("happy", "calm", "dark", "upbeat", "dreamy", "sad")

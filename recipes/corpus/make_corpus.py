@@ -24,7 +24,6 @@ Output layout::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
@@ -39,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import soundfile as sf  # noqa: E402
 
+from codec.files import atomic_write, read_json_file, write_json_file  # noqa: E402
 from recipes.corpus import render  # noqa: E402
 from recipes.corpus.captions import caption, metadata  # noqa: E402
 from recipes.corpus.compose import clip_random, compose, sample_spec  # noqa: E402
@@ -97,16 +97,6 @@ def split_of(seed: int, index: int, valid_fraction: float) -> str:
     return "valid" if clip_random(seed, index, "split").random() < valid_fraction else "train"
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def is_complete(stem: Path) -> bool:
     return stem.with_suffix(".json").is_file() and stem.with_suffix(".wav").is_file()
 
@@ -119,19 +109,22 @@ def build_clip(job: ClipJob) -> ClipResult:
     stem.parent.mkdir(parents=True, exist_ok=True)
     spec = sample_spec(settings.seed, job.index)
     midi_path = stem.with_suffix(".mid")
-    _atomic_write(midi_path, lambda tmp: compose(spec, settings.clip_seconds).save(filename=str(tmp)))
+    atomic_write(midi_path, lambda tmp: compose(spec, settings.clip_seconds).save(filename=str(tmp)),
+                 overwrite=True)
     audio = render.render_midi(midi_path, job.soundfont, settings.sample_rate)
     audio = render.finish(audio, sample_rate=settings.sample_rate, seconds=settings.clip_seconds,
                           channels=settings.channels, dynamics=spec.dynamics)
-    _atomic_write(stem.with_suffix(".wav"),
-                  lambda tmp: sf.write(tmp, audio, settings.sample_rate, subtype="PCM_16", format="WAV"))
+    atomic_write(stem.with_suffix(".wav"),
+                 lambda tmp: sf.write(tmp, audio, settings.sample_rate, subtype="PCM_16", format="WAV"),
+                 overwrite=True)
     text = caption(spec)
     meta = metadata(spec, text)
-    meta["tokenwave_corpus"].update(split=job.split, corpus_seed=settings.seed, clip_seconds=settings.clip_seconds,
-                                    sample_rate=settings.sample_rate, soundfont=settings.soundfont)
-    _atomic_write(stem.with_suffix(".txt"), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
-    _atomic_write(stem.with_suffix(".json"),
-                  lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8"))
+    meta["tokenwave_corpus"].update(split=job.split, corpus_seed=settings.seed,
+                                    clip_seconds=settings.clip_seconds, sample_rate=settings.sample_rate,
+                                    soundfont=settings.soundfont)
+    atomic_write(stem.with_suffix(".txt"), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"),
+                 overwrite=True)
+    write_json_file(stem.with_suffix(".json"), meta)
     return ClipResult(job.index, job.split, True, settings.clip_seconds)
 
 
@@ -139,7 +132,7 @@ def check_settings(out: Path, settings: Settings) -> None:
     """Refuse to resume a corpus built with other settings; record ours otherwise."""
     path = out / SETTINGS_NAME
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = read_json_file(path, "the corpus settings")
         ours = settings.to_dict()
         differ = {k: (stored.get(k), v) for k, v in ours.items() if stored.get(k) != v}
         if differ:
@@ -148,7 +141,7 @@ def check_settings(out: Path, settings: Settings) -> None:
                              f"use another --out or the same settings")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings.to_dict(), indent=1) + "\n"))
+        write_json_file(path, settings.to_dict())
 
 
 def plan(out: Path, settings: Settings, soundfont: render.Soundfont, clips: int) -> list[ClipJob]:
@@ -182,9 +175,10 @@ def _examples(out: Path, split: str, count: int) -> list[str]:
     return [f"- `{split}/{f.stem}.wav`: {f.read_text(encoding='utf-8').strip()}" for f in files]
 
 
-def write_readme(out: Path, settings: Settings, soundfont: render.Soundfont, clips: int, command: str) -> None:
+def write_readme(out: Path, settings: Settings, soundfont: render.Soundfont, clips: int,
+                 command: str) -> None:
     """README.md (what, how many, how to rebuild) and LICENSE (the recipe's and the soundfont's terms)."""
-    counts = Counter(json.loads(p.read_text(encoding="utf-8"))["tokenwave_corpus"]["split"]
+    counts = Counter(read_json_file(p, "a clip's metadata")["tokenwave_corpus"]["split"]
                      for split in SPLITS for p in sorted((out / split).glob("*.json")))
     hours = {split: counts[split] * settings.clip_seconds / 3600 for split in SPLITS}
     readme = [
@@ -207,7 +201,8 @@ def write_readme(out: Path, settings: Settings, soundfont: render.Soundfont, cli
         f"    {command}",
         "",
         "Each `NNNNNN.wav` has its MIDI (`.mid`), its caption (`.txt`) and audiocraft metadata (`.json`:",
-        "description, genre, moods, keywords, instrument, bpm, key; all parameters under `tokenwave_corpus`).",
+        "description, genre, moods, keywords, instrument, bpm, key; all parameters under "
+        "`tokenwave_corpus`).",
         "Tokenize a split with `tokenwave prepare OUT/train --model MODEL --out CACHE`.",
         "",
         "Examples:",
@@ -235,12 +230,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--hours", type=float, help="hours of audio (rounded up to whole clips)")
     size.add_argument("--clips", type=int, help="number of clips (instead of --hours)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
-    parser.add_argument("--soundfont", type=Path, help="GM soundfont (.sf2); default: FluidR3_GM, else TimGM6mb")
+    parser.add_argument("--soundfont", type=Path,
+                        help="GM soundfont (.sf2); default: FluidR3_GM, else TimGM6mb")
     parser.add_argument("--sample-rate", type=int, default=32_000, help="Hz (default 32000)")
-    parser.add_argument("--channels", type=int, default=1, choices=(1, 2), help="1 (default, mixed down) or 2")
+    parser.add_argument("--channels", type=int, default=1, choices=(1, 2),
+                        help="1 (default, mixed down) or 2")
     parser.add_argument("--clip-seconds", type=float, default=10.0, help="seconds per clip (default 10)")
     parser.add_argument("--valid-fraction", type=float, default=0.05, help="held-out share (default 0.05)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel renders (default: CPUs)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="parallel renders (default: CPUs)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
     if args.hours is not None and not args.hours > 0:
@@ -266,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     clips = args.clips if args.clips is not None else math.ceil(args.hours * 3600 / args.clip_seconds - 1e-9)
     settings = Settings(seed=args.seed, clip_seconds=args.clip_seconds, sample_rate=args.sample_rate,
-                        channels=args.channels, valid_fraction=args.valid_fraction, soundfont=soundfont.path.name,
-                        soundfont_bytes=soundfont.size)
+                        channels=args.channels, valid_fraction=args.valid_fraction,
+                        soundfont=soundfont.path.name, soundfont_bytes=soundfont.size)
     check_settings(args.out, settings)
     began = time.perf_counter()
     results = run_jobs(plan(args.out, settings, soundfont, clips), args.workers, args.quiet)
@@ -281,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         rendered = [r for r in results if r.rendered]
         seconds = sum(r.seconds for r in rendered)
         print(f"make_corpus: {len(rendered)} clips rendered ({seconds / 3600:.2f} h of audio, "
-              f"{seconds / max(elapsed, 1e-9):.0f}x real time), {len(results) - len(rendered)} already there; "
+              f"{seconds / max(elapsed, 1e-9):.0f}x real time), "
+              f"{len(results) - len(rendered)} already there; "
               f"{args.out} ({soundfont.path.name}, {soundfont.licence})")
     return 0
 

@@ -23,9 +23,9 @@ import re
 import sys
 from pathlib import Path
 
-from codec.model import PRESETS, EncodecConfig
+from codec.config import PRESETS, EncodecConfig
 
-from .cli import CliError
+from .common import CliError
 
 DEFAULT_PRESET = "encodec_24khz"
 # Flags that set a LoopConfig / CodecTrainConfig field of the same name.
@@ -123,27 +123,38 @@ def _clips(corpus, model, segment_seconds: float, seed: int):
                        segment_samples=round(segment_seconds * model.sample_rate), seed=seed)
 
 
+def _newest_intact(checkpoints, kind: str) -> tuple[Path, dict]:
+    """The checkpoint ``--resume`` continues: the newest intact one (each newer, damaged one
+    is named in a warning) and its state."""
+    if checkpoints.latest() is None:
+        raise CliError(f"--resume: no checkpoint in {checkpoints.root}")
+    try:
+        return checkpoints.load_latest(kind)
+    except FileNotFoundError as error:  # every checkpoint is damaged
+        raise CliError(f"--resume: {error}") from None
+
+
 def cmd_train_codec(args) -> int:
     if args.train_entropy_lm:
         return _train_entropy_lm(args)
     import torch  # noqa: F401  (fail here, not mid-setup, when torch is broken)
 
-    from codec.training.trainer import (CheckpointManager, CodecTrainConfig, CodecTrainer,
-                                        build_codec, load_codec_for_training)
+    from codec.training.loop import CheckpointManager
+    from codec.training.trainer import (CodecTrainConfig, CodecTrainer, build_codec,
+                                        load_codec_for_training)
 
     out = Path(args.out)
-    latest = CheckpointManager(out / CodecTrainer.checkpoint_dir).latest()
+    checkpoints = CheckpointManager(out / CodecTrainer.checkpoint_dir)
+    latest = checkpoints.latest()
     values = _loop_values(args, _LOOP_FLAGS + _CODEC_FLAGS)
     if latest is not None and not args.resume:
         raise CliError(f"{out} already holds a training run ({latest.name}); pass --resume to "
                        f"continue it or choose another --out")
     if args.resume:
-        if latest is None:
-            raise CliError(f"--resume: no checkpoint in {out / CodecTrainer.checkpoint_dir}")
+        latest, state = _newest_intact(checkpoints, CodecTrainer.kind)
         if args.preset or args.set or args.from_checkpoint or args.name:
             raise CliError("--resume continues the checkpoint's codec: leave out --preset, "
                            "--set, --from and --name")
-        state = CheckpointManager.load(latest, CodecTrainer.kind)
         model = build_codec(EncodecConfig.from_dict(state["codec_config"]))
         config = CodecTrainConfig(**{**state["train_config"], **values})
     else:
@@ -188,10 +199,10 @@ def cmd_train_codec(args) -> int:
 def _train_entropy_lm(args) -> int:
     import torch
 
-    from codec.entropy import EntropyLM
+    from codec.entropy_lm import EntropyLM
     from codec.formats import load_model
-    from codec.training.trainer import (CheckpointManager, EntropyLMTrainConfig,
-                                        EntropyLMTrainer)
+    from codec.training.entropy_trainer import EntropyLMTrainConfig, EntropyLMTrainer
+    from codec.training.loop import CheckpointManager
 
     out = Path(args.out)
     if args.preset or args.set:
@@ -202,16 +213,15 @@ def _train_entropy_lm(args) -> int:
         codec = load_model(source, inference=True)
     except (FileNotFoundError, ValueError) as error:
         raise CliError(f"--train-entropy-lm needs a trained codec: {error}") from None
-    latest = CheckpointManager(out / EntropyLMTrainer.checkpoint_dir).latest()
+    checkpoints = CheckpointManager(out / EntropyLMTrainer.checkpoint_dir)
+    latest = checkpoints.latest()
     if latest is not None and not args.resume:
         raise CliError(f"{out} already holds an entropy-LM run ({latest.name}); pass --resume "
                        f"to continue it or choose another --out")
-    if args.resume and latest is None:
-        raise CliError(f"--resume: no checkpoint in {out / EntropyLMTrainer.checkpoint_dir}")
     values = _loop_values(args, _LOOP_FLAGS)
     if args.resume:
-        saved = CheckpointManager.load(latest, EntropyLMTrainer.kind)["train_config"]
-        values = {**saved, **values}
+        latest, state = _newest_intact(checkpoints, EntropyLMTrainer.kind)
+        values = {**state["train_config"], **values}
     if codec.segment_length is not None:  # .ecdc codes each segment with a fresh LM state
         values["segment_seconds"] = codec.config.segment
     config = EntropyLMTrainConfig(**values)

@@ -4,72 +4,34 @@ Both walk the very modules whose ``forward`` defines the model (``encoder.model`
 ``decoder.model``), so checkpoints, streaming and training keep one module tree.
 
 * :func:`run_channel_major` keeps the reference's ``(B, C, T)`` layout and calls the same
-  kernels on tensors of the same shapes, so its output is bitwise equal to ``module(x)``. It
+  kernels on tensors of the same shapes, so its output is bitwise equal to ``module(x)``; it
   only drops work that does not change a number (no-op pads, out-of-place ELUs and sums).
-  Batching is not free of rounding either: oneDNN picks other convolution and LSTM kernels
-  for other batch sizes and short inputs, so an item in a batch can get other last bits than
-  alone, as it does in the reference.
-* :func:`run_time_major` keeps activations as ``(B, T, C)`` and runs convolutions as
-  channels-last 2-D ones through oneDNN with prepacked weights; 1x1 convolutions become
-  matrix products with the residual sum fused in; an ELU in front of a padded convolution is
-  written straight into the padded buffer. On CPU that is 1.5-2.5x faster per convolution
-  than the blocked kernels the reference reaches through ``(B, C, T)`` (which also reorders
-  the layout in and out of every convolution). Same arithmetic in another summation order:
-  results differ from the reference by ~1e-7 relative, far inside the 1e-5 audio tolerance;
-  but an encoder that must give the reference's codes bit for bit cannot use it, since a
-  frame whose two nearest codewords are closer than the rounding noise can flip.
+  oneDNN picks other kernels for other batch sizes, so an item in a batch can get other last
+  bits than alone, as in the reference.
+* :func:`run_time_major` keeps activations ``(B, T, C)`` and runs convolutions as
+  channels-last 2-D ones through oneDNN with prepacked weights (1x1 convolutions as matrix
+  products with the residual sum fused in; an ELU in front of a padded convolution written
+  straight into the padded buffer). Same arithmetic in another summation order: results are
+  within ~1e-7 relative of the reference's, so codes can flip at near-ties; the exact encoder
+  does not use it.
 
-The LSTM runs as ``nn.LSTM`` in both: at batch 1 it streams its recurrent weights from
-memory at every step, a floor of ~25 ms (24/48 kHz) to ~70 ms (16/32 kHz) per 5 s on two
-cores. :func:`tune_malloc` is an opt-in, process-wide allocator setting that removes the
-page-fault cost of large short-lived tensors.
+The LSTM runs as ``nn.LSTM`` in both. :func:`tune_malloc` is an opt-in, process-wide
+allocator setting that removes the page-fault cost of large short-lived tensors.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .conv import StreamableConv1d, StreamableConvTranspose1d, pad1d
+from .kernels import cached, current_weight
 from .lstm import StreamableLSTM
 from .seanet import SEANetResnetBlock
-
-
-class _Cache(dict):
-    """Derived tensors kept on a module; empty again after copy.deepcopy or pickling (they
-    can hold oneDNN tensors, which have no storage to copy, and are cheap to rebuild)."""
-
-    def __deepcopy__(self, memo: dict) -> "_Cache":
-        return _Cache()
-
-    def __reduce__(self):
-        return (_Cache, ())
-
-
-def cached(owner: object, name: str, source: torch.Tensor,
-           make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``make(source)``, kept on ``owner`` until ``source`` is replaced or changed in place.
-
-    The entry holds ``source`` itself (so its memory cannot be reused by another tensor), its
-    version counter and storage. Inference tensors have no version counter: never cached.
-    """
-    if source.is_inference():
-        return make(source)
-    # ``module.to()`` swaps ``param.data`` without a version bump: the storage is checked too.
-    state = (source._version, source.data_ptr(), source.dtype, source.device)
-    store = owner.__dict__.get("_fast_cache")
-    if store is None:
-        store = owner.__dict__["_fast_cache"] = _Cache()
-    entry = store.get(name)
-    if entry is not None and entry[0] is source and entry[1] == state:
-        return entry[2]
-    value = make(source)
-    store[name] = (source, state, value)
-    return value
 
 
 # -- channel-major (bitwise equal to the modules) ----------------------------------------------
@@ -148,10 +110,6 @@ def _onednn_ok(x: torch.Tensor, conv: nn.Module) -> bool:
             and getattr(conv, "folded", True) and torch.backends.mkldnn.enabled)
 
 
-def _weight(conv: nn.Module) -> torch.Tensor:
-    return conv.current_weight() if hasattr(conv, "current_weight") else conv.weight
-
-
 def _channels_last_weight(conv: nn.Module) -> torch.Tensor:
     """The conv's weight as a ``(O, I, 1, K)`` channels-last tensor, cached on the module.
 
@@ -161,7 +119,7 @@ def _channels_last_weight(conv: nn.Module) -> torch.Tensor:
         return weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
 
     if not getattr(conv, "folded", True):  # weight norm rebuilds the weight at each call
-        return pack(conv.current_weight())
+        return pack(current_weight(conv))
     return cached(conv, "_channels_last_weight", conv.weight, pack)
 
 
@@ -241,7 +199,7 @@ def _pointwise_time_major(layer: StreamableConv1d, x: torch.Tensor,
         else:
             y = _ONEDNN._linear_pointwise.binary(rows, other.contiguous(), weight, conv.bias, "add")
     else:
-        weight = _weight(conv)[:, :, 0]
+        weight = current_weight(conv)[:, :, 0]
         y = F.linear(rows, weight, conv.bias)
         if other is not None:
             y = y.add_(other)
@@ -360,12 +318,10 @@ def tune_malloc(max_cached: int = 32 << 20) -> bool:
 
     By default glibc returns the top of its heap to the system once more than ~2x its mmap
     threshold is free, and serves blocks above that threshold with fresh mmaps; each time,
-    the next tensor of that size page-faults its memory back in, one fault per 4 KiB page.
-    A 5 s codec call allocates and frees tens of MB per layer: on the 2-core machines of
-    this project that is up to ~45k minor faults and 20-30% of its time, for the reference
-    implementations as much as for ours, depending on the order of earlier allocations.
-    This sets ``M_MMAP_THRESHOLD`` to ``max_cached`` (glibc caps it at 32 MiB) and
-    ``M_TRIM_THRESHOLD`` to 1 GiB, so up to that much freed memory stays with the process.
+    the next tensor of that size page-faults its memory back in, one fault per 4 KiB page,
+    and a codec call allocates and frees tens of MB per layer. This sets
+    ``M_MMAP_THRESHOLD`` to ``max_cached`` (glibc caps it at 32 MiB) and ``M_TRIM_THRESHOLD``
+    to 1 GiB, so up to that much freed memory stays with the process.
     Opt-in: it changes allocation for the whole process (``MALLOC_MMAP_THRESHOLD_`` and
     ``MALLOC_TRIM_THRESHOLD_`` in the environment do the same from outside). Returns False
     where there is no glibc ``mallopt``.

@@ -2,18 +2,19 @@
 T5 and LM training from the CLI.
 
     tokenwave prepare DATA --model MODEL --out CACHE [--segment-seconds 30] [--text-embeddings]
-    tokenwave make-text-encoder --captions DATA --out T5 [--vocab-size 1000 --d-model 256 --layers 4 --heads 4]
+    tokenwave make-text-encoder --captions DATA --out T5 [--vocab-size 1000 --d-model 256 ...]
     tokenwave finetune --model MODEL --data CACHE --out RUN [--steps ... --resume]
     tokenwave finetune --from-scratch SIZE --t5 T5 --train-text-encoder --data CACHE --out RUN
     accelerate launch --multi_gpu --num_processes 4 -m inference finetune ...   # DDP
     accelerate launch --multi_gpu --num_processes 2 -m inference finetune ... --cpu   # DDP on CPU (gloo)
 
 ``DATA`` is a folder of audio with ``.txt``/``.json`` captions or a ``.jsonl`` manifest (see
-:mod:`lm.data`); ``MODEL`` for prepare is a generator (folder or name: its codec and codebook
+:mod:`lm.corpus`); ``MODEL`` for prepare is a generator (folder or name: its codec and codebook
 count are used, and its T5 for ``--text-embeddings``) or a codec alone (name, checkpoint path or
-``random:<preset>``). ``finetune`` is :func:`lm.finetune.finetune`; ``--resume`` continues
+``random:<preset>``). ``finetune`` is :func:`inference.finetune.finetune`; ``--resume`` continues
 ``--out`` with the settings it was started with (give only ``--out`` and, say, a new
-``--stop-after``, or a larger ``--steps`` to train on), from its newest intact checkpoint. The trained generator lands in ``RUN/model``. ``make-text-encoder`` is
+``--stop-after``, or a larger ``--steps`` to train on), from its newest intact checkpoint. The
+trained generator lands in ``RUN/model``. ``make-text-encoder`` is
 :func:`conditioning.t5_builder.build_text_encoder` over the captions of ``DATA`` (a corpus
 folder, ``.jsonl`` manifest or token cache).
 """
@@ -25,7 +26,9 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from inference.cli import CliError, load_codec, parse_device
+from codec.pretrained import load_codec
+
+from .common import CliError, parse_device
 
 # CLI option -> FinetuneConfig field, where the names differ.
 _RENAMED = {"sample_prompt": "sample_prompts"}
@@ -34,7 +37,7 @@ _RENAMED = {"sample_prompt": "sample_prompts"}
 def _generator_spec(spec: str) -> bool:
     """True when ``spec`` names a generator (folder in any generator format, or registry name)."""
     from inference import registry
-    from inference.pretrained import detect_format
+    from inference.formats import detect_format
 
     if spec.startswith("random:"):
         return False
@@ -52,7 +55,7 @@ def _generator_spec(spec: str) -> bool:
 
 
 def cmd_prepare(args) -> int:
-    from lm.data import CodecTokenizer, prepare_corpus
+    from lm.token_cache import CodecTokenizer, prepare_corpus
 
     device = parse_device(args.device)
     text = None
@@ -91,19 +94,23 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_make_text_encoder(args) -> int:
-    from conditioning.t5_builder import TextEncoderSpec, build_text_encoder, caption_texts
+    from conditioning.t5_builder import TextEncoderSpec, build_text_encoder
+    from lm.token_cache import caption_texts
 
     try:
         spec = TextEncoderSpec(vocab_size=args.vocab_size, d_model=args.d_model, num_layers=args.layers,
-                               num_heads=args.heads, d_kv=args.d_kv, d_ff=args.d_ff, feed_forward_proj=args.ff,
+                               num_heads=args.heads, d_kv=args.d_kv, d_ff=args.d_ff,
+                               feed_forward_proj=args.ff,
                                dropout=args.dropout, case_sensitive=args.case_sensitive, seed=args.seed)
         texts = caption_texts(args.captions)
         built = build_text_encoder(texts, args.out, spec, overwrite=args.force)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise CliError(" ".join(str(error).split())) from None
     if not args.quiet:
-        note = "" if built.vocab_size >= args.vocab_size else f" (of {args.vocab_size} asked: all the captions support)"
-        print(f"make-text-encoder: {len(texts)} caption text(s) -> vocabulary of {built.vocab_size} pieces{note}, "
+        note = ("" if built.vocab_size >= args.vocab_size
+                else f" (of {args.vocab_size} asked: all the captions support)")
+        print(f"make-text-encoder: {len(texts)} caption text(s) -> vocabulary of "
+              f"{built.vocab_size} pieces{note}, "
               f"T5 encoder of {built.num_parameters / 1e6:.2f} M parameters, {built.num_bytes / 1e6:.1f} MB "
               f"-> {built.folder}")
     return 0
@@ -127,7 +134,7 @@ def _finetune_config(args):
 
 
 def cmd_finetune(args) -> int:
-    from lm.finetune import finetune
+    from inference.finetune import finetune
 
     try:
         config = _finetune_config(args)
@@ -135,7 +142,8 @@ def cmd_finetune(args) -> int:
         raise CliError(" ".join(str(error).split())) from None
     result = finetune(config, resume=args.resume, progress=not args.quiet)
     if not args.quiet and result.main_process:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k in ("train/loss", "valid/loss"))
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                          if k in ("train/loss", "valid/loss"))
         shown = f" ({shown})" if shown else ""
         if result.model_dir is not None:
             print(f"finetune: {result.step} steps{shown} -> {result.model_dir}")
@@ -154,8 +162,9 @@ def register(commands) -> None:
 
     sub = commands.add_parser(
         "prepare", parents=[quiet], help="corpus of captioned audio -> token cache for finetune",
-        description="Scan a folder of audio with .txt/.json captions (or a .jsonl manifest), check every file "
-                    "(unreadable, empty, too short, silent: skipped and listed), encode it with the model's codec "
+        description="Scan a folder of audio with .txt/.json captions (or a .jsonl manifest), check "
+                    "every file (unreadable, empty, too short, silent: skipped and listed), encode it "
+                    "with the model's codec "
                     "and cache the codes (and optionally T5 text embeddings) for `tokenwave finetune`.")
     sub.add_argument("data", metavar="DATA", help="corpus folder or .jsonl manifest")
     sub.add_argument("--model", required=True,
@@ -164,7 +173,8 @@ def register(commands) -> None:
     sub.add_argument("--out", required=True, metavar="CACHE", help="cache folder to write")
     sub.add_argument("--segment-seconds", type=float, default=30.0,
                      help="training window recorded as finetune's default (default 30, MusicGen's)")
-    sub.add_argument("--min-seconds", type=float, default=1.0, help="skip files shorter than this (default 1)")
+    sub.add_argument("--min-seconds", type=float, default=1.0,
+                     help="skip files shorter than this (default 1)")
     sub.add_argument("--silence-db", type=float, default=-60.0,
                      help="skip files whose peak is below this many dBFS (default -60)")
     sub.add_argument("--codebooks", type=int, help="codebooks to keep (codec models; default all)")
@@ -177,8 +187,9 @@ def register(commands) -> None:
 
     sub = commands.add_parser(
         "make-text-encoder", parents=[quiet], help="corpus captions -> a small random T5 text encoder folder",
-        description="Train a sentencepiece unigram vocabulary on a corpus' captions (descriptions and metadata) "
-                    "and write it with a randomly initialised T5 encoder as a T5 folder, to be trained with the LM: "
+        description="Train a sentencepiece unigram vocabulary on a corpus' captions (descriptions "
+                    "and metadata) and write it with a randomly initialised T5 encoder as a T5 folder, "
+                    "to be trained with the LM: "
                     "tokenwave finetune --from-scratch SIZE --t5 FOLDER --train-text-encoder ...")
     sub.add_argument("--captions", required=True, metavar="DATA",
                      help="corpus folder (.txt/.json sidecars), .jsonl manifest, or token cache")
@@ -193,7 +204,8 @@ def register(commands) -> None:
     sub.add_argument("--ff", default="relu", choices=("relu", "gated-gelu"),
                      help="feed-forward kind: relu (T5) or gated-gelu (T5 1.1 / flan-t5) (default relu)")
     sub.add_argument("--dropout", type=float, default=0.1, help="T5 dropout while training (default 0.1)")
-    sub.add_argument("--case-sensitive", action="store_true", help="keep upper and lower case apart (default: fold)")
+    sub.add_argument("--case-sensitive", action="store_true",
+                     help="keep upper and lower case apart (default: fold)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     sub.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     sub.set_defaults(func=cmd_make_text_encoder)
@@ -206,13 +218,16 @@ def register(commands) -> None:
                     "--num_processes N -m inference finetune ... (add --cpu for CPU processes)")
     sub.add_argument("--model", default=sup, help="base generator (folder or name); its config is inherited")
     sub.add_argument("--data", default=sup, metavar="CACHE", help="token cache from `tokenwave prepare`")
-    sub.add_argument("--out", required=True, metavar="OUT", help="run folder (checkpoints, samples, logs, model)")
+    sub.add_argument("--out", required=True, metavar="OUT",
+                     help="run folder (checkpoints, samples, logs, model)")
     sub.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
     sub.add_argument("--from-scratch", default=sup, metavar="SIZE",
                      help="fresh LM of this preset size (tiny, musicgen_small, ...) instead of the base's")
-    sub.add_argument("--codec", default=sup, help="from scratch without --model: codec (default: the cache's)")
+    sub.add_argument("--codec", default=sup,
+                     help="from scratch without --model: codec (default: the cache's)")
     sub.add_argument("--t5", default=sup, metavar="FOLDER",
-                     help="from scratch without --model: T5 folder (default: a lookup table of caption words)")
+                     help="from scratch without --model: T5 folder (default: a lookup table of "
+                          "caption words)")
     sub.add_argument("--t5-path", default=sup, metavar="FOLDER", help="T5 folder an audiocraft base names")
     sub.add_argument("--train-text-encoder", action="store_true", default=sup,
                      help="train the T5 text encoder with the LM (default: frozen)")
@@ -222,12 +237,16 @@ def register(commands) -> None:
                      help="storage type of the exported LM and T5 weights (default float32; the others halve "
                           "the folder and load back as float32)")
     sub.add_argument("--steps", type=int, default=sup,
-                     help="optimizer steps (default 1000); with --resume a larger total continues the run to it")
-    sub.add_argument("--batch-size", type=int, default=sup, help="samples per process per micro-batch (default 4)")
+                     help="optimizer steps (default 1000); with --resume a larger total continues the "
+                          "run to it")
+    sub.add_argument("--batch-size", type=int, default=sup,
+                     help="samples per process per micro-batch (default 4)")
     sub.add_argument("--lr", type=float, default=sup, help="peak learning rate (default 1e-4)")
     sub.add_argument("--warmup", type=int, default=sup,
-                     help="linear warmup steps (default 100; one >= --steps is cut to steps / 10, with a warning)")
-    sub.add_argument("--min-lr-ratio", type=float, default=sup, help="cosine floor as a share of --lr (default 0)")
+                     help="linear warmup steps (default 100; one >= --steps is cut to steps / 10, "
+                          "with a warning)")
+    sub.add_argument("--min-lr-ratio", type=float, default=sup,
+                     help="cosine floor as a share of --lr (default 0)")
     sub.add_argument("--weight-decay", type=float, default=sup, help="AdamW weight decay (default 0.1)")
     sub.add_argument("--betas", type=float, nargs=2, default=sup, help="AdamW betas (default 0.9 0.95)")
     sub.add_argument("--grad-accum", type=int, default=sup, help="micro-batches per step (default 1)")
@@ -251,10 +270,14 @@ def register(commands) -> None:
                      help="probability of dropping each merged field (default 0.5)")
     sub.add_argument("--use-cached-text", action="store_true", default=sup,
                      help="use the cache's T5 embeddings (no caption augmentation, no word dropout)")
-    sub.add_argument("--segment-seconds", type=float, default=sup, help="training window (default: the cache's)")
-    sub.add_argument("--valid-fraction", type=float, default=sup, help="share of items held out (default 0.05)")
-    sub.add_argument("--eval-every", type=int, default=sup, help="steps between validations (default 250; 0 off)")
-    sub.add_argument("--sample-every", type=int, default=sup, help="steps between audio samples (default 0: off)")
+    sub.add_argument("--segment-seconds", type=float, default=sup,
+                     help="training window (default: the cache's)")
+    sub.add_argument("--valid-fraction", type=float, default=sup,
+                     help="share of items held out (default 0.05)")
+    sub.add_argument("--eval-every", type=int, default=sup,
+                     help="steps between validations (default 250; 0 off)")
+    sub.add_argument("--sample-every", type=int, default=sup,
+                     help="steps between audio samples (default 0: off)")
     sub.add_argument("--sample-prompt", action="append", default=sup, metavar="TEXT",
                      help="prompt for the samples (repeatable; default: captions of validation items)")
     sub.add_argument("--sample-seconds", type=float, default=sup, help="length of each sample (default 5)")
@@ -267,6 +290,7 @@ def register(commands) -> None:
     sub.add_argument("--stop-after", type=int, default=sup, metavar="N",
                      help="stop after step N without exporting (a time-boxed job; continue with --resume)")
     sub.add_argument("--cpu", action="store_true", default=sup,
-                     help="train on the CPU even when a GPU is present (several CPU processes: under accelerate "
+                     help="train on the CPU even when a GPU is present (several CPU processes: "
+                          "under accelerate "
                           "launch --multi_gpu --num_processes N or torchrun)")
     sub.set_defaults(func=cmd_finetune)

@@ -1,13 +1,15 @@
-"""The device-side decoding step (lm.graph) against LMModel.generate's eager path.
+"""The decode path (lm.static_decoder): static-shape steps against steps over the live cache.
 
-On CPU the same step function runs without a graph: greedy float32 decoding must give the
-eager tokens exactly (no guidance, batched and two-step guidance, an audio prompt, a padded
-prepended condition, stereo delays); seeded sampling must be deterministic and, because the
-draw is torch.multinomial's own (exponential race from the same generator), the eager
-tokens too. A dispatch mode that fails on every device-to-host read (``.item()``, ``bool()``,
+``fast=True`` runs each step at a device position over the whole preallocated cache (the
+shapes a CUDA graph needs; uncaptured on CPU), ``fast=False`` over the positions written so
+far: greedy float32 decoding must give the same tokens (no guidance, batched and two-step
+guidance, an audio prompt, a padded prepended condition, stereo delays); seeded sampling must
+be deterministic and the same both ways, and the draw is torch.multinomial's own (exponential
+race from the same generator). Per-step logits equal a full causal pass over the same tokens.
+A dispatch mode that fails on every device-to-host read (``.item()``, ``bool()``,
 ``nonzero``) proves the step never synchronizes. The CUDA tests (capture + replay gives the
-eager tokens in float32; bfloat16 per-step logits within a stated tolerance of float32) run
-only where CUDA is available.
+uncaptured tokens in float32; bfloat16 per-step logits within a stated tolerance of float32)
+run only where CUDA is available.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 from test_generator import DIM, tiny_lm
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lm import graph
-from lm.graph import StaticDecoder, draw, sample_on_device
-from lm.sampling import sample_next_token
+from lm import sampling as sampling_module
+from lm import static_decoder
+from lm.sampling import draw, sample_next_token
+from lm.static_decoder import StaticDecoder
 
 CARD, K = 16, 4
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -72,7 +75,8 @@ def test_greedy_with_a_padded_prefix_and_stereo_delays():
     prefix = torch.randn(2 * B, P, DIM, generator=torch.Generator().manual_seed(4))
     prefix_mask = torch.ones(2 * B, P, dtype=torch.bool)
     prefix_mask[0, 3:] = False
-    eager, fast = _both(lm, max_gen_len=15, num_samples=B, prefix=prefix, prefix_mask=prefix_mask, use_sampling=False)
+    eager, fast = _both(lm, max_gen_len=15, num_samples=B, prefix=prefix, prefix_mask=prefix_mask,
+                        use_sampling=False)
     assert torch.equal(eager, fast)
     stereo = tiny_lm(5, num_codebooks=8, delays=(0, 0, 1, 1, 2, 2, 3, 3))
     condition, mask = _guided(1)
@@ -81,7 +85,8 @@ def test_greedy_with_a_padded_prefix_and_stereo_delays():
     assert torch.equal(eager, fast)
 
 
-@pytest.mark.parametrize("sampling", [dict(top_k=5), dict(top_p=0.7), dict(top_k=0), dict(top_k=3, temperature=0.5)])
+@pytest.mark.parametrize("sampling", [dict(top_k=5), dict(top_p=0.7), dict(top_k=0),
+                                      dict(top_k=3, temperature=0.5)])
 def test_seeded_sampling_is_deterministic_and_draws_the_eager_tokens(sampling):
     lm = tiny_lm(1)
     condition, mask = _guided(2)
@@ -94,18 +99,27 @@ def test_seeded_sampling_is_deterministic_and_draws_the_eager_tokens(sampling):
     assert torch.equal(first, eager)
 
 
-def test_on_device_sampling_is_torch_multinomial():
+def _multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The reference draw: ``torch.multinomial``, one sample per row of ``probs (..., card)``."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, num_samples=1, generator=generator).reshape(probs.shape[:-1])
+
+
+def test_on_device_sampling_is_torch_multinomial(monkeypatch):
     logits = 3 * torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(0))
-    for options in (dict(top_k=7), dict(top_p=0.5), dict(top_k=0), dict(use_sampling=False), dict(temperature=0.0)):
+    for options in (dict(top_k=7), dict(top_p=0.5), dict(top_k=0), dict(use_sampling=False),
+                    dict(temperature=0.0)):
         for seed in range(5):
-            want = sample_next_token(logits, generator=torch.Generator().manual_seed(seed), **options)
-            got = sample_on_device(logits, generator=torch.Generator().manual_seed(seed), **options)
+            with monkeypatch.context() as patch:  # the same rules, drawn by torch.multinomial
+                patch.setattr(sampling_module, "draw", _multinomial)
+                want = sample_next_token(logits, generator=torch.Generator().manual_seed(seed), **options)
+            got = sample_next_token(logits, generator=torch.Generator().manual_seed(seed), **options)
             assert torch.equal(want, got), (options, seed)
     probs = torch.tensor([0.1, 0.6, 0.3])
     counts = torch.bincount(draw(probs.expand(20_000, 3), torch.Generator().manual_seed(0)), minlength=3)
     assert torch.allclose(counts / 20_000, probs, atol=0.015)
     with pytest.raises(ValueError, match="top_p"):
-        sample_on_device(logits, top_p=1.5)
+        sample_next_token(logits, top_p=1.5)
 
 
 class _NoHostReads(TorchDispatchMode):
@@ -122,21 +136,22 @@ class _NoHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _decoder(lm, *, B=2, max_gen_len=10, guided=True, **sampling):
-    """A StaticDecoder after the eager prefill step, as LMModel.generate_iter builds it, recording
-    its logits; returns it with the condition and mask it runs on."""
+def _decoder(lm, *, B=2, max_gen_len=10, guided=True, static_shapes=True, **sampling):
+    """A StaticDecoder after its prefill (which generates step 1), as LMModel.generate_iter
+    builds it, recording its logits; returns it with the condition and mask it runs on."""
     device = lm.emb[0].weight.device
     sampling = {**dict(use_sampling=False, temperature=1.0, top_k=0, top_p=0.0), **sampling}
     condition, mask = (x.to(device) for x in (_guided(B) if guided else _condition(B)))
     pattern = lm.pattern_provider.get_pattern(max_gen_len)
-    codes = torch.full((B, K, max_gen_len), graph.UNKNOWN, dtype=torch.long, device=device)
+    codes = torch.full((B, K, max_gen_len), static_decoder.UNKNOWN, dtype=torch.long, device=device)
     sequence, valid = pattern.build_sequence(codes, lm.special_token_id)
-    streams = lm._streams(B, guided, False, sequence.shape[-1], condition, mask, None, None)
+    streams, prefixes = lm._streams(B, guided, False, sequence.shape[-1], condition, mask, None, None)
     generator = torch.Generator(device=device).manual_seed(0) if sampling["use_sampling"] else None
     with torch.inference_mode():
-        lm._eager_step(sequence, valid, 1, 1, streams, guided, False, 3.0, sampling, generator)
-        decoder = lm._static_decoder(sequence, valid, 2, streams, None, guided, False, 3.0, sampling, generator,
-                                     record_logits=True)
+        decoder = StaticDecoder(lm, sequence=sequence, valid=valid, streams=streams, offset=1,
+                                guidance="batched" if guided else "none", cfg_coef=3.0, generator=generator,
+                                static_shapes=static_shapes, record_logits=True, **sampling)
+        decoder.prefill(prefixes)
     return decoder, condition, mask
 
 
@@ -157,24 +172,30 @@ def _teacher_forced_errors(decoder: StaticDecoder, reference_lm, condition, mask
     return errors
 
 
-@pytest.mark.parametrize("sampling", [dict(), dict(use_sampling=True, top_k=5), dict(use_sampling=True, top_p=0.8)])
-def test_the_step_never_reads_device_values_on_the_host(sampling):
+@pytest.mark.parametrize("static_shapes", [True, False])
+@pytest.mark.parametrize("sampling", [dict(), dict(use_sampling=True, top_k=5),
+                                      dict(use_sampling=True, top_p=0.8)])
+def test_the_step_never_reads_device_values_on_the_host(sampling, static_shapes):
     lm = tiny_lm(0)
-    decoder, _, _ = _decoder(lm, **sampling)
+    decoder, _, _ = _decoder(lm, static_shapes=static_shapes, **sampling)
     with torch.inference_mode(), _NoHostReads():
         for _ in range(4):
             decoder.step()
-    # The detector works: it catches a Python-level read and the eager sampler's multinomial.
+    # The detector works: it catches a Python-level read and torch.multinomial, which the one
+    # sampler no longer calls.
     with _NoHostReads(), pytest.raises(AssertionError, match="_local_scalar_dense"):
         bool(torch.ones(2).sum() > 1)
     with _NoHostReads(), pytest.raises(AssertionError, match="multinomial"):
+        _multinomial(torch.softmax(torch.randn(2, 16), dim=-1))
+    with _NoHostReads():
         sample_next_token(torch.randn(2, 16), top_k=5, use_sampling=True)
 
 
-def test_per_step_logits_equal_a_full_forward():
+@pytest.mark.parametrize("static_shapes", [True, False])
+def test_per_step_logits_equal_a_full_forward(static_shapes):
     """Teacher forcing: each step's guided logits equal the full causal pass over the same tokens."""
     lm = tiny_lm(2)
-    decoder, condition, mask = _decoder(lm, max_gen_len=10)
+    decoder, condition, mask = _decoder(lm, max_gen_len=10, static_shapes=static_shapes)
     errors = _teacher_forced_errors(decoder, lm, condition, mask)
     assert len(errors) == decoder.steps - 2 and max(errors) < 1e-5
     with pytest.raises(RuntimeError, match="all generated"):
@@ -190,6 +211,19 @@ def test_decoder_errors():
     with pytest.raises(ValueError, match="CUDA"):
         StaticDecoder(lm, sequence=decoder.sequence, valid=decoder.valid, streams=decoder.streams, offset=2,
                       guidance="batched", use_graph=True)
+
+
+def test_prefill_runs_once_before_the_steps():
+    lm = tiny_lm(0)
+    decoder, _, _ = _decoder(lm)
+    assert decoder.host_offset == 2 and (decoder.sequence[..., 1] >= 0).all()  # the prefill made step 1
+    with pytest.raises(RuntimeError, match="once"):
+        decoder.prefill()
+    fresh = StaticDecoder(lm, sequence=decoder.sequence.clone(), valid=decoder.valid,
+                          streams=lm._streams(2, True, False, decoder.steps, *_guided(2), None, None)[0],
+                          offset=1, guidance="batched")
+    with pytest.raises(RuntimeError, match="prefill"):
+        fresh.step()
 
 
 # -- CUDA: capture and replay ---------------------------------------------------------------------------
@@ -215,7 +249,7 @@ def test_cuda_graph_replay_gives_the_eager_tokens(monkeypatch, two_step):
     kwargs = dict(max_gen_len=30, num_samples=2, condition=condition, condition_mask=mask, use_sampling=False,
                   two_step_cfg=two_step)
     eager = lm.generate(**kwargs, fast=False)
-    fast = lm.generate(**kwargs)  # fast is the default on CUDA
+    fast = lm.generate(**kwargs, fast=True)  # capture is opt-in
     assert len(captures) == 1  # captured once, then replayed
     assert torch.equal(eager, fast)
 
@@ -227,7 +261,8 @@ def test_cuda_graph_sampling_is_deterministic(monkeypatch):
     condition, mask = (x.cuda() for x in _guided(2))
     kwargs = dict(max_gen_len=30, num_samples=2, condition=condition, condition_mask=mask, top_k=5)
     if hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
-        runs = [lm.generate(**kwargs, generator=torch.Generator(device="cuda").manual_seed(s)) for s in (3, 3, 4)]
+        runs = [lm.generate(**kwargs, generator=torch.Generator(device="cuda").manual_seed(s))
+                for s in (3, 3, 4)]
     else:  # older torch: only the default generator can be captured
         runs = []
         for s in (3, 3, 4):

@@ -12,12 +12,13 @@ interrupted download completes it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
+from codec.files import read_json_file
 from inference import hub
-from inference.cli import CliError
+
+from .common import CliError
 
 
 def human_size(size: int) -> str:
@@ -44,7 +45,8 @@ def repo_for(name: str) -> str:
     plain, _ = hub.split_revision(name)
     repo = hub_repo(plain) or hub.codec_repo(plain) or (plain if hub.is_repo_id(plain) else None)
     if repo is None:
-        raise CliError(f"{name!r} is not a Hugging Face repository name (org/name, e.g. facebook/musicgen-small)")
+        raise CliError(f"{name!r} is not a Hugging Face repository name (org/name, e.g. "
+                       f"facebook/musicgen-small)")
     return repo
 
 
@@ -76,9 +78,9 @@ def describe(path: Path) -> str:
     config = path / "config.json"
     if config.is_file():
         try:
-            if json.loads(config.read_text(encoding="utf-8")).get("format") == "tokenwave-musicgen":
+            if read_json_file(config).get("format") == "tokenwave-musicgen":
                 return "generator (tokenwave)"
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):  # CheckpointError is a ValueError
             return "folder (unreadable config.json)"
     return hub.kind_of(path) or ("codec" if (path / "codec").is_dir() else "folder")
 
@@ -91,7 +93,8 @@ def _local_entries(root: Path) -> list[tuple[str, Path]]:
         if path.name.startswith("."):
             continue
         if path.is_dir() and path.name == "facebook":
-            entries += [(f"facebook/{p.name}", p) for p in sorted(path.iterdir()) if not p.name.startswith(".")]
+            entries += [(f"facebook/{p.name}", p) for p in sorted(path.iterdir())
+                        if not p.name.startswith(".")]
         else:
             entries.append((path.name, path))
     return entries
@@ -110,7 +113,8 @@ def cmd_models(args) -> int:
 
     _print_local(f"shipped ({SHIPPED_MODELS}):", _local_entries(SHIPPED_MODELS))
     root = get_models_dir()
-    source = f"${ENV_MODELS_DIR}" if os.environ.get(ENV_MODELS_DIR) else f"default; set ${ENV_MODELS_DIR} to move it"
+    source = (f"${ENV_MODELS_DIR}" if os.environ.get(ENV_MODELS_DIR)
+              else f"default; set ${ENV_MODELS_DIR} to move it")
     _print_local(f"models folder ({root}; {source}):", _local_entries(root))
     cached = hub.list_cached()
     print(f"Hugging Face cache ({hub.cache_dir()}):")
@@ -118,7 +122,8 @@ def cmd_models(args) -> int:
         print("  (none)")
     for model in cached:
         refs = ",".join(model.refs) or "-"
-        print(f"  {model.repo_id:<40} {model.kind:<26} {human_size(model.size):>9}  {refs} {model.commit[:8]}")
+        print(f"  {model.repo_id:<40} {model.kind:<26} {human_size(model.size):>9}  {refs} "
+              f"{model.commit[:8]}")
     return 0
 
 
@@ -128,10 +133,12 @@ def register(commands) -> None:
     quiet.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks on errors")
     sub = commands.add_parser("download", parents=[quiet], help="fetch a model into the Hugging Face cache",
-                              description="Fetch a model (and the T5 and codec an audiocraft checkpoint names) "
-                                          "into the Hugging Face cache, for use offline later.")
-    sub.add_argument("name", metavar="NAME", help="facebook/musicgen-small, musicgen-small, facebook/encodec_32khz, "
-                                                  "t5-base, ... (NAME@REVISION also works)")
+                              description="Fetch a model (and the T5 and codec an audiocraft "
+                                          "checkpoint names) into the Hugging Face cache, for use "
+                                          "offline later.")
+    sub.add_argument("name", metavar="NAME",
+                     help="facebook/musicgen-small, musicgen-small, facebook/encodec_32khz, "
+                          "t5-base, ... (NAME@REVISION also works)")
     sub.add_argument("--revision", metavar="R", help="branch, tag or commit (default: main)")
     sub.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     sub.set_defaults(func=cmd_download)

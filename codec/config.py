@@ -1,17 +1,67 @@
 """EnCodec configurations: :class:`EncodecConfig`, the four public :data:`PRESETS`, and the
 quantities derived from a config (hop, frame rate, segment length and stride, bits and kbps per
-codebook). Configs are frozen data; a checkpoint carries one (``to_dict``/``from_dict``)."""
+codebook). Configs are frozen data; a checkpoint carries one (``to_dict``/``from_dict``).
+
+:class:`DictConfig` is the one ``to_dict``/``from_dict`` every config dataclass of the package
+uses (codec, LM, quantization, fine-tuning, generator, caption metadata); it lives here, in the
+lowest layer, so every layer above can use it."""
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, TypeVar
 
 from .seanet import SEANetConfig
 
+C = TypeVar("C", bound="DictConfig")
+
+
+class DictConfig:
+    """``to_dict`` / ``from_dict`` for a frozen config dataclass, written once.
+
+    ``to_dict`` is JSON-ready: top-level tuples become lists. ``from_dict`` is strict: an unknown
+    field raises a ValueError naming the known ones; missing fields take their defaults. Hooks
+    for the classes whose stored form differs (each keeps existing files byte-identical):
+
+    - ``_tuples_as_lists = False``: keep tuples (a dict that is pickled and compared, not JSON).
+    - ``_omit_empty = True``: leave out fields that are None or ``()``.
+    - ``_from_dict_fix(data)``: rewrite the stored dict before the strict check (e.g. normalize
+      values, drop fields old files carry).
+    """
+
+    _tuples_as_lists: ClassVar[bool] = True
+    _omit_empty: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        items = asdict(self).items()
+        if self._omit_empty:
+            items = [(k, v) for k, v in items if v is not None and v != ()]
+        if not self._tuples_as_lists:
+            return dict(items)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        data = cls._from_dict_fix(data)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; expected a subset of "
+                             f"{sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def _from_dict_fix(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The stored dict as the constructor takes it (the default: unchanged)."""
+        return data
+
 
 @dataclass(frozen=True)
-class EncodecConfig:
+class EncodecConfig(DictConfig):
     """Everything needed to build an EnCodec model; a checkpoint carries one."""
+
+    # Codec training checkpoints pickle ``to_dict()`` and compare it on resume: keep its tuples.
+    _tuples_as_lists = False
 
     name: str = "encodec_24khz"
     sample_rate: int = 24_000
@@ -76,17 +126,6 @@ class EncodecConfig:
         names = {f.name for f in fields(SEANetConfig)}
         return SEANetConfig(**{k: v for k, v in asdict(self).items() if k in names})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "EncodecConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown EncodecConfig fields {sorted(unknown)}; "
-                             f"expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 PRESETS: dict[str, EncodecConfig] = {

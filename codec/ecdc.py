@@ -313,7 +313,7 @@ def decompress(data: bytes | bytearray | memoryview, model=None, *, lm: EntropyL
 
 def _load_named_model(name: str, models_dir: str | Path | None):
     try:
-        path = registry.resolve(name, models_dir=models_dir)
+        path = registry.find_codec(name, models_dir=models_dir)
         return load_model(path)
     except (FileNotFoundError, ValueError) as error:
         raise EcdcError(f"cannot load the model {name!r} the file was compressed with: "
@@ -354,7 +354,7 @@ def load_entropy_lm(codec: "str | CodecLayout", *,
         layout = codec
     else:
         layout = CodecLayout.from_model(codec)
-    path = Path(registry.resolve(lm_name(layout.name), models_dir=models_dir))
+    path = Path(registry.find_codec(lm_name(layout.name), models_dir=models_dir))
     expected = registry.release_checksum(path.name)
     try:
         if expected is not None:

@@ -76,13 +76,22 @@ def read_safetensors_file(path: PathLike, prefix: str = "", *,
                               f"truncated or corrupt: copy or export it again") from None
 
 
-def read_pickle(path: PathLike) -> Any:
+def read_pickle(path: PathLike, *, mmap: bool = False) -> Any:
     """A torch checkpoint read with ``weights_only=True`` onto the CPU; a file that is not one,
-    or that holds objects a weights-only load refuses, raises :class:`CheckpointError`."""
+    or that holds objects a weights-only load refuses, raises :class:`CheckpointError`.
+
+    With ``mmap`` the tensors stay memory-mapped (multi-GB generator weights are not copied into
+    RAM) when the file allows it; the legacy non-zip format cannot be mapped and is read whole."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):  # torch's refusal to map names mmap; others are errors
+                    raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for bad files; all mean "unreadable"
         raise CheckpointError(_unreadable_pickle(path, error)) from None

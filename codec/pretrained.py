@@ -108,7 +108,7 @@ def load_codec(spec: str, device: str | torch.device | None = None) -> EncodecMo
     """A ready-for-inference codec from a name, a checkpoint path or ``random:<preset>``.
 
     A generator (name or folder) gives its codec; names are looked up as
-    :func:`codec.registry.resolve` does (the models folder, then the shipped ``assets/models``).
+    :func:`codec.registry.find_codec` does (the models folder, then the shipped ``assets/models``).
 
     Raises:
         FileNotFoundError: nothing by that name; for a preset name with no file, the message says
@@ -153,7 +153,7 @@ def entropy_lm_folders(spec: str | os.PathLike | None,
     path = Path(spec).expanduser()
     if not path.exists():
         try:
-            path = registry.resolve(os.fspath(spec), models_dir=models_dir, allow_download=False)
+            path = registry.find_codec(os.fspath(spec), models_dir=models_dir, allow_download=False)
         except FileNotFoundError:
             return []
     path = path.resolve()
@@ -167,7 +167,7 @@ def _lm_file(model, folder: Path) -> Path | None:
     from .ecdc import lm_name
 
     try:
-        return registry.resolve(lm_name(model.name), models_dir=folder, allow_download=False)
+        return registry.find_codec(lm_name(model.name), models_dir=folder, allow_download=False)
     except FileNotFoundError:
         return None
 

@@ -64,7 +64,8 @@ _SUFFIXES = (".th", ".bin", ".safetensors")
 
 
 class ModelNotFoundError(FileNotFoundError):
-    """A model name that no file in the models directory answers."""
+    """A model name that no file or folder in the models directory answers (codecs here,
+    generators and T5 in :mod:`inference.registry`, which raises this same class)."""
 
 
 def get_models_dir(directory: str | os.PathLike | None = None) -> Path:
@@ -75,7 +76,7 @@ def get_models_dir(directory: str | os.PathLike | None = None) -> Path:
     return Path(directory).expanduser()
 
 
-def canonical_name(name: str) -> str:
+def canonical_codec_name(name: str) -> str:
     """``//pretrained/facebook/encodec_32khz``, ``facebook/encodec_32khz``,
     ``encodec_24khz-d7cc33bc.th`` -> ``encodec_32khz`` / ``encodec_24khz``; others unchanged."""
     name = name.strip()
@@ -95,10 +96,10 @@ def release_checksum(file_name: str) -> str | None:
     return match["sha"] if match else None
 
 
-def candidates(name: str, directory: str | os.PathLike | None = None) -> list[Path]:
+def codec_candidates(name: str, directory: str | os.PathLike | None = None) -> list[Path]:
     """Every path that ``name`` may be stored at, in the order they are tried."""
     root = get_models_dir(directory)
-    plain = canonical_name(name)
+    plain = canonical_codec_name(name)
     paths = []
     if plain in RELEASE_FILES:
         paths.append(root / RELEASE_FILES[plain])
@@ -132,7 +133,7 @@ def download_release_file(name: str, directory: str | os.PathLike | None = None)
     """Fetch one of the original release's files into the models directory (sha256-checked)."""
     import torch.hub
 
-    plain = canonical_name(name)
+    plain = canonical_codec_name(name)
     if plain not in RELEASE_FILES:
         raise ModelNotFoundError(f"only the original release's files can be downloaded "
                                  f"({sorted(RELEASE_FILES)}), not {name!r}")
@@ -187,17 +188,17 @@ def _from_resolvers(name: str, *, local_files_only: bool) -> tuple[Path | None, 
     return None, note
 
 
-def resolve(name: str, *, models_dir: str | os.PathLike | None = None,
-            allow_download: bool | None = None) -> Path:
+def find_codec(name: str, *, models_dir: str | os.PathLike | None = None,
+               allow_download: bool | None = None) -> Path:
     """The local file or folder holding ``name``; see the module docstring for the search order.
 
     Raises :class:`ModelNotFoundError` naming every place looked at and how to get the model.
     """
-    paths = candidates(name, models_dir)
+    paths = codec_candidates(name, models_dir)
     for path in paths:
         if _exists(path):
             return path
-    plain = canonical_name(name)
+    plain = canonical_codec_name(name)
     found, remote_note = _from_resolvers(name, local_files_only=True)  # a cache hit beats a download
     if found is not None:
         return found

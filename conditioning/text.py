@@ -13,7 +13,10 @@ to a lone ``</s>`` and encoded like any prompt, and its guidance branch is built
 the T5 hidden states with a zero attention mask, which ``enc_to_dec_proj`` + masking turn into
 zeros. Both reach the same unconditional branch (zeros, mask 0: ``base.null_condition``); they
 differ only for "" given as a prompt. ``empty_is_null`` selects the behaviour: True for
-audiocraft checkpoints, False for transformers folders. ``None`` is null in both.
+audiocraft checkpoints, False for transformers folders. ``None`` is null in both. Generation
+never hands a conditioner "" (``inference.prompts.condition_texts`` makes a prompt's "" None for
+every model), so ``empty_is_null`` decides only texts given here directly: training captions,
+word dropout's all-dropped "" (inside :meth:`T5Conditioner.tokenize`) and direct calls.
 
 Long texts. The encoder's cost grows with the square of the text's length (a 20,000-word prompt
 took 23 GB), so a conditioner reads at most ``max_tokens`` tokens of a text, with a warning:

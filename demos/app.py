@@ -30,7 +30,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .handlers import (MAX_CODEC_SECONDS, MAX_DURATION, MAX_PROMPTS, CodecRoundTrip, GeneratedClip,
+from inference.config import DEFAULT_DURATION
+
+from .handlers import (MAX_CODEC_SECONDS, MAX_DURATION, MAX_PROMPTS, SAMPLING, CodecRoundTrip, GeneratedClip,
                        Generation, StreamedAudio, codec_roundtrip, generate_music, generate_music_stream,
                        output_folder, parse_prompts, read_upload)
 from .models import (EXAMPLES, RANDOM_LABEL, RANDOM_MODEL, DemoError, ModelChoice, bitrate_choices,
@@ -185,14 +187,16 @@ def _generate_inputs(gr):
     w["prompts"] = gr.Textbox(label=f"Prompt (one per line, up to {MAX_PROMPTS})", lines=3,
                               placeholder=EXAMPLES[0])
     with gr.Row():
-        w["duration"] = gr.Slider(0.5, MAX_SLIDER_SECONDS, value=10, step=0.5, label="Duration (seconds)",
+        w["duration"] = gr.Slider(0.5, MAX_SLIDER_SECONDS, value=DEFAULT_DURATION, step=0.5,
+                                  label="Duration (seconds)",
                                   info=duration_info())
         w["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
     with gr.Accordion("Sampling", open=False):
-        w["top_k"] = gr.Slider(0, 1000, value=250, step=1, label="top-k (0: off)")
-        w["top_p"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="top-p (0: off; wins over top-k)")
-        w["temperature"] = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
-        w["cfg_coef"] = gr.Slider(1.0, 10.0, value=3.0, step=0.1, label="Guidance (1: off)")
+        w["top_k"] = gr.Slider(0, 1000, value=SAMPLING.top_k, step=1, label="top-k (0: off)")
+        w["top_p"] = gr.Slider(0.0, 1.0, value=SAMPLING.top_p, step=0.01,
+                               label="top-p (0: off; wins over top-k)")
+        w["temperature"] = gr.Slider(0.05, 2.0, value=SAMPLING.temperature, step=0.05, label="Temperature")
+        w["cfg_coef"] = gr.Slider(1.0, 10.0, value=SAMPLING.cfg_coef, step=0.1, label="Guidance (1: off)")
     with gr.Accordion("Audio prompt and melody (optional)", open=False):
         w["audio_prompt"] = gr.Audio(sources=["upload", "microphone"], type="filepath",
                                      label="Continue this audio (the output starts with it)")

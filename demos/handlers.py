@@ -26,7 +26,9 @@ import torch
 from codec import audio as audio_io
 from codec import ecdc
 from codec.pretrained import EntropyLMNotFoundError, entropy_lm_for, model_label
+from inference.config import DEFAULT_DURATION
 from inference.generator import MusicGen
+from lm.sampling import SamplingConfig
 
 from .models import (RANDOM_LABEL, RANDOM_MODEL, DemoError, generator_key, load_codec_model, load_generator,
                      one_line)
@@ -36,6 +38,7 @@ MAX_PROMPTS = 4
 MAX_DURATION = 120.0  # seconds the demo generates at most per request
 MAX_CODEC_SECONDS = 300.0  # longest upload the codec tab takes
 OUTPUT_MAX_AGE = 2 * 3600.0  # seconds generated files are kept in the work folder
+SAMPLING = SamplingConfig()  # the sampling defaults of the functions below and the page's sliders
 
 ProgressFn = Callable[[float, str], None]
 
@@ -214,8 +217,9 @@ def _finish(request: _Request, wav: torch.Tensor, sample_rate: int, elapsed: flo
     return Generation(clips, request.seed, info)
 
 
-def generate_music(prompts: str | None, duration: float = 10.0, top_k: int = 250, top_p: float = 0.0,
-                   temperature: float = 1.0, cfg_coef: float = 3.0, seed: int | None = -1,
+def generate_music(prompts: str | None, duration: float = DEFAULT_DURATION, top_k: int = SAMPLING.top_k,
+                   top_p: float = SAMPLING.top_p, temperature: float = SAMPLING.temperature,
+                   cfg_coef: float = SAMPLING.cfg_coef, seed: int | None = -1,
                    model: str | None = RANDOM_MODEL, model_path: str | None = "",
                    audio_prompt: str | None = None, melody: str | None = None, *,
                    workdir: str | os.PathLike | None = None,
@@ -237,8 +241,9 @@ def generate_music(prompts: str | None, duration: float = 10.0, top_k: int = 250
     return _finish(request, out.wav, out.sample_rate, time.perf_counter() - began, workdir)
 
 
-def generate_music_stream(prompts: str | None, duration: float = 10.0, top_k: int = 250,
-                          top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
+def generate_music_stream(prompts: str | None, duration: float = DEFAULT_DURATION,
+                          top_k: int = SAMPLING.top_k, top_p: float = SAMPLING.top_p,
+                          temperature: float = SAMPLING.temperature, cfg_coef: float = SAMPLING.cfg_coef,
                           seed: int | None = -1, model: str | None = RANDOM_MODEL,
                           model_path: str | None = "", audio_prompt: str | None = None,
                           melody: str | None = None, *, workdir: str | os.PathLike | None = None,

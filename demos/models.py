@@ -87,7 +87,8 @@ def _default_model(model_path: str | os.PathLike | None, choices: list[ModelChoi
     if model_path is not None:
         spec = os.fspath(model_path)
         try:
-            folder = Path(spec) if os.path.exists(spec) else registry.resolve(spec, models_dir=models_dir)
+            folder = (Path(spec) if os.path.exists(spec)
+                      else registry.find_generator(spec, models_dir=models_dir))
         except FileNotFoundError as error:
             raise DemoError(f"--model {spec}: {one_line(error)}") from None
         default = str(folder.resolve())
@@ -95,7 +96,7 @@ def _default_model(model_path: str | os.PathLike | None, choices: list[ModelChoi
             choices.insert(0, ModelChoice(f"{spec} (--model)", default))
         return default
     try:
-        default = str(registry.resolve(registry.DEFAULT_MODEL, models_dir=models_dir).resolve())
+        default = str(registry.find_generator(registry.DEFAULT_MODEL, models_dir=models_dir).resolve())
     except FileNotFoundError:
         default = None
     if default not in [c.value for c in choices]:
@@ -213,7 +214,7 @@ def codec_choices(models_dir: str | os.PathLike | None = None) -> list[ModelChoi
     choices = []
     for name in codec_registry.MODEL_NAMES:
         try:
-            codec_registry.resolve(name, models_dir=models_dir, allow_download=False)
+            codec_registry.find_codec(name, models_dir=models_dir, allow_download=False)
         except FileNotFoundError:
             continue
         choices.append(ModelChoice(name, name))

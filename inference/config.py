@@ -15,34 +15,16 @@ torch cannot take, a non-positive stride, and the sampling options (through
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
+from codec.config import DictConfig
 from lm.sampling import GenerationArgumentError, SamplingConfig, check_real
 
 DEFAULT_DURATION = 10.0  # seconds (audiocraft documents 30 s but its constructor sets 15 s)
 MAX_DURATION = 3600.0  # seconds: the longest generation asked for (1 hour)
 SEED_RANGE = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # what torch.Generator.manual_seed takes
-
-C = TypeVar("C", bound="DictConfig")
-
-
-class DictConfig:
-    """``to_dict`` / ``from_dict`` for a config dataclass, written once: JSON-ready (tuples as
-    lists) and strict (an unknown field raises, naming the known ones)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -150,6 +132,6 @@ def _sliding_windows(total: int, window: int, stride: int, prompt: int) -> Itera
         offset += stride
 
 
-__all__ = ["AUDIOGEN_CONFIG", "DEFAULT_DURATION", "DictConfig", "GeneratorConfig", "MAX_DURATION",
+__all__ = ["AUDIOGEN_CONFIG", "DEFAULT_DURATION", "GeneratorConfig", "MAX_DURATION",
            "MUSICGEN_CONFIG", "SEED_RANGE", "Window", "check_duration", "check_generation", "iter_windows",
            "plan_windows"]

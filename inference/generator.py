@@ -45,15 +45,19 @@ class LMConditions(NamedTuple):
 
     condition: ``(R, S, dim)`` cross-attention source, ``condition_mask (R, S)`` (None: attend to
     all positions); prefix: ``(R, P, dim)`` prepended to the sequence, ``prefix_mask (R, P)``.
+    guided: the rows are ``[conditional; unconditional]`` (R = 2B); ``generate(guided=...)`` takes
+    it, so the LM checks the rows rather than deciding guidance again.
     """
 
     condition: torch.Tensor | None
     condition_mask: torch.Tensor | None
     prefix: torch.Tensor | None
     prefix_mask: torch.Tensor | None
+    guided: bool = False
 
     def as_kwargs(self) -> dict[str, torch.Tensor | None]:
-        return self._asdict()
+        """The tensors, as keyword arguments of the LM's ``forward`` (and ``generate``)."""
+        return {name: getattr(self, name) for name in self._fields if name != "guided"}
 
 
 class GeneratedAudio(NamedTuple):
@@ -186,7 +190,8 @@ class MusicGen(nn.Module):
                            guided: bool = True) -> LMConditions:
         """Encode B prompts (and melodies at the chroma's sample rate) into LM inputs.
 
-        ``guided`` appends B null rows (no text, no melody) for classifier-free guidance.
+        ``guided`` appends B null rows (no text, no melody) for classifier-free guidance (the
+        result's ``guided``; False when the model has no condition at all to guide with).
         """
         texts = condition_texts(prompts)
         batch = len(texts)
@@ -209,7 +214,8 @@ class MusicGen(nn.Module):
         prefix = fused.input if fused.prepend_length else None
         # Prepended conditions are attended in full (padding holds zeros), as audiocraft and
         # transformers' MusicGen-melody do.
-        return LMConditions(condition, condition_mask, prefix, None)
+        return LMConditions(condition, condition_mask, prefix, None,
+                            guided=guided and (condition is not None or prefix is not None))
 
     def _chroma_rate(self) -> int:
         chroma: ChromaConditioner = self.condition_provider.conditioners["self_wav"]
@@ -445,7 +451,8 @@ class MusicGen(nn.Module):
                 for piece in self.lm.generate_iter(
                         max_gen_len=window_plan.length, prompt=prompt,
                         num_samples=None if prompt is not None else batch, generator=generator,
-                        callback=callback, fast=fast, **sampling.as_kwargs(), **conditions.as_kwargs()):
+                        callback=callback, fast=fast, guided=conditions.guided, **sampling.as_kwargs(),
+                        **conditions.as_kwargs()):
                     pieces.append(piece)
                     new = piece[..., max(0, skip - seen):]
                     seen += piece.shape[-1]

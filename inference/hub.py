@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from codec.files import read_json_file, read_pickle
 
 ENV_OFFLINE = "TOKENWAVE_OFFLINE"
 OFFLINE_VARIABLES = (ENV_OFFLINE, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -38,8 +39,9 @@ CONFIG = "config.json"
 AUDIOCRAFT_LM = "state_dict.bin"
 AUDIOCRAFT_CODEC = "compression_state_dict.bin"
 # Small files next to the weights that the loaders (or transformers' tokenizer) read.
-METADATA_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "tokenizer.json", "spiece.model", "added_tokens.json")
+METADATA_FILES = ("config.json", "generation_config.json", "preprocessor_config.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "spiece.model",
+                  "added_tokens.json")
 TOKENIZED_TYPES = ("musicgen", "musicgen_melody", "t5")  # configs whose folder needs a tokenizer
 CODEC_NAMES = ("encodec_24khz", "encodec_48khz", "encodec_32khz")  # bare names with a facebook/ repo
 _REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
@@ -111,7 +113,8 @@ def split_revision(name: str, revision: str | None = None) -> tuple[str, str | N
     if "@" in name:
         name, _, pinned = name.partition("@")
         if revision is not None and revision != pinned:
-            raise ValueError(f"{name}: two revisions given ({pinned!r} in the name, {revision!r} as revision=)")
+            raise ValueError(f"{name}: two revisions given ({pinned!r} in the name, "
+                             f"{revision!r} as revision=)")
         revision = pinned or None
     return name, revision
 
@@ -141,10 +144,9 @@ def t5_repos(name: str) -> list[str]:
 # -- what a folder needs -----------------------------------------------------------------------------
 def _read_config(folder: Path) -> dict:
     try:
-        data = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_file(folder / CONFIG)
+    except (OSError, ValueError):  # missing, unreadable or not a JSON object: nothing known
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _missing_weights(folder: Path) -> list[str]:
@@ -154,7 +156,7 @@ def _missing_weights(folder: Path) -> list[str]:
         index = folder / f"{single}.index.json"
         if index.is_file():
             try:
-                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+                shards = set(read_json_file(index, "a weights index")["weight_map"].values())
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return [index.name + " (unreadable)"]
             return sorted(s for s in shards if not (folder / s).is_file())
@@ -279,8 +281,9 @@ def download(repo_id: str, revision: str | None = None, *, cache: Path | None = 
     except Exception as error:  # network, disk, server: one message, the cause kept
         detail = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
         if info is None:  # nothing fetched: the hub could not be reached
-            raise NotCachedError(f"{where} is not in the Hugging Face cache ({cache}){_incomplete_note(repo_id, cache)}"
-                                 f" and {url} cannot be reached ({detail}): run `{fetch}` when online") from error
+            note = _incomplete_note(repo_id, cache)
+            raise NotCachedError(f"{where} is not in the Hugging Face cache ({cache}){note} and {url} "
+                                 f"cannot be reached ({detail}): run `{fetch}` when online") from error
         raise DownloadError(f"downloading {where} from {url} failed ({detail}); the files that arrived are "
                             f"kept in {cache}: run `{fetch}` again to complete it") from error
     path = usable_path(folder)
@@ -329,15 +332,6 @@ def resolve_codec(name: str, local_files_only: bool = False) -> Path | None:
     return resolve(repo, revision=revision, local_files_only=local_files_only)
 
 
-def _load_pickle(path: Path):
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def dependencies(path: str | os.PathLike) -> list[str]:
     """Hub names an audiocraft checkpoint only names: its T5 (``conditioners.*.t5.name``) and the
     codec its ``compression_state_dict.bin`` points at. Empty for self-contained folders."""
@@ -349,14 +343,14 @@ def dependencies(path: str | os.PathLike) -> list[str]:
     if not (audiocraft and (folder / AUDIOCRAFT_LM).is_file()):
         return []
     names: list[str] = []
-    package = _load_pickle(folder / AUDIOCRAFT_LM)
+    package = read_pickle(folder / AUDIOCRAFT_LM, mmap=True)
     cfg = yaml.safe_load(package.get("xp.cfg") or "") if isinstance(package, dict) else None
     for spec in ((cfg if isinstance(cfg, dict) else {}).get("conditioners") or {}).values():
         t5 = spec.get("t5") if isinstance(spec, dict) and spec.get("model") == "t5" else None
         if isinstance(t5, dict) and isinstance(t5.get("name"), str):
             names.append(t5["name"])
     if (folder / AUDIOCRAFT_CODEC).is_file():
-        pointer = _load_pickle(folder / AUDIOCRAFT_CODEC)
+        pointer = read_pickle(folder / AUDIOCRAFT_CODEC, mmap=True)
         if isinstance(pointer, dict) and isinstance(pointer.get("pretrained"), str):
             names.append(pointer["pretrained"].removeprefix("//pretrained/"))
     return names

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from codec.registry import ENV_MODELS_DIR, SHIPPED_MODELS, get_models_dir
+from codec.registry import ENV_MODELS_DIR, SHIPPED_MODELS, ModelNotFoundError, get_models_dir
 
 from . import hub
 
@@ -46,11 +46,7 @@ DEFAULT_MODEL = "tokenwave-small"
 _T5_ORGS = ("", "google-t5", "google", "t5")
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """A name that no folder in the models folder (or the repository's assets) answers."""
-
-
-def canonical_name(name: str) -> str:
+def canonical_generator_name(name: str) -> str:
     """``//pretrained/facebook/musicgen-small``, ``facebook/musicgen_small`` -> ``musicgen-small``."""
     name = name.strip()
     for prefix in ("//pretrained/", "facebook/"):
@@ -67,10 +63,10 @@ def _spellings(name: str) -> list[str]:
     return out
 
 
-def candidates(name: str, models_dir: str | os.PathLike | None = None) -> list[Path]:
+def generator_candidates(name: str, models_dir: str | os.PathLike | None = None) -> list[Path]:
     """Every folder ``name`` may be stored at, in the order they are tried."""
     root = get_models_dir(models_dir)
-    plain = canonical_name(name)
+    plain = canonical_generator_name(name)
     paths: list[Path] = []
     for spelling in _spellings(plain):
         paths += [root / spelling, root / "facebook" / spelling]
@@ -86,18 +82,18 @@ def hub_repo(name: str) -> str | None:
     """The hub repository generator ``name`` means (``musicgen-small`` -> ``facebook/musicgen-small``;
     ``org/name`` as is), or None for a name that cannot be one."""
     repo, _ = hub.split_revision(name)
-    if canonical_name(repo) in KNOWN_MODELS and (repo.startswith("facebook/") or "/" not in repo):
-        return KNOWN_MODELS[canonical_name(repo)]
+    if canonical_generator_name(repo) in KNOWN_MODELS and (repo.startswith("facebook/") or "/" not in repo):
+        return KNOWN_MODELS[canonical_generator_name(repo)]
     return repo if "/" in repo and hub.is_repo_id(repo) else None
 
 
-def resolve(name: str, *, models_dir: str | os.PathLike | None = None, revision: str | None = None,
-            local_files_only: bool = False) -> Path:
+def find_generator(name: str, *, models_dir: str | os.PathLike | None = None,
+                   revision: str | None = None, local_files_only: bool = False) -> Path:
     """The local folder (or audiocraft ``state_dict.bin``) holding generator ``name``; raises
     :class:`ModelNotFoundError` naming every place looked at and how to get the model, or the
     hub's reason (:class:`inference.hub.HubError`: gated, no such repository, download failed)."""
     plain_name, revision = hub.split_revision(name, revision)
-    paths = [] if revision is not None else candidates(plain_name, models_dir)
+    paths = [] if revision is not None else generator_candidates(plain_name, models_dir)
     for path in paths:
         if _is_model_folder(path):
             return path
@@ -107,7 +103,7 @@ def resolve(name: str, *, models_dir: str | os.PathLike | None = None, revision:
             return hub.resolve(repo, revision=revision, local_files_only=local_files_only)
         except hub.NotCachedError as error:
             hub_note = f"\nHugging Face: {error}"
-    plain = canonical_name(plain_name)
+    plain = canonical_generator_name(plain_name)
     looked = "\n  ".join(str(p) for p in paths)
     root = get_models_dir(models_dir)
     if repo is not None:
@@ -176,9 +172,11 @@ def find_t5(name: str, *, near: str | os.PathLike | None = None, t5_path: str | 
     looked = "\n  ".join(str(p) for p in paths)
     raise ModelNotFoundError(
         f"T5 text encoder {name!r} not found; looked at:\n  {looked}\nThe checkpoint names its T5 but "
-        f"does not contain it: run `tokenwave download {name}`, copy the Hugging Face repository of {name!r} "
-        f"(config.json, model.safetensors, spiece.model) to one of these folders, or pass t5_path=.{hub_note}")
+        f"does not contain it: run `tokenwave download {name}`, copy the Hugging Face repository of "
+        f"{name!r} (config.json, model.safetensors, spiece.model) to one of these folders, or pass "
+        f"t5_path=.{hub_note}")
 
 
-__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "ModelNotFoundError", "SHIPPED_MODELS", "canonical_name",
-           "candidates", "find_t5", "hub_repo", "is_t5_folder", "resolve", "t5_candidates"]
+__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "ModelNotFoundError", "SHIPPED_MODELS",
+           "canonical_generator_name", "find_generator", "find_t5", "generator_candidates", "hub_repo",
+           "is_t5_folder", "t5_candidates"]

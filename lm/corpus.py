@@ -41,13 +41,15 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from codec import audio as audio_io
+from codec.config import DictConfig
+from codec.files import read_json_file
 
 MERGE_FIELDS = ("key", "bpm", "genre", "moods", "instrument", "keywords")
 _PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019"
@@ -100,7 +102,7 @@ def _musical_key(value: Any) -> str | None:
 
 
 @dataclass(frozen=True)
-class TrackMeta:
+class TrackMeta(DictConfig):
     """Caption metadata of one file (audiocraft's MusicInfo text fields), normalized.
 
     Keyword fields are lower-cased, ``moods``/``keywords`` are tuples, ``bpm`` a positive float,
@@ -117,20 +119,17 @@ class TrackMeta:
     bpm: float | None = None
     key: str | None = None
 
+    _omit_empty = True  # to_dict leaves absent fields out
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrackMeta:
-        """Normalize a JSON object; unknown fields are ignored."""
-        return cls(
+    def _from_dict_fix(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Normalize a JSON object (user-written captions); unknown fields are ignored."""
+        return dict(
             description=_text(data.get("description")), title=_text(data.get("title")),
             artist=_text(data.get("artist")), genre=_keyword_field(data.get("genre")),
             moods=_keywords(data.get("moods")), keywords=_keywords(data.get("keywords")),
             instrument=_keyword_field(data.get("instrument")),
             bpm=_bpm(data.get("bpm")), key=_musical_key(data.get("key")))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, absent fields left out."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
-                if v not in (None, ())}
 
     @property
     def has_caption(self) -> bool:
@@ -238,22 +237,15 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
-    return data
-
-
 def _sidecar_meta(audio: Path) -> TrackMeta:
     """Metadata from ``<name>.json`` and/or ``<name>.txt`` (raises on unreadable ones)."""
     data: dict[str, Any] = {}
     json_path, text_path = audio.with_suffix(".json"), audio.with_suffix(".txt")
     if json_path.is_file():
         try:
-            data = read_json_object(json_path)
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            raise ValueError(f"metadata: cannot read {json_path.name}: {one_line(error)}") from None
+            data = read_json_file(json_path, "JSON track metadata")
+        except (OSError, ValueError) as error:  # the message names the file
+            raise ValueError(f"metadata: cannot read {one_line(error)}") from None
     if text_path.is_file() and _text(data.get("description")) is None:
         try:
             data = {**data, "description": text_path.read_text(encoding="utf-8")}
@@ -333,6 +325,6 @@ def check_audio(wav: torch.Tensor, sample_rate: int, *, min_seconds: float, sile
 __all__ = [
     "MERGE_FIELDS", "NO_AUGMENTATION", "CaptionAugmentation", "CorpusEntry", "ScanResult", "Skipped",
     "TrackMeta",
-    "augment_caption", "caption_vocabulary", "check_audio", "one_line", "plain_caption", "read_json_object",
+    "augment_caption", "caption_vocabulary", "check_audio", "one_line", "plain_caption",
     "scan_corpus",
 ]

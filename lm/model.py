@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from codec.config import DictConfig
+
 from .patterns import PatternProvider, make_pattern_provider, stereo_delays
-from .sampling import check_sampling
+from .sampling import SamplingConfig, check_sampling
 from .static_decoder import UNKNOWN, DecodingState, FrameTracker, Prefix, StaticDecoder
 from .transformer import KVCache, Transformer, linear
 
 
 @dataclass(frozen=True)
-class LMConfig:
+class LMConfig(DictConfig):
     """Everything needed to build an :class:`LMModel`; a checkpoint carries one."""
 
     dim: int = 1024
@@ -48,9 +50,10 @@ class LMConfig:
     flatten_first: int = 0
     empty_initial: int = 0
     flattening: tuple[int, ...] | None = None
-    # Classifier-free guidance defaults for generation.
-    cfg_coef: float = 3.0
-    two_step_cfg: bool = False
+    # A checkpoint's own guidance settings (audiocraft's inference_coef, two_step_cfg), used by
+    # LMModel.generate when not given; unset, they are SamplingConfig's defaults.
+    cfg_coef: float = SamplingConfig.cfg_coef
+    two_step_cfg: bool = SamplingConfig.two_step_cfg
 
     def __post_init__(self) -> None:
         for name in ("delays", "flattening"):  # JSON/YAML give lists
@@ -79,18 +82,6 @@ class LMConfig:
         else:
             kwargs = {}
         return make_pattern_provider(self.pattern, self.num_codebooks, **kwargs)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown LMConfig fields {sorted(unknown)}; "
-                             f"expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 _SMALL = LMConfig()
@@ -325,10 +316,11 @@ class LMModel(nn.Module):
     def generate(self, *, max_gen_len: int, prompt: torch.Tensor | None = None,
                  num_samples: int | None = None, condition: torch.Tensor | None = None,
                  condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                 prefix_mask: torch.Tensor | None = None, use_sampling: bool = True,
-                 temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
-                 cfg_coef: float | None = None, two_step_cfg: bool | None = None,
-                 generator: torch.Generator | None = None,
+                 prefix_mask: torch.Tensor | None = None, guided: bool | None = None,
+                 use_sampling: bool = SamplingConfig.use_sampling,
+                 temperature: float = SamplingConfig.temperature, top_k: int = SamplingConfig.top_k,
+                 top_p: float = SamplingConfig.top_p, cfg_coef: float | None = None,
+                 two_step_cfg: bool | None = None, generator: torch.Generator | None = None,
                  callback: Callable[[int, int], None] | None = None, fast: bool = False) -> torch.Tensor:
         """Generate codes ``(B, K, max_gen_len)``, the prompt included, as audiocraft does.
 
@@ -340,8 +332,12 @@ class LMModel(nn.Module):
                 ``condition_mask (R, S)`` (true = attend; None attends to all positions, as
                 audiocraft does). No condition means the null condition (unconditional).
             prefix: ``(R, P, dim)`` prepended to the sequence (melody), ``prefix_mask (R, P)``.
-                For either, R = 2B means rows ``[conditional; unconditional]`` and enables
-                classifier-free guidance, R = B means no guidance.
+                For either, R = 2B holds rows ``[conditional; unconditional]`` for classifier-free
+                guidance, R = B no guidance.
+            guided: whether the rows are ``[conditional; unconditional]``: the caller that built
+                them says so (``inference.MusicGen`` passes what
+                :attr:`lm.sampling.SamplingConfig.guided` decided), and the row count is only
+                checked against it. None (tensors passed alone): the row count says.
             use_sampling, temperature, top_k, top_p: see :func:`lm.sampling.sample_next_token`;
                 checked first by :func:`lm.sampling.check_sampling` (sampling needs temperature > 0).
             cfg_coef: guidance coefficient (default: the config's, 3.0 for MusicGen).
@@ -360,18 +356,19 @@ class LMModel(nn.Module):
         """
         return torch.cat(list(self.generate_iter(
             max_gen_len=max_gen_len, prompt=prompt, num_samples=num_samples, condition=condition,
-            condition_mask=condition_mask, prefix=prefix, prefix_mask=prefix_mask, use_sampling=use_sampling,
-            temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, two_step_cfg=two_step_cfg,
-            generator=generator, callback=callback, fast=fast)), dim=-1)
+            condition_mask=condition_mask, prefix=prefix, prefix_mask=prefix_mask, guided=guided,
+            use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef,
+            two_step_cfg=two_step_cfg, generator=generator, callback=callback, fast=fast)), dim=-1)
 
     @torch.inference_mode()
     def generate_iter(self, *, max_gen_len: int, prompt: torch.Tensor | None = None,
                       num_samples: int | None = None, condition: torch.Tensor | None = None,
                       condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                      prefix_mask: torch.Tensor | None = None, use_sampling: bool = True,
-                      temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
-                      cfg_coef: float | None = None, two_step_cfg: bool | None = None,
-                      generator: torch.Generator | None = None,
+                      prefix_mask: torch.Tensor | None = None, guided: bool | None = None,
+                      use_sampling: bool = SamplingConfig.use_sampling,
+                      temperature: float = SamplingConfig.temperature, top_k: int = SamplingConfig.top_k,
+                      top_p: float = SamplingConfig.top_p, cfg_coef: float | None = None,
+                      two_step_cfg: bool | None = None, generator: torch.Generator | None = None,
                       callback: Callable[[int, int], None] | None = None,
                       fast: bool = False) -> Iterator[torch.Tensor]:
         """:meth:`generate`, yielding codes ``(B, K, n)`` of frames as soon as they are final.
@@ -387,7 +384,7 @@ class LMModel(nn.Module):
             raise RuntimeError("call model.eval() before generate()")
         device = self.emb[0].weight.device
         B = self._batch_size(prompt, num_samples)
-        guided = self._is_guided(B, condition, prefix)
+        guided = self._guidance_rows(B, guided, condition, prefix)
         cfg_coef = self.config.cfg_coef if cfg_coef is None else cfg_coef
         check_sampling(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
                        cfg_coef=cfg_coef)
@@ -453,12 +450,19 @@ class LMModel(nn.Module):
         return 1 if num_samples is None else num_samples
 
     @staticmethod
-    def _is_guided(B: int, condition: torch.Tensor | None, prefix: torch.Tensor | None) -> bool:
-        """True when the condition rows are ``[conditional; unconditional]`` (2B rows)."""
+    def _guidance_rows(B: int, guided: bool | None, condition: torch.Tensor | None,
+                       prefix: torch.Tensor | None) -> bool:
+        """Whether the condition rows are ``[conditional; unconditional]`` (2B rows): ``guided``
+        when given (the rows must agree), else read from the row count; no rows: no guidance."""
         rows = [x.shape[0] for x in (condition, prefix) if x is not None]
         if not rows:
+            if guided:
+                raise ValueError("guided generation needs condition or prefix rows "
+                                 "[conditional; unconditional]; got neither")
             return False
-        if len(set(rows)) > 1 or rows[0] not in (B, 2 * B):
-            raise ValueError(f"condition and prefix must have {B} rows (no guidance) or {2 * B} rows "
-                             f"([conditional; unconditional]); got {rows}")
+        expected = (2 * B,) if guided else (B,) if guided is not None else (B, 2 * B)
+        if len(set(rows)) > 1 or rows[0] not in expected:
+            wanted = " or ".join(f"{n} rows" + (" ([conditional; unconditional])" if n == 2 * B else
+                                                " (no guidance)") for n in expected)
+            raise ValueError(f"condition and prefix must have {wanted}; got {rows}")
         return rows[0] == 2 * B

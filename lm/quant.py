@@ -33,12 +33,14 @@ import ctypes
 import ctypes.util
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from codec.config import DictConfig
 
 QUANT_DTYPES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -49,7 +51,7 @@ _INT4_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
 
 
 @dataclass(frozen=True)
-class QuantConfig:
+class QuantConfig(DictConfig):
     """How the LM's matrices are stored: ``dtype`` int8 or int4, int4's ``group_size``, and the
     output heads' storage (``heads``: bf16 matrices, int8, or float32)."""
 
@@ -80,13 +82,6 @@ class QuantConfig:
     def name(self) -> str:
         return self.dtype if self.dtype == "int8" or self.group_size == DEFAULT_GROUP_SIZE \
             else f"int4-g{self.group_size}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> QuantConfig:
-        return cls(**data)
 
 
 def is_quant_spec(value: object) -> bool:

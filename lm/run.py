@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from codec.config import DictConfig
 from codec.files import CheckpointError, read_json_file, read_pickle, read_safetensors_file
 from codec.training.run import CheckpointFolder, RunFolder, check_rng_files, jsonl_tracker, save_rng
 
@@ -54,7 +55,7 @@ SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(DictConfig):
     """One training run; see the module docstring. Steps count optimizer updates.
 
     ``model``: base generator (folder or name); ``from_scratch``: an LM preset name for a fresh
@@ -160,17 +161,6 @@ class FinetuneConfig:
 
     def augmentation(self) -> CaptionAugmentation:
         return CaptionAugmentation(self.merge_text_p, self.drop_desc_p, self.drop_other_p)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown FinetuneConfig fields {sorted(unknown)}")
-        return cls(**data)
 
 
 # -- checkpoints --------------------------------------------------------------------------------

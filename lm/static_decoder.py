@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .patterns import Pattern
-from .sampling import classifier_free_guidance, guide_batched, sample_next_token
+from .sampling import SamplingConfig, classifier_free_guidance, guide_batched, sample_next_token
 from .transformer import KVCache
 
 UNKNOWN = -1  # positions of the pattern sequence not generated yet
@@ -121,8 +121,10 @@ class StaticDecoder:
     """
 
     def __init__(self, lm, *, sequence: torch.Tensor, valid: torch.Tensor, streams: Sequence[DecodingState],
-                 offset: int, guidance: str = "none", cfg_coef: float = 3.0, use_sampling: bool = True,
-                 temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
+                 offset: int, guidance: str = "none", cfg_coef: float = SamplingConfig.cfg_coef,
+                 use_sampling: bool = SamplingConfig.use_sampling,
+                 temperature: float = SamplingConfig.temperature, top_k: int = SamplingConfig.top_k,
+                 top_p: float = SamplingConfig.top_p,
                  generator: torch.Generator | None = None, static_shapes: bool = True,
                  use_graph: bool | None = None, warmup: int = 2, record_logits: bool = False) -> None:
         if guidance not in GUIDANCE:

@@ -113,3 +113,16 @@ def test_the_model_never_imports_the_formats_and_still_loads_and_saves(tmp_path)
     loaded = EncodecModel.from_pretrained(tmp_path / "m", inference=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  loaded.state_dict().values()))
+
+
+def test_read_pickle_mmap_maps_zip_files_and_reads_legacy_ones_whole(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    modern, legacy = tmp_path / "modern.th", tmp_path / "legacy.th"
+    torch.save(state, modern)
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    for path in (modern, legacy):
+        assert torch.equal(read_pickle(path, mmap=True)["w"], state["w"])
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a checkpoint")  # torch's mmap refusal must not hide what is wrong
+    with pytest.raises(CheckpointError, match="junk.bin: expected a torch checkpoint"):
+        read_pickle(junk, mmap=True)

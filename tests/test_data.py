@@ -133,6 +133,7 @@ def test_scan_folder_reads_sidecars(tmp_path):
     assert by_name["track2.wav"] == TrackMeta(description=CAPTIONS[2], genre="pop")
     assert by_name["nocaption.flac"] == TrackMeta()
     assert [(Path(s.source).name, s.category) for s in skipped] == [("broken.wav", "metadata")]
+    assert "broken.json: expected JSON track metadata, found unreadable text" in skipped[0].reason
 
 
 def test_scan_manifest(tmp_path):

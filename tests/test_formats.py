@@ -513,24 +513,41 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, writer):
 
 
 # -- registry -------------------------------------------------------------------------------
+def test_the_two_registries_name_what_they_find():
+    """codec.registry finds codec files, inference.registry generator folders: no shared function
+    name means two things (issue 12); they share the models folder and its one error class."""
+    import inspect
+
+    from inference import registry as generators
+
+    def functions(module) -> set[str]:
+        return {name for name, value in vars(module).items() if inspect.isfunction(value)
+                and value.__module__ == module.__name__ and not name.startswith("_")}
+
+    assert functions(registry) & functions(generators) == set()
+    assert registry.find_codec and generators.find_generator and generators.find_t5
+    assert generators.ModelNotFoundError is registry.ModelNotFoundError
+    assert generators.get_models_dir is registry.get_models_dir
+
+
 def test_registry_finds_every_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENWAVE_MODELS", str(tmp_path))
     release = tmp_path / "encodec_24khz-d7cc33bc.th"
     release.write_bytes(b"x")
-    assert registry.resolve("encodec_24khz") == release
-    assert registry.resolve("facebook/encodec_24khz") == release
-    assert registry.resolve("encodec_24khz-d7cc33bc.th") == release
+    assert registry.find_codec("encodec_24khz") == release
+    assert registry.find_codec("facebook/encodec_24khz") == release
+    assert registry.find_codec("encodec_24khz-d7cc33bc.th") == release
     (tmp_path / "encodec_48khz").mkdir()
     (tmp_path / "encodec_48khz" / "config.json").write_text("{}")
-    folder = registry.resolve("//pretrained/facebook/encodec_48khz")
+    folder = registry.find_codec("//pretrained/facebook/encodec_48khz")
     assert folder == tmp_path / "encodec_48khz"
     (tmp_path / "encodec_16khz.bin").write_bytes(b"x")
-    assert registry.resolve("encodec_16khz") == tmp_path / "encodec_16khz.bin"
+    assert registry.find_codec("encodec_16khz") == tmp_path / "encodec_16khz.bin"
     (tmp_path / "facebook" / "encodec_32khz").mkdir(parents=True)
     (tmp_path / "facebook" / "encodec_32khz" / "config.json").write_text("{}")
-    assert registry.resolve("encodec_32khz") == tmp_path / "facebook" / "encodec_32khz"
+    assert registry.find_codec("encodec_32khz") == tmp_path / "facebook" / "encodec_32khz"
     (tmp_path / "mine.th").write_bytes(b"x")
-    assert registry.resolve("mine", models_dir=tmp_path) == tmp_path / "mine.th"
+    assert registry.find_codec("mine", models_dir=tmp_path) == tmp_path / "mine.th"
 
 
 def test_registry_explains_what_is_missing_and_never_downloads_unasked(tmp_path, monkeypatch):
@@ -548,7 +565,7 @@ def test_registry_explains_what_is_missing_and_never_downloads_unasked(tmp_path,
     assert "https://dl.fbaipublicfiles.com/encodec/v0/encodec_48khz-7e698e3e.th" in message
     assert "TOKENWAVE_ALLOW_DOWNLOAD" in message
     with pytest.raises(registry.ModelNotFoundError, match="facebook/encodec_32khz"):
-        registry.resolve("encodec_32khz", models_dir=tmp_path)
+        registry.find_codec("encodec_32khz", models_dir=tmp_path)
     with pytest.raises(registry.ModelNotFoundError, match="neither an existing path"):
         load_model(tmp_path / "no_such_file.th", models_dir=tmp_path)
 
@@ -567,10 +584,10 @@ def test_registry_downloads_release_files_only_when_allowed(tmp_path, monkeypatc
     kwargs = {"allow_download": True} if opt_in == "argument" else {}
     if opt_in == "environment":
         monkeypatch.setenv("TOKENWAVE_ALLOW_DOWNLOAD", "1")
-    path = registry.resolve("encodec_24khz", models_dir=tmp_path / "new", **kwargs)
+    path = registry.find_codec("encodec_24khz", models_dir=tmp_path / "new", **kwargs)
     assert path == tmp_path / "new" / "encodec_24khz-d7cc33bc.th" and path.is_file()
     assert calls == [("https://dl.fbaipublicfiles.com/encodec/v0/encodec_24khz-d7cc33bc.th",
                       "d7cc33bc")]
     with pytest.raises(registry.ModelNotFoundError):  # not a release file: nothing to fetch
-        registry.resolve("encodec_32khz", models_dir=tmp_path / "new", **kwargs)
+        registry.find_codec("encodec_32khz", models_dir=tmp_path / "new", **kwargs)
     assert len(calls) == 1

@@ -516,10 +516,10 @@ def test_audiocraft_missing_t5_is_a_clear_error(models_dir, tmp_path, monkeypatc
 
 def test_registry_names_and_one_call_api(generator, models_dir, tmp_path):
     generator.save_pretrained(models_dir / "tiny-musicgen")
-    assert registry.resolve("facebook/tiny-musicgen") == models_dir / "tiny-musicgen"
-    assert registry.resolve("tiny_musicgen") == models_dir / "tiny-musicgen"
+    assert registry.find_generator("facebook/tiny-musicgen") == models_dir / "tiny-musicgen"
+    assert registry.find_generator("tiny_musicgen") == models_dir / "tiny-musicgen"
     with pytest.raises(registry.ModelNotFoundError, match="musicgen-small.*TOKENWAVE_MODELS"):
-        registry.resolve("musicgen-small")
+        registry.find_generator("musicgen-small")
     assert registry.find_t5("t5-tiny") == models_dir / "t5-tiny"
     direct = generator.generate("happy rock", 0.05, seed=5, return_tokens=True)
     via_api = api.generate("happy rock", 0.05, model="tiny-musicgen", device="cpu", seed=5, return_tokens=True)

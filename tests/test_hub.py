@@ -131,7 +131,7 @@ def test_cache_hit_offline(folders, env, tmp_path, monkeypatch, variable):
     assert (snapshot / "model.safetensors").is_symlink()
     monkeypatch.setenv("TOKENWAVE_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any request would fail
-    assert registry.resolve(REPO) == snapshot
+    assert registry.find_generator(REPO) == snapshot
     loaded = MusicGen.from_pretrained(REPO, device="cpu")
     assert torch.equal(tokens(loaded), tokens(MusicGen.from_pretrained(folders / "musicgen_main", device="cpu")))
 
@@ -143,7 +143,7 @@ def test_any_complete_snapshot_serves_a_name_without_revision(folders, env, monk
     del files["model.safetensors"], files["pytorch_model.bin"]
     write_cache(env, REPO, files)  # main: interrupted, never loaded half
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert registry.resolve(REPO) == old
+    assert registry.find_generator(REPO) == old
     assert hub.find_cached(REPO, "main") is None
 
 
@@ -167,7 +167,7 @@ def test_download_then_offline_reuse(folders, online, server, monkeypatch):
 def test_revision_pinning(folders, online, server, monkeypatch):
     v1 = server.repos[REPO].refs["v1"]
     pinned = load_generator(REPO, revision="v1", device="cpu")
-    assert registry.resolve(f"{REPO}@v1") == online / "models--facebook--tiny-musicgen" / "snapshots" / v1
+    assert registry.find_generator(f"{REPO}@v1") == online / "models--facebook--tiny-musicgen" / "snapshots" / v1
     main = MusicGen.from_pretrained(REPO, device="cpu")
     expected_v1 = tokens(MusicGen.from_pretrained(folders / "musicgen_v1", device="cpu"))
     assert torch.equal(tokens(pinned), expected_v1)
@@ -180,8 +180,8 @@ def test_revision_pinning(folders, online, server, monkeypatch):
     assert server.requests() == []
     # A pinned revision skips the models folder: a folder there is not "v1".
     shutil.copytree(folders / "musicgen_main", online.parent.parent / "models" / "tiny-musicgen")
-    assert registry.resolve(REPO).parent.name == "models"
-    assert registry.resolve(REPO, revision="v1").name == v1
+    assert registry.find_generator(REPO).parent.name == "models"
+    assert registry.find_generator(REPO, revision="v1").name == v1
 
 
 def test_interrupted_download_is_retried(folders, online, server):
@@ -312,3 +312,13 @@ def test_codec_alone_finds_the_hub_through_its_entry_point(folders, env, monkeyp
                          env={**os.environ, "TOKENWAVE_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == str(codec_config().sampling_rate)
+
+
+def test_dependencies_of_a_corrupt_audiocraft_file_name_it(tmp_path):
+    (tmp_path / "state_dict.bin").write_bytes(b"\x80\x02not a checkpoint")
+    from codec.files import CheckpointError
+
+    with pytest.raises(CheckpointError, match="state_dict.bin: expected a torch checkpoint"):
+        hub.dependencies(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")  # not an object: the folder's kind is unknown
+    assert hub.kind_of(tmp_path) == "generator (audiocraft)"

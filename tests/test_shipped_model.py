@@ -36,7 +36,7 @@ def model() -> MusicGen:
 
 def test_default_name_resolves_to_the_shipped_folder():
     assert registry.DEFAULT_MODEL == "tokenwave-small"
-    assert registry.resolve(registry.DEFAULT_MODEL) == SHIPPED
+    assert registry.find_generator(registry.DEFAULT_MODEL) == SHIPPED
 
 
 def test_fits_the_50_mb_budget():

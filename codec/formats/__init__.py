@@ -111,7 +111,7 @@ def _locate(path_or_name: PathLike, models_dir: PathLike | None) -> Path:
     text = os.fspath(path_or_name)
     if not text.startswith("//pretrained/") and os.path.exists(text):
         return Path(text)
-    return registry.resolve(text, models_dir=models_dir)
+    return registry.find_codec(text, models_dir=models_dir)
 
 
 def _folder_of(path: Path) -> Path | None:
@@ -180,7 +180,7 @@ def _follow_pointer(name: Any, path: Path, models_dir: PathLike | None, hops: in
         raise CheckpointError(f"{path}: expected 'pretrained' to name a model, found {name!r}")
     if hops >= 2:
         raise CheckpointError(f"{path}: pointer to {name!r} leads to another pointer; giving up")
-    target = name if os.path.exists(name) else registry.resolve(name, models_dir=models_dir)
+    target = name if os.path.exists(name) else registry.find_codec(name, models_dir=models_dir)
     return _read(Path(target), models_dir, None, hops + 1)
 
 

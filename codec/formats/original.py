@@ -25,7 +25,7 @@ def read_original(obj: Any, path: Path, config: EncodecConfig | None) -> Checkpo
         raise CheckpointError(f"{path}: found transformers key names; expected this file as "
                               f"{PICKLE_WEIGHTS_NAME} in a folder with its {CONFIG_NAME}")
     if config is None:
-        release = registry.canonical_name(path.name)
+        release = registry.canonical_codec_name(path.name)
         config = PRESETS.get(release) if release in registry.RELEASE_FILES else None
     if config is None:
         try:

@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from codec import audio
+from lm.sampling import SamplingConfig
 
 from .common import (CliError, audio_output_options, check_audio_output_options, check_audio_target,
                      check_writable, common_options, one_line, parse_device, speed, write_output_audio)
 
+SAMPLING_DEFAULTS = SamplingConfig()  # the option defaults below read these fields
 PCM_FORMATS = {"f32": "float32", "s16": "signed 16-bit"}  # --format: raw little-endian, channels interleaved
 
 
@@ -251,7 +253,8 @@ def register(commands) -> None:
         description="Generate audio from text prompts. One prompt writes OUT; several write OUT_0, "
                     "OUT_1, ... "
                     "(same extension). --stdout / --play stream one prompt while it is generated. "
-                    "Defaults are MusicGen's: sampling with top-k 250, guidance 3.")
+                    f"Defaults are MusicGen's: sampling with top-k {SAMPLING_DEFAULTS.top_k}, "
+                    f"guidance {SAMPLING_DEFAULTS.cfg_coef:g}.")
     sub.add_argument("prompts", nargs="*", metavar="PROMPT", help='text prompts ("" for no text)')
     sub.add_argument("-o", "--output", metavar="OUT",
                      help="output .wav or .flac (optional with --stdout/--play)")
@@ -276,16 +279,20 @@ def register(commands) -> None:
                           f"{DEFAULT_GENERATOR}, 30 s for MusicGen) by sliding window")
     sub.add_argument("--seed", type=int, help="random seed, a whole number (batch i uses seed + index of its "
                                               "first prompt)")
-    sub.add_argument("--top-k", type=int, default=250,
-                     help="sample among the k most likely codes (default 250)")
-    sub.add_argument("--top-p", type=float, default=0.0,
-                     help="nucleus sampling; > 0 replaces top-k (default 0)")
-    sub.add_argument("--temperature", type=float, default=1.0,
-                     help="sampling temperature, > 0 (default 1); for argmax decoding use --greedy")
-    sub.add_argument("--cfg-coef", type=float, default=3.0,
-                     help="classifier-free guidance (default 3; 1 = off)")
-    sub.add_argument("--two-step-cfg", action="store_true", help="guidance as two passes, not one batch")
-    sub.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    d = SAMPLING_DEFAULTS
+    sub.add_argument("--top-k", type=int, default=d.top_k,
+                     help=f"sample among the k most likely codes (default {d.top_k}; 0 = off)")
+    sub.add_argument("--top-p", type=float, default=d.top_p,
+                     help=f"nucleus sampling; > 0 replaces top-k (default {d.top_p:g})")
+    sub.add_argument("--temperature", type=float, default=d.temperature,
+                     help=f"sampling temperature, > 0 (default {d.temperature:g}); "
+                          "for argmax decoding use --greedy")
+    sub.add_argument("--cfg-coef", type=float, default=d.cfg_coef,
+                     help=f"classifier-free guidance (default {d.cfg_coef:g}; 1 = off)")
+    sub.add_argument("--two-step-cfg", action="store_true", default=d.two_step_cfg,
+                     help="guidance as two passes, not one batch")
+    sub.add_argument("--greedy", action="store_true", default=not d.use_sampling,
+                     help="argmax decoding instead of sampling")
     sub.add_argument("--extend-stride", type=float, metavar="SECONDS",
                      help="sliding-window step beyond the window, > 0 and below the window (default: the "
                           "model's, 18 s for MusicGen)")

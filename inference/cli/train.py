@@ -48,7 +48,7 @@ def _generator_spec(spec: str) -> bool:
             return False
         return True
     try:
-        registry.resolve(spec)
+        registry.find_generator(spec)
     except FileNotFoundError:
         return False
     return True

@@ -69,7 +69,7 @@ def read_generator(path_or_name: str | os.PathLike, *, default_config: Generator
                                   extend_stride=extend_stride, revision=revision)
     text = os.fspath(path_or_name)
     path = Path(text) if os.path.exists(text) and revision is None else \
-        registry.resolve(text, models_dir=models_dir, revision=revision)
+        registry.find_generator(text, models_dir=models_dir, revision=revision)
     target = LoadTarget(device, dtype)
     kind = detect_format(path)
     if kind == "audiocraft":

@@ -22,6 +22,7 @@ import torch
 import yaml
 from torch import nn
 
+from codec.files import read_pickle
 from codec.formats import CheckpointError
 from conditioning import ChromaConditioner, ChromaConfig, ConditionFuser, ConditionProvider, FuserConfig, \
     T5Conditioner
@@ -31,7 +32,7 @@ from lm.model import LMConfig, LMModel
 from .. import registry
 from ..config import AUDIOGEN_CONFIG, GeneratorConfig
 from .loading import (GeneratorParts, LoadTarget, check_t5_files, load_provider, meta_lm, provider_state,
-                      ready_codec, torch_load)
+                      ready_codec)
 
 AUDIOCRAFT_LM = "state_dict.bin"
 AUDIOCRAFT_CODEC = "compression_state_dict.bin"
@@ -49,7 +50,7 @@ class AudiocraftLMCheckpoint:
 
 
 def read_audiocraft_lm(source: str | os.PathLike | dict) -> AudiocraftLMCheckpoint:
-    """Read an audiocraft ``state_dict.bin`` (path, or the dict ``torch.load`` returned).
+    """Read an audiocraft ``state_dict.bin`` (path, or the dict :func:`codec.files.read_pickle` returned).
 
     The file is loaded with ``weights_only=True`` and its ``xp.cfg`` parsed with ``yaml.safe_load``.
     """
@@ -60,9 +61,10 @@ def read_audiocraft_lm(source: str | os.PathLike | dict) -> AudiocraftLMCheckpoi
         if not os.path.isfile(name):
             raise FileNotFoundError(f"{name}: no such audiocraft LM file")
         try:
-            package = torch.load(name, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{name}: not a loadable torch file ({exc})") from exc
+            package = read_pickle(name)
+        except CheckpointError as error:
+            reason = str(error).removeprefix(f"{name}: ")
+            raise CheckpointError(f"{name}: not a loadable torch file ({reason})") from None
     if not isinstance(package, dict) or "best_state" not in package or "xp.cfg" not in package:
         found = sorted(package) if isinstance(package, dict) else type(package).__name__
         raise ValueError(f"{name}: expected an audiocraft LM file, a dict with 'best_state' and 'xp.cfg'; "
@@ -205,7 +207,7 @@ def load_audiocraft(path: Path, target: LoadTarget, default_config: GeneratorCon
     the stride AudioGen's for an AudioGen solver, else ``default_config``'s (the class's)."""
     folder = path.parent if path.is_file() else path
     lm_file = path if path.is_file() else folder / AUDIOCRAFT_LM
-    package = torch_load(lm_file)
+    package = read_pickle(lm_file, mmap=True)
     try:
         checkpoint = read_audiocraft_lm(package)
     except ValueError as error:

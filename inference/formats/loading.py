@@ -2,7 +2,7 @@
 
 Memory: the LM (up to 3.3B parameters) and, for transformers folders, T5 are built on the meta
 device and their tensors assigned (``load_state_dict(assign=True)``) one by one from a
-memory-mapped file (``safe_open``; pickles with ``torch.load(weights_only=True, mmap=True)``),
+memory-mapped file (``safe_open``; pickles with :func:`codec.files.read_pickle` ``mmap=True``),
 converted straight to the chosen device and dtype, so the weights exist once. The codec (tens of
 millions of parameters) is read whole by :mod:`codec.formats`, then assigned the same way.
 
@@ -228,21 +228,6 @@ class Weights:
                         handles[path] = stack.enter_context(handle)
                     out[key] = convert(handles[path].get_tensor(key))
             yield out
-
-
-def torch_load(path: Path) -> Any:
-    """A pickled checkpoint, memory-mapped when its format allows, tensors only."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):  # only the legacy (non-zip) format refuses mmap
-            raise CheckpointError(f"{path}: expected a torch checkpoint of tensors ({error})") from None
-    except Exception as error:
-        raise CheckpointError(f"{path}: expected a torch checkpoint of tensors, found one that cannot be "
-                              f"loaded ({' '.join(str(error).split())[:300]})") from None
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def provider_state(state: StateDict) -> StateDict:

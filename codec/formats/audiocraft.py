@@ -61,19 +61,25 @@ def read_audiocraft(package: dict, path: Path) -> Checkpoint:
     if isinstance(best, dict) and isinstance(best.get("model"), dict):
         best = best["model"]  # a training checkpoint's best_state wraps the model's
     state = tensors_of(best, path, "'best_state'")
-    text = package.get("xp.cfg")
-    if not isinstance(text, str):
-        raise CheckpointError(f"{path}: expected 'xp.cfg' to hold the config as YAML text (as "
-                              f"audiocraft.utils.export writes it), found {type(text).__name__}")
-    import yaml
+    return Checkpoint("audiocraft", audiocraft_config(xp_config(package, path), path), state, path)
 
-    try:
-        root = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise CheckpointError(f"{path}: 'xp.cfg' is not valid YAML ({error})") from None
+
+def xp_config(package: dict, path: Path | str) -> dict:
+    """The experiment config an audiocraft export holds under ``'xp.cfg'`` (YAML text, as
+    audiocraft.utils.export writes it, or an already parsed mapping): the codec's and the LM's
+    readers share it."""
+    root = package.get("xp.cfg")
+    if isinstance(root, str):
+        import yaml
+
+        try:
+            root = yaml.safe_load(root)
+        except yaml.YAMLError as error:
+            raise CheckpointError(f"{path}: 'xp.cfg' is not valid YAML ({error})") from None
     if not isinstance(root, dict):
-        raise CheckpointError(f"{path}: expected 'xp.cfg' to be a YAML mapping")
-    return Checkpoint("audiocraft", audiocraft_config(root, path), state, path)
+        raise CheckpointError(f"{path}: expected 'xp.cfg' to hold the config as a YAML mapping (as "
+                              f"audiocraft.utils.export writes it), found {type(root).__name__}")
+    return root
 
 
 def audiocraft_config(root: dict, path: Path) -> EncodecConfig:

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from codec.files import read_pickle
 from codec.formats import CheckpointError
+from codec.formats.audiocraft import xp_config
 from conditioning import ChromaConditioner, ChromaConfig, ConditionFuser, ConditionProvider, FuserConfig, \
     T5Conditioner
 from conditioning.text import quiet_transformers
@@ -72,14 +72,7 @@ def read_audiocraft_lm(source: str | os.PathLike | dict) -> AudiocraftLMCheckpoi
     state = package["best_state"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{name}: 'best_state' must map names to tensors")
-    xp_cfg = package["xp.cfg"]
-    if isinstance(xp_cfg, str):
-        try:
-            xp_cfg = yaml.safe_load(xp_cfg)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{name}: 'xp.cfg' is not valid YAML ({exc})") from exc
-    if not isinstance(xp_cfg, dict):
-        raise ValueError(f"{name}: 'xp.cfg' must be a YAML mapping, found {type(xp_cfg).__name__}")
+    xp_cfg = xp_config(package, name)
     try:
         config = lm_config_from_audiocraft(xp_cfg)
     except (KeyError, ValueError, TypeError) as exc:

@@ -22,7 +22,8 @@ corpus' captions by ``tokenwave make-text-encoder``) is exported in the folder's
 Besides the run folder of :mod:`lm.run`::
 
     OUT/base/     from-scratch runs: the initial generator (resume rebuilds from it)
-    OUT/model/    the result: a tokenwave generator folder (from_pretrained, generate)
+    OUT/model/    the result: a tokenwave generator folder (from_pretrained, generate); with
+                  ``lora`` the adapters alone over the base's name (:mod:`inference.formats.lora`)
 """
 from __future__ import annotations
 
@@ -39,12 +40,14 @@ from codec.pretrained import load_codec
 from conditioning import ConditionProvider, LUTConditioner, T5Conditioner
 from lm.corpus import caption_vocabulary
 from lm.finetune import BuildContext, FinetuneConfig, FinetuneResult, train
+from lm.lora import add_lora, has_lora, merge_lora
 from lm.model import LMModel, get_preset
 from lm.patterns import stereo_delays
 from lm.token_cache import TokenCache, codec_fingerprint
 
 from .config import GeneratorConfig
 from .formats import detect_format, save_generator
+from .formats.lora import save_adapter
 from .generator import MusicGen
 
 BASE_DIR = "base"
@@ -128,6 +131,8 @@ class GeneratorTarget:
 
     generator: MusicGen
     from_scratch: bool
+    lora_base: str | None = None  # LoRA runs: the base the adapters are exported over
+    t5_path: str | None = None
 
     @property
     def lm(self) -> LMModel:
@@ -157,7 +162,10 @@ class GeneratorTarget:
                                  normalize="peak")
 
     def export(self, folder: Path, dtype: torch.dtype | None) -> None:
-        save_generator(self.generator, folder, overwrite=True, dtype=dtype)
+        if self.lora_base is not None:
+            save_adapter(self.lm, folder, base=self.lora_base, t5_path=self.t5_path, dtype=dtype, overwrite=True)
+        else:
+            save_generator(self.generator, folder, overwrite=True, dtype=dtype)
 
 
 def build_target(config: FinetuneConfig, context: BuildContext) -> GeneratorTarget:
@@ -171,7 +179,13 @@ def build_target(config: FinetuneConfig, context: BuildContext) -> GeneratorTarg
     else:
         generator = MusicGen.from_pretrained(config.model, device=device, t5_path=config.t5_path)
     _check_generator(generator, context.cache)
-    return GeneratorTarget(generator, from_scratch=bool(config.from_scratch))
+    lora = config.lora_config()
+    if has_lora(generator.lm):  # a base that is itself an adapter folder: train over the merged model
+        merge_lora(generator.lm)
+    if lora is not None:
+        add_lora(generator.lm, lora)
+    return GeneratorTarget(generator, from_scratch=bool(config.from_scratch),
+                           lora_base=config.model if lora is not None else None, t5_path=config.t5_path)
 
 
 def finetune(config: FinetuneConfig, *, resume: bool = False, progress: bool = False) -> FinetuneResult:

@@ -46,6 +46,7 @@ from conditioning.dropout import drop_words
 
 from .batches import SegmentBatches, validation_batches
 from .corpus import CaptionAugmentation, plain_caption
+from .lora import train_only_adapters
 from .model import LMModel
 from .run import (
     LOGS_DIR,
@@ -248,6 +249,8 @@ class _Run:
         module = ConditionedLM(lm=target.lm, condition_provider=target.condition_provider, fuser=target.fuser,
                                mask_condition_padding=target.mask_condition_padding)
         module.requires_grad_(True)
+        if config.lora is not None:  # only the adapters train (inference.finetune added them)
+            train_only_adapters(module)
         module.train()
         if config.grad_checkpointing:
             set_gradient_checkpointing(module.lm)

@@ -174,6 +174,10 @@ class LMModel(nn.Module):
         step on a CPU with bf16 instructions, at about half the logit error of running the
         whole model in bf16 (measured by ``bench/generate.py``). Returns ``self``.
         """
+        if any(not isinstance(w, torch.Tensor) for w in self.parameters_like_weights()):
+            raise ValueError("low-precision weights need plain float matrices; this model's are wrapped "
+                             "(LoRA adapters or quantized): merge the adapters first (tokenwave merge-lora), "
+                             "or load it in float32")
         for layer in self.transformer.layers:
             for attn in (layer.self_attn, layer.cross_attention):
                 if attn is not None:
@@ -184,6 +188,17 @@ class LMModel(nn.Module):
         for head in self.linears:
             head.weight.data = head.weight.data.to(dtype)
         return self
+
+    def parameters_like_weights(self) -> list:
+        """The matrix weights :meth:`low_precision_weights` converts (tensors, or the modules
+        that wrap them: LoRA, quantization)."""
+        out = []
+        for layer in self.transformer.layers:
+            for attn in (layer.self_attn, layer.cross_attention):
+                if attn is not None:
+                    out += [attn.in_proj_weight, attn.out_proj.weight]
+            out += [layer.linear1.weight, layer.linear2.weight]
+        return out + [head.weight for head in self.linears]
 
     def set_attention_backend(self, backend: str) -> None:
         """'sdpa' (default) or 'xformers' (CUDA only, when installed)."""

@@ -37,6 +37,7 @@ from codec.files import CheckpointError, read_json_file, read_pickle, read_safet
 from codec.training.run import CheckpointFolder, RunFolder, check_rng_files, jsonl_tracker, save_rng
 
 from .corpus import CaptionAugmentation
+from .lora import DEFAULT_TARGETS, LoRAConfig
 from .training import EMA, unshared
 
 RUN_FORMAT = "tokenwave-finetune"
@@ -65,7 +66,9 @@ class FinetuneConfig(DictConfig):
     run after that step without exporting (as if killed), for tests and time-boxed jobs.
     ``mixed_precision`` "auto" is bf16 on a GPU that supports it, else "no".
     ``train_text_encoder`` trains the T5 with the LM at ``lr * text_encoder_lr_scale``;
-    ``save_dtype`` is the storage type of the exported LM and T5 weights.
+    ``save_dtype`` is the storage type of the exported LM and T5 weights. ``lora``: train only
+    rank-``lora`` adapters on ``lora_targets`` (scale ``lora_alpha / lora``; :mod:`lm.lora`)
+    and export them alone.
     """
 
     data: str
@@ -111,10 +114,14 @@ class FinetuneConfig(DictConfig):
     cpu: bool = False
     log_with: str = "auto"
     save_dtype: str = "float32"
+    lora: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.model is None and self.from_scratch is None:
             raise ValueError("give a base model (model=/--model) or an LM size to train from scratch "
                              "(from_scratch=/--from-scratch)")
@@ -149,6 +156,16 @@ class FinetuneConfig(DictConfig):
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1, found {self.stop_after}")
         self.augmentation()  # checks the caption probabilities
+        self.lora_config()  # checks the rank, alpha and targets
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The adapters to train (None: the whole model trains)."""
+        if self.lora is None:
+            return None
+        if self.from_scratch or self.train_text_encoder:
+            raise ValueError("lora adapts a trained base model's LM: it cannot be combined with from_scratch "
+                             "or train_text_encoder")
+        return LoRAConfig(self.lora, self.lora_alpha, self.lora_targets)
 
     def precision(self) -> str:
         """accelerate's ``mixed_precision``: "auto" is bf16 on a GPU that supports it, else "no"."""

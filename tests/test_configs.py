@@ -16,6 +16,7 @@ from codec.config import PRESETS as CODEC_PRESETS
 from codec.config import DictConfig, EncodecConfig
 from inference.config import AUDIOGEN_CONFIG, GeneratorConfig
 from lm.corpus import TrackMeta
+from lm.lora import LoRAConfig
 from lm.model import PRESETS as LM_PRESETS
 from lm.model import LMConfig
 from lm.quant import QuantConfig
@@ -35,6 +36,7 @@ SAMPLES: dict[type, object] = {
     FinetuneConfig: FinetuneConfig(data="cache", out="run", model="tokenwave-small", betas=(0.8, 0.9),
                                    sample_prompts=("a", "b")),
     TrackMeta: TrackMeta(description="calm piano", moods=("happy", "calm"), bpm=90.0),
+    LoRAConfig: LoRAConfig(rank=4, alpha=8.0),
 }
 
 

@@ -5,6 +5,8 @@ T5 and LM training from the CLI.
     tokenwave make-text-encoder --captions DATA --out T5 [--vocab-size 1000 --d-model 256 ...]
     tokenwave finetune --model MODEL --data CACHE --out RUN [--steps ... --resume]
     tokenwave finetune --from-scratch SIZE --t5 T5 --train-text-encoder --data CACHE --out RUN
+    tokenwave finetune --model MODEL --data CACHE --out RUN --lora 8    # adapters alone -> RUN/model
+    tokenwave merge-lora RUN/model MERGED                                # base + adapters -> a generator
     accelerate launch --multi_gpu --num_processes 4 -m inference finetune ...   # DDP
     accelerate launch --multi_gpu --num_processes 2 -m inference finetune ... --cpu   # DDP on CPU (gloo)
 
@@ -153,6 +155,23 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_merge_lora(args) -> int:
+    from inference.formats import SAVE_DTYPES, detect_format, save_generator
+    from inference.generator import MusicGen
+    from lm.lora import merge_lora
+
+    if detect_format(args.adapter) != "lora":
+        raise CliError(f"{args.adapter}: not a LoRA adapter folder (no lora.json); pass the folder "
+                       "`tokenwave finetune --lora` wrote (RUN/model)")
+    generator = MusicGen.from_pretrained(args.adapter, device=parse_device(args.device), t5_path=args.t5_path)
+    merge_lora(generator.lm)
+    dtype = SAVE_DTYPES[args.save_dtype] if args.save_dtype else None
+    folder = save_generator(generator, args.out, overwrite=args.force, dtype=dtype)
+    if not args.quiet:
+        print(f"merge-lora: {args.adapter} over its base -> {folder}")
+    return 0
+
+
 def register(commands) -> None:
     """Add the ``prepare`` and ``finetune`` subcommands to ``tokenwave``'s subparsers."""
     quiet = argparse.ArgumentParser(add_help=False)
@@ -293,4 +312,24 @@ def register(commands) -> None:
                      help="train on the CPU even when a GPU is present (several CPU processes: "
                           "under accelerate "
                           "launch --multi_gpu --num_processes N or torchrun)")
+    sub.add_argument("--lora", type=int, default=sup, metavar="RANK",
+                     help="train only rank-RANK LoRA adapters (base frozen); OUT/model holds them alone")
+    sub.add_argument("--lora-alpha", type=float, default=sup, help="LoRA scale alpha / RANK (default RANK)")
+    sub.add_argument("--lora-targets", nargs="+", default=sup, metavar="TARGET",
+                     help="matrices to adapt: attn (default), self_attn, cross_attention, ffn, all, or "
+                          "self_attn.in_proj, self_attn.out_proj, cross_attention.in_proj, "
+                          "cross_attention.out_proj, linear1, linear2")
     sub.set_defaults(func=cmd_finetune)
+
+    sub = commands.add_parser(
+        "merge-lora", parents=[quiet], help="LoRA adapter folder + its base -> a full generator folder",
+        description="Load the base generator a LoRA adapter folder names, fold the adapters into its "
+                    "weights and write a plain tokenwave generator folder.")
+    sub.add_argument("adapter", metavar="ADAPTER", help="adapter folder (finetune --lora's RUN/model)")
+    sub.add_argument("out", metavar="OUT", help="generator folder to write")
+    sub.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"),
+                     help="storage type of the LM and T5 weights (default: as loaded, float32)")
+    sub.add_argument("--t5-path", metavar="FOLDER", help="T5 folder for an audiocraft base that names one")
+    sub.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    sub.add_argument("--force", action="store_true", help="replace an existing non-empty OUT")
+    sub.set_defaults(func=cmd_merge_lora)

@@ -4,6 +4,7 @@
 - ``"transformers"`` (:mod:`.transformers`): a Hugging Face MusicGen / MusicGen-melody folder,
   the only place its LM keys are translated to ours.
 - ``"audiocraft"`` (:mod:`.audiocraft`): ``state_dict.bin`` + ``compression_state_dict.bin``.
+- a LoRA adapter folder (:mod:`.lora`): its base generator, read by name, with the adapters applied.
 
 :func:`read_generator` returns the parts a generator is built from; it never builds one (the
 generator class is passed in through ``MusicGen.from_pretrained``, which calls it), so the
@@ -24,18 +25,21 @@ from .. import hub, registry
 from ..config import GeneratorConfig
 from .audiocraft import AUDIOCRAFT_LM, load_audiocraft
 from .loading import CONFIG_NAME, SAVE_DTYPES, GeneratorParts, LoadTarget, parse_dtype
-from .tokenwave import FORMAT_MARKER, FORMAT_VERSION, load_tokenwave, save_generator
+from .lora import apply_adapter, is_adapter, read_adapter, save_generator
+from .tokenwave import FORMAT_MARKER, FORMAT_VERSION, load_tokenwave
 from .transformers import MUSICGEN_TYPES, load_transformers
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``"tokenwave"``, ``"audiocraft"`` or ``"transformers"`` for a generator folder (or an
-    audiocraft ``state_dict.bin``)."""
+    """``"tokenwave"``, ``"audiocraft"``, ``"transformers"`` or ``"lora"`` (an adapter folder)
+    for a generator folder (or an audiocraft ``state_dict.bin``)."""
     path = Path(path)
     if path.is_file() and path.name == AUDIOCRAFT_LM:
         return "audiocraft"
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such generator folder")
+    if is_adapter(path):
+        return "lora"
     if (path / CONFIG_NAME).is_file():
         data = read_json_file(path / CONFIG_NAME)
         if data.get("format") == FORMAT_MARKER:
@@ -70,6 +74,13 @@ def read_generator(path_or_name: str | os.PathLike, *, default_config: Generator
     text = os.fspath(path_or_name)
     path = Path(text) if os.path.exists(text) and revision is None else \
         registry.find_generator(text, models_dir=models_dir, revision=revision)
+    if is_adapter(path):  # the base by name, then the adapters over its LM
+        adapter = read_adapter(path)
+        parts = read_generator(adapter.base, default_config=default_config, device=device, dtype=dtype,
+                               t5_path=t5_path or adapter.t5_path, models_dir=models_dir,
+                               max_duration=max_duration, extend_stride=extend_stride)
+        apply_adapter(parts.lm, adapter, path)
+        return parts
     target = LoadTarget(device, dtype)
     kind = detect_format(path)
     if kind == "audiocraft":

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_data import write_corpus
-from test_generator import build_tiny_generator, tiny_lm
+from test_finetune import setup  # noqa: F401  (fixture: base generator folder, token cache)
+from test_generator import tiny_lm
 
 from inference import MusicGen
 from inference.cli import main
@@ -21,21 +21,12 @@ from inference.finetune import finetune
 from inference.formats import detect_format
 from lm.lora import LoRAConfig, add_lora, has_lora, load_lora, lora_state_dict, merge_lora, train_only_adapters
 from lm.run import FinetuneConfig, list_checkpoints
-from lm.token_cache import CodecTokenizer, TokenCache, prepare_corpus
+from lm.token_cache import TokenCache
 from lm.training import ConditionedLM
 
 CAPTIONS = ["happy rock", None]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(base generator folder, token cache folder)."""
-    root = tmp_path_factory.mktemp("lora")
-    generator = build_tiny_generator(seed=3)
-    generator.save_pretrained(root / "base")
-    prepare_corpus(write_corpus(root / "corpus"), root / "cache", CodecTokenizer(generator.codec),
-                   segment_seconds=0.25, model_spec=str(root / "base"))
-    return root / "base", root / "cache"
 
 
 def codes_of(cache_dir: Path) -> torch.Tensor:
@@ -108,7 +99,7 @@ def test_adapters_refuse_what_does_not_fit():
         load_lora(lm, lora_state_dict(other))
 
 
-def test_finetune_with_lora_trains_and_exports_the_adapters_alone(setup, tmp_path):
+def test_finetune_with_lora_trains_and_exports_the_adapters_alone(setup, tmp_path):  # noqa: F811
     base, cache = setup
     out = tmp_path / "run"
     config = FinetuneConfig(model=str(base), data=str(cache), out=str(out), steps=3, batch_size=2, lr=2e-2,
@@ -161,7 +152,7 @@ def test_finetune_with_lora_trains_and_exports_the_adapters_alone(setup, tmp_pat
     assert torch.allclose(logits(merged, codes), logits(trained, codes), atol=1e-5)
 
 
-def test_a_lora_run_resumes_to_the_uninterrupted_adapters(setup, tmp_path):
+def test_a_lora_run_resumes_to_the_uninterrupted_adapters(setup, tmp_path):  # noqa: F811
     base, cache = setup
     config = FinetuneConfig(model=str(base), data=str(cache), out=str(tmp_path / "a"), steps=4, batch_size=2,
                             lr=1e-2, warmup=0, eval_every=0, save_every=2, seed=1, lora=2)
@@ -182,7 +173,7 @@ def test_lora_config_errors():
         FinetuneConfig(model="m", data="c", out="o", lora=4, lora_targets=("nope",))
 
 
-def test_cli_finetune_lora_generate_and_merge(setup, tmp_path, capsys):
+def test_cli_finetune_lora_generate_and_merge(setup, tmp_path, capsys):  # noqa: F811
     base, cache = setup
     run = tmp_path / "run"
     args = ["finetune", "--model", str(base), "--data", str(cache), "--out", str(run), "--steps", "2",

@@ -174,24 +174,18 @@ class LMModel(nn.Module):
         step on a CPU with bf16 instructions, at about half the logit error of running the
         whole model in bf16 (measured by ``bench/generate.py``). Returns ``self``.
         """
-        if any(not isinstance(w, torch.Tensor) for w in self.parameters_like_weights()):
+        weights = self.matrix_weights()
+        if any(not isinstance(w, torch.Tensor) for w in weights):
             raise ValueError("low-precision weights need plain float matrices; this model's are wrapped "
                              "(LoRA adapters or quantized): merge the adapters first (tokenwave merge-lora), "
                              "or load it in float32")
-        for layer in self.transformer.layers:
-            for attn in (layer.self_attn, layer.cross_attention):
-                if attn is not None:
-                    attn.in_proj_weight.data = attn.in_proj_weight.data.to(dtype)
-                    attn.out_proj.weight.data = attn.out_proj.weight.data.to(dtype)
-            layer.linear1.weight.data = layer.linear1.weight.data.to(dtype)
-            layer.linear2.weight.data = layer.linear2.weight.data.to(dtype)
-        for head in self.linears:
-            head.weight.data = head.weight.data.to(dtype)
+        for weight in weights:  # the parameter objects themselves: modules keep pointing at them
+            weight.data = weight.data.to(dtype)
         return self
 
-    def parameters_like_weights(self) -> list:
-        """The matrix weights :meth:`low_precision_weights` converts (tensors, or the modules
-        that wrap them: LoRA, quantization)."""
+    def matrix_weights(self) -> list:
+        """The projection, feed-forward and head matrices (tensors, or the modules that wrap
+        them: LoRA, quantization), in layer order."""
         out = []
         for layer in self.transformer.layers:
             for attn in (layer.self_attn, layer.cross_attention):

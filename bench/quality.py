@@ -48,6 +48,7 @@ import torch
 
 from codec import audio as audio_io
 from codec.model import EncodecModel
+from codec.training.buzz import buzz_db
 from codec.training.losses import MelDistance, si_snr
 
 OPUS_RATE = 48_000
@@ -125,16 +126,20 @@ def visqol_available() -> bool:
 
 class Scorer:
     """Mel distance and SI-SNR (and ViSQOL on request) of decoded ``(C, T)`` audio against the
-    original, both at ``sample_rate``: the codec trainer's validation metrics."""
+    original, both at ``sample_rate``: the codec trainer's validation metrics; with ``buzz_rate``,
+    the buzz at multiples of that frame rate (:func:`codec.training.buzz.buzz_db`)."""
 
-    def __init__(self, sample_rate: int) -> None:
+    def __init__(self, sample_rate: int, buzz_rate: float | None = None) -> None:
         self.sample_rate = sample_rate
         self.mel = MelDistance(sample_rate)
+        self.buzz_rate = buzz_rate
 
     def __call__(self, reference: torch.Tensor, decoded: torch.Tensor, *, visqol: bool = False) -> dict:
         ref, out = reference[None].float(), decoded[None].float()
         with torch.no_grad():
             scores = {"mel_distance": float(self.mel(out, ref)[0]), "si_snr": float(si_snr(out, ref)[0])}
+            if self.buzz_rate:
+                scores["buzz_db"] = buzz_db(reference, decoded, self.sample_rate, self.buzz_rate)
         if visqol:
             from codec.training.validate import visqol_score
 
@@ -165,15 +170,16 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def codec_quality(clips: Sequence[torch.Tensor], sample_rate: int, *, model: EncodecModel | None = None,
                   codebooks: Sequence[int] | None = None, opus_kbps: Sequence[float] | None = None,
-                  opus_frame_ms: float = 20.0, visqol_clips: int = 0,
+                  opus_frame_ms: float = 20.0, visqol_clips: int = 0, with_opus: bool = True,
                   log: Callable[[str], None] = lambda _: None) -> list[dict]:
     """Score the codec (when given) and Opus on clips ``(C, T)`` at ``sample_rate``.
 
     With a model, clips are first converted to its rate and channels; ``codebooks`` defaults to
     :func:`default_codebooks` and ``opus_kbps`` to 6 kbps and the codec's full bitrate. Opus
     rows are left out when libopus is not installed. Returns one dict per system with
-    ``system``, ``kbps``, ``measured_kbps``, ``mel_distance``, ``si_snr``, ``visqol`` (None when
-    not measured), ``visqol_clips``, ``clips`` and ``per_clip`` (the per-clip scores).
+    ``system``, ``kbps``, ``measured_kbps``, ``mel_distance``, ``si_snr``, ``buzz_db`` (at the codec's
+    frame rate, else Opus's), ``visqol`` (None when not measured), ``visqol_clips``, ``clips`` and
+    ``per_clip`` (the per-clip scores). ``with_opus=False`` leaves the Opus rows out.
     """
     if not clips:
         raise ValueError("no clips to score")
@@ -186,7 +192,7 @@ def codec_quality(clips: Sequence[torch.Tensor], sample_rate: int, *, model: Enc
     else:
         counts = []
         opus_kbps = list(opus_kbps) if opus_kbps else [6.0]
-    scorer = Scorer(sample_rate)
+    scorer = Scorer(sample_rate, buzz_rate=model.frame_rate if model is not None else 1000 / opus_frame_ms)
     if visqol_clips and not visqol_available():
         log("ViSQOL: visqol-python is not installed, reported as n/a")
         visqol_clips = 0
@@ -195,7 +201,9 @@ def codec_quality(clips: Sequence[torch.Tensor], sample_rate: int, *, model: Enc
         run = _codec_roundtrip(model, model.resolve_codebooks(n))
         systems.append((f"{model.name} ({n} codebook{'s' if n > 1 else ''})", n * model.bandwidth_per_codebook,
                         lambda wav, run=run: (run(wav), None, "")))
-    if opus_available():
+    if not with_opus:
+        pass
+    elif opus_available():
         for kbps in opus_kbps:
             systems.append((f"opus {kbps:g} kbps", kbps, lambda wav, kbps=kbps: opus_roundtrip(
                 wav, sample_rate, kbps=kbps, frame_ms=opus_frame_ms)))
@@ -214,6 +222,7 @@ def codec_quality(clips: Sequence[torch.Tensor], sample_rate: int, *, model: Enc
                "kbps": kbps, "measured_kbps": statistics.fmean(measured), "clips": len(clips),
                "mel_distance": statistics.fmean(s["mel_distance"] for s in per_clip),
                "si_snr": statistics.fmean(s["si_snr"] for s in per_clip),
+               "buzz_db": statistics.fmean(s["buzz_db"] for s in per_clip),
                "visqol": _mean([s.get("visqol") for s in per_clip]), "visqol_clips": min(visqol_clips, len(clips)),
                "per_clip": per_clip}
         rows.append(row)
@@ -223,12 +232,12 @@ def codec_quality(clips: Sequence[torch.Tensor], sample_rate: int, *, model: Enc
 
 def quality_table(rows: Sequence[dict]) -> str:
     """A markdown table of :func:`codec_quality` rows."""
-    lines = ["| system | kbps | measured kbps | mel distance | SI-SNR (dB) | ViSQOL | clips |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| system | kbps | measured kbps | mel distance | SI-SNR (dB) | frame-rate buzz (dB) | ViSQOL | clips |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         visqol = "n/a" if r["visqol"] is None else f"{r['visqol']:.2f} ({r['visqol_clips']} clips)"
         lines.append(f"| {r['system']} | {r['kbps']:.2f} | {r['measured_kbps']:.2f} | {r['mel_distance']:.3f} | "
-                     f"{r['si_snr']:.2f} | {visqol} | {r['clips']} |")
+                     f"{r['si_snr']:.2f} | {r['buzz_db']:.2f} | {visqol} | {r['clips']} |")
     return "\n".join(lines)
 
 
@@ -264,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="runs/train_small/corpus/valid",
                         help="held-out corpus split (default: train_small.sh's, %(default)s)")
     parser.add_argument("--train", default=None, help="corpus train split for the classifier (default: DATA/../train)")
-    parser.add_argument("--codec", default=None, help="codec name, folder or random:<preset>; a generator "
-                        "folder's codec is FOLDER/codec (default: Opus only)")
+    parser.add_argument("--codec", action="append", default=None,
+                        help="codec name, folder or random:<preset>; a generator folder's codec is FOLDER/codec "
+                             "(default: Opus only); repeatable: each codec is scored on the same clips, Opus "
+                             "rows at the first one's rate")
     parser.add_argument("--generator", default=None, help="generator name or folder (default: measures only)")
     parser.add_argument("--clips", type=int, default=8, help="held-out clips for codec quality (default 8)")
     parser.add_argument("--codebooks", type=lambda t: _numbers(t, int), default=None,
@@ -310,13 +321,16 @@ def _codec_section(args, report: dict) -> None:
     from codec.pretrained import load_codec, model_label
 
     clips, rate, names = load_clips(args.data, args.clips)
-    model = None
-    if args.codec:
-        model = load_codec(args.codec, torch.device(args.device))
-        report["codec"] = model_label(model)
+    models = [load_codec(name, torch.device(args.device)) for name in args.codec or []]
+    model = models[0] if models else None
+    if models:
+        report["codec"] = ", ".join(model_label(m) for m in models)
     _log(f"codec quality on {len(clips)} clips of {args.data}")
-    rows = codec_quality(clips, rate, model=model, codebooks=args.codebooks, opus_kbps=args.opus_kbps,
-                         opus_frame_ms=args.opus_frame_ms, visqol_clips=args.visqol_clips, log=_log)
+    rows = []
+    for index, each in enumerate(models or [None]):
+        rows += codec_quality(clips, rate, model=each, codebooks=args.codebooks, opus_kbps=args.opus_kbps,
+                              opus_frame_ms=args.opus_frame_ms, visqol_clips=args.visqol_clips,
+                              with_opus=index == len(models or [None]) - 1, log=_log)
     report["codec_quality"] = {"clips": names, "rows": rows}
     print(f"## Codec quality ({report.get('codec', 'no codec')}; {len(clips)} clip{'s' * (len(clips) > 1)} "
           f"of {args.data}, scored at {model.sample_rate if model else rate} Hz)\n")

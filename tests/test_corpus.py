@@ -68,6 +68,24 @@ def check_caption_against_midi(text: str, meta: dict, midi: mido.MidiFile) -> No
     assert facts["meter"] == (corpus["beats_per_bar"], 4)
 
 
+def check_score_caption_against_midi(text: str, meta: dict, midi: mido.MidiFile) -> None:
+    """A score clip: bpm, key and the lead (top voice, channel 0) instrument as the MIDI file has them."""
+    facts = midi_facts(midi)
+    bpm = round(facts["bpm"])
+    assert meta["bpm"] == bpm
+    for number in BPM.findall(text):
+        assert int(number) == bpm, text
+    for named in KEY.findall(text):
+        assert " ".join(named) == meta["key"], text
+    tonic, mode = meta["key"].split()
+    assert facts["key"] == tonic + ("m" if mode == "minor" else "")
+    corpus = meta["tokenwave_corpus"]
+    assert facts["programs"][0] == corpus["featured"]["program"] == corpus["programs"][0]
+    assert any(name in text.lower() for name in instrument(corpus["featured"]["program"]).names), text
+    assert corpus["tempo_word"] == tempo_word(bpm)
+    assert facts["meter"] == (corpus["beats_per_bar"], 4)
+
+
 def test_captions_state_what_the_midi_plays():
     styles, with_bpm = set(), 0
     for index in range(120):
@@ -146,7 +164,11 @@ def test_tiny_corpus_builds_with_captions_that_match(corpus):
         text = wav.with_suffix(".txt").read_text().strip()
         assert meta["description"] == text
         assert meta["tokenwave_corpus"]["split"] == wav.parent.name
-        check_caption_against_midi(text, meta, mido.MidiFile(wav.with_suffix(".mid")))
+        midi = mido.MidiFile(wav.with_suffix(".mid"))
+        if meta["tokenwave_corpus"]["source"] == "score":
+            check_score_caption_against_midi(text, meta, midi)
+        else:
+            check_caption_against_midi(text, meta, midi)
     assert "licence" in (corpus / "LICENSE").read_text().lower()
     assert "make_corpus.py" in (corpus / "README.md").read_text()
 
@@ -186,3 +208,41 @@ def test_missing_fluidsynth_says_how_to_install(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(render.shutil, "which", lambda name: None)
     assert make_corpus.main(["--out", str(tmp_path / "x"), "--clips", "1", "-q"]) == 2
     assert "apt-get install -y fluidsynth" in capsys.readouterr().err
+
+
+# -- score clips (music21) ---------------------------------------------------------------------------
+def test_score_clips_state_what_the_midi_plays():
+    """Excerpts of music21's scores: the caption's bpm, key and lead instrument are the MIDI file's, the
+    key is the score's analysed key moved by the clip's transposition, and the notes fill the clip."""
+    pytest.importorskip("music21")
+    from recipes.corpus import scores
+    from recipes.corpus.captions import piece_caption, piece_metadata
+
+    collections = set()
+    for index in range(24):
+        piece = scores.sample_piece(5, index, 4.0)
+        assert piece == scores.sample_piece(5, index, 4.0)  # drawn from (seed, index) alone
+        text = piece_caption(piece)
+        meta = piece_metadata(piece, text)
+        midi = scores.compose_piece(piece)
+        check_score_caption_against_midi(text, meta, midi)
+        assert round(midi_facts(midi)["bpm"]) == piece.tempo
+        _, _, score_tonic, score_mode, _ = scores.read_score(piece.source)
+        assert piece.mode == score_mode and (piece.tonic - score_tonic - piece.transpose) % 12 == 0
+        assert midi.length >= 4.0
+        collections.add(piece.collection)
+    assert collections == set(scores.COLLECTIONS)
+
+
+def test_a_corpus_with_scores_needs_music21(monkeypatch, tmp_path, capsys):
+    from recipes.corpus import scores
+
+    def missing():
+        raise scores.ScoreError("the score part of the corpus needs music21: pip install music21")
+
+    monkeypatch.setattr(scores, "music21_version", missing)
+    if SOUNDFONT is None:
+        pytest.skip("fluidsynth or a GM soundfont is not installed")
+    assert build(tmp_path / "x") == 2
+    assert "pip install music21" in capsys.readouterr().err
+    assert build(tmp_path / "y", "--score-fraction", "0") == 0  # procedural songs only: no music21

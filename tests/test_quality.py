@@ -20,6 +20,7 @@ import torch
 from bench import adherence, quality
 from codec import audio as audio_io
 from codec.model import PRESETS
+from codec.training.buzz import buzz_db
 from codec.training.losses import MelDistance, si_snr
 from inference.cli import random_model
 
@@ -92,7 +93,8 @@ def tiny_codec():
     return random_model(replace(PRESETS["encodec_32khz"], name="tiny32", n_filters=2, dimension=8, lstm=0))
 
 
-ROW_KEYS = {"system", "kbps", "measured_kbps", "mel_distance", "si_snr", "visqol", "visqol_clips", "clips", "per_clip"}
+ROW_KEYS = {"system", "kbps", "measured_kbps", "mel_distance", "si_snr", "buzz_db", "visqol", "visqol_clips", "clips",
+            "per_clip"}
 
 
 def test_codec_quality_end_to_end_on_a_tiny_codec(tiny_codec):
@@ -118,7 +120,12 @@ def test_codec_quality_end_to_end_on_a_tiny_codec(tiny_codec):
     assert rows[1]["per_clip"][0]["si_snr"] == pytest.approx(float(si_snr(decoded, reference[None])), abs=1e-4)
     assert rows[1]["per_clip"][0]["mel_distance"] == pytest.approx(float(MelDistance(32_000)(decoded, reference[None])),
                                                                    abs=1e-5)
+    assert rows[1]["per_clip"][0]["buzz_db"] == pytest.approx(
+        buzz_db(reference, decoded[0], 32_000, tiny_codec.frame_rate), abs=1e-4)
     assert "| tiny32 (4 codebooks) | 2.20 |" in quality.quality_table(rows)
+    assert "frame-rate buzz (dB)" in quality.quality_table(rows)
+    only = quality.codec_quality(clips, 16_000, model=tiny_codec, codebooks=[4], with_opus=False)
+    assert [row["system"] for row in only] == ["tiny32 (4 codebooks)"]
 
 
 def test_default_codebooks_are_the_trained_bandwidths_and_all(tiny_codec):

@@ -14,6 +14,7 @@ from .loop import CheckpointManager, LoopConfig, TrainingLoop, codebook_choices
 from .losses import (
                      MelDistance,
                      MelSpectrogram,
+                     MultiResolutionSTFTLoss,
                      MultiScaleMelLoss,
                      feature_matching_loss,
                      hinge_discriminator_loss,
@@ -35,7 +36,7 @@ from .trainer import (
 __all__ = [
     "Balancer", "Corpus", "RandomClips", "StepBatchSampler", "scan_audio_folder",
     "MultiScaleSTFTDiscriminator", "STFTDiscriminator", "MelDistance", "MelSpectrogram",
-    "MultiScaleMelLoss", "feature_matching_loss", "hinge_discriminator_loss",
+    "MultiScaleMelLoss", "MultiResolutionSTFTLoss", "feature_matching_loss", "hinge_discriminator_loss",
     "hinge_generator_loss", "l1_time_loss", "mel_filterbank", "si_snr", "LOSS_WEIGHTS",
     "CheckpointManager", "CodecTrainConfig", "CodecTrainer", "CodecTrainingModule",
     "EntropyLMTrainConfig", "EntropyLMTrainer", "build_codec", "codebook_choices",

@@ -46,6 +46,7 @@ from .discriminator import DEFAULT_WINDOWS, MultiScaleSTFTDiscriminator
 from .loop import LoopConfig, TrainingLoop, codebook_choices
 from .losses import (
     MelDistance,
+    MultiResolutionSTFTLoss,
     MultiScaleMelLoss,
     feature_matching_loss,
     hinge_discriminator_loss,
@@ -55,12 +56,16 @@ from .losses import (
 from .run import mix_seed
 from .validate import codec_metrics
 
+TRAIN_PARTS = ("all", "decoder")
 LOSS_WEIGHTS: dict[str, dict[str, float]] = {
     "paper": {"l1": 0.1, "mel": 1.0, "adv": 3.0, "feat": 3.0},
     "audiocraft": {"l1": 0.1, "mel": 2.0, "adv": 4.0, "feat": 4.0},
     # No discriminator: about twice as fast per step; a cheap warm start (or a whole run on
     # CPU) whose audio is smoother than the adversarial recipe's.
     "reconstruction": {"l1": 0.1, "mel": 1.0},
+    # Reconstruction plus linear-frequency STFT losses (MultiResolutionSTFTLoss), which resolve the
+    # narrow lines of a frame-rate buzz that mel bands average away; no discriminator (CPU budget).
+    "spectral": {"l1": 0.1, "mel": 1.0, "stft": 1.0},
 }
 
 @dataclass(frozen=True)
@@ -82,6 +87,10 @@ class CodecTrainConfig(LoopConfig):
     # 2.0 scaled down by the latents a step actually gives each code (at most 2.0).
     dead_code_threshold: float | None = None
     visqol_clips: int = 4  # validation clips scored by ViSQOL when visqol-python is installed
+    # "all", or "decoder": the encoder and codebooks frozen (no gradients, no EMA updates, no dead-code
+    # re-seeding), so a trained codec's tokens stay exactly the same while its decoder is fine-tuned
+    # (e.g. adversarially, to remove artifacts): token caches and LMs trained on them remain valid.
+    train_parts: str = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,6 +99,8 @@ class CodecTrainConfig(LoopConfig):
         self.weights()  # validates
         if not 0 <= self.disc_update_prob <= 1:
             raise ValueError(f"disc_update_prob must be in [0, 1], got {self.disc_update_prob}")
+        if self.train_parts not in TRAIN_PARTS:
+            raise ValueError(f"train_parts must be one of {TRAIN_PARTS}, got {self.train_parts!r}")
 
     def weights(self) -> dict[str, float]:
         """The balanced losses' weights, zero weights left out."""
@@ -100,9 +111,9 @@ class CodecTrainConfig(LoopConfig):
             weights = LOSS_WEIGHTS[self.loss_weights]
         else:
             weights = dict(self.loss_weights)
-        unknown = set(weights) - set(LOSS_WEIGHTS["paper"])
+        unknown = set(weights) - {"l1", "mel", "stft", "adv", "feat"}
         if unknown:
-            raise ValueError(f"unknown losses {sorted(unknown)}; expected l1, mel, adv, feat")
+            raise ValueError(f"unknown losses {sorted(unknown)}; expected l1, mel, stft, adv, feat")
         weights = {k: float(v) for k, v in weights.items() if v}
         if not weights:
             raise ValueError("all loss weights are zero")
@@ -121,9 +132,21 @@ class CodecTrainingModule(nn.Module):
     different codes and the EMA codebook updates would lose precision.
     """
 
-    def __init__(self, model: EncodecModel) -> None:
+    def __init__(self, model: EncodecModel, *, decoder_only: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.decoder_only = decoder_only
+        if decoder_only:
+            for module in (model.encoder, model.quantizer):
+                module.requires_grad_(False)
+        self.train(model.training)
+
+    def train(self, mode: bool = True) -> CodecTrainingModule:
+        super().train(mode)
+        if self.decoder_only:  # frozen parts stay in eval mode: no codebook EMA, no re-seeding
+            self.model.encoder.eval()
+            self.model.quantizer.eval()
+        return self
 
     def forward(self, wav: torch.Tensor, num_codebooks: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +155,8 @@ class CodecTrainingModule(nn.Module):
         if model.normalize:  # as EncodecModel.encode: unit RMS per item, restored after
             scale = 1e-8 + wav.mean(dim=1, keepdim=True).pow(2).mean(dim=2, keepdim=True).sqrt()
             wav = wav / scale
-        latent = model.encoder(wav)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            latent = model.encoder(wav)
         with torch.autocast(device_type=wav.device.type, enabled=False):
             quantized = model.quantizer(latent.float(), num_codebooks)
         out = model.decoder(quantized.quantized.to(latent.dtype))[..., : wav.shape[-1]]
@@ -202,15 +226,18 @@ class CodecTrainer(TrainingLoop):
         self.mel_loss = MultiScaleMelLoss(sample_rate=model.sample_rate,
                                           scales=config.mel_scales).to(device)
         self.mel_distance = MelDistance(model.sample_rate).to(device)
+        self.stft_loss = MultiResolutionSTFTLoss().to(device)
         self.choices = codebook_choices(model)
         self.dead_code_threshold = set_dead_code_threshold(
             model, config.dead_code_threshold,
             latents_per_step=config.batch_size * accelerator.num_processes
             * math.ceil(self.segment_samples / model.config.hop_length))
-        gen_opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+        decoder_only = config.train_parts == "decoder"
+        trained = model.decoder.parameters() if decoder_only else model.parameters()
+        gen_opt = torch.optim.Adam(trained, lr=config.lr, betas=config.betas)
         disc_opt = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
         self.generator, self.discriminator, self.gen_opt, self.disc_opt = accelerator.prepare(
-            CodecTrainingModule(model), discriminator, gen_opt, disc_opt)
+            CodecTrainingModule(model, decoder_only=decoder_only), discriminator, gen_opt, disc_opt)
         self.valid_batch = self._valid_batch(valid_data)
 
     def _valid_batch(self, data: RandomClips | None) -> torch.Tensor | None:
@@ -269,6 +296,8 @@ class CodecTrainer(TrainingLoop):
             losses["l1"] = l1_time_loss(decoded, wav)
         if "mel" in weights:
             losses["mel"] = self.mel_loss(decoded, wav)
+        if "stft" in weights:
+            losses["stft"] = self.stft_loss(decoded, wav)
         if self.config.adversarial:
             # The plain module: only the output's gradient is taken here, no DDP involved.
             discriminator = self.plain_discriminator
@@ -304,7 +333,8 @@ class CodecTrainer(TrainingLoop):
                              choices=self.choices, num_codebooks=self.model.num_codebooks,
                              kbps_per_codebook=self.model.bandwidth_per_codebook,
                              sample_rate=self.model.sample_rate, mel_distance=self.mel_distance,
-                             mel_loss=self.mel_loss, visqol_clips=self.config.visqol_clips)
+                             mel_loss=self.mel_loss, visqol_clips=self.config.visqol_clips,
+                             frame_rate=self.model.frame_rate)
 
     def state_dict(self) -> dict:
         scaler = self.accelerator.scaler

@@ -15,6 +15,7 @@ import torch
 
 from .. import audio
 from ..resample import convert_audio
+from .buzz import buzz_db
 from .losses import MelDistance, MultiScaleMelLoss, l1_time_loss, si_snr
 
 Reconstruct = Callable[[torch.Tensor, int], torch.Tensor]
@@ -44,12 +45,14 @@ def visqol_score(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: i
 
 def codec_metrics(wav: torch.Tensor, reconstruct: Reconstruct, *, choices: list[int],
                   num_codebooks: int, kbps_per_codebook: float, sample_rate: int,
-                  mel_distance: MelDistance, mel_loss: MultiScaleMelLoss, visqol_clips: int
-                  ) -> dict[str, float]:
+                  mel_distance: MelDistance, mel_loss: MultiScaleMelLoss, visqol_clips: int,
+                  frame_rate: float | None = None) -> dict[str, float]:
     """SI-SNR (dB), mel distance and (if installed) ViSQOL of ``reconstruct(wav, n)`` for each
     codebook count ``n`` in ``choices``, and the reconstruction losses at ``num_codebooks``.
 
     ``wav`` is ``(B, C, T)``; ``reconstruct`` returns the decoded ``(B, C, T)`` in eval mode.
+    With ``frame_rate`` and clips of at least 1 s, ``valid_buzz`` is the mean frame-rate buzz
+    (:func:`~codec.training.buzz.buzz_db`, 2 Hz bins) at ``num_codebooks``.
     """
     out: dict[str, float] = {}
     for n in choices:
@@ -60,6 +63,9 @@ def codec_metrics(wav: torch.Tensor, reconstruct: Reconstruct, *, choices: list[
     decoded = reconstruct(wav, num_codebooks)
     out["valid_l1"] = l1_time_loss(decoded, wav).item()
     out["valid_mel"] = mel_loss(decoded, wav).item()
+    if frame_rate is not None and wav.shape[-1] >= sample_rate:
+        out["valid_buzz"] = sum(buzz_db(wav[i], decoded[i], sample_rate, frame_rate, resolution_hz=2.0)
+                                for i in range(wav.shape[0])) / wav.shape[0]
     scores = [visqol_score(wav[i], decoded[i], sample_rate)
               for i in range(min(visqol_clips, wav.shape[0]))]
     scores = [score for score in scores if score is not None]

@@ -31,7 +31,7 @@ DEFAULT_PRESET = "encodec_24khz"
 # Flags that set a LoopConfig / CodecTrainConfig field of the same name.
 _LOOP_FLAGS = ("steps", "batch_size", "segment_seconds", "lr", "seed", "log_every", "valid_every",
                "valid_clips", "checkpoint_every", "keep_last", "num_workers")
-_CODEC_FLAGS = ("loss_weights", "disc_update_prob", "disc_filters", "dead_code_threshold")
+_CODEC_FLAGS = ("loss_weights", "disc_update_prob", "disc_filters", "dead_code_threshold", "train_parts")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -168,6 +168,9 @@ def cmd_train_codec(args) -> int:
             except (FileNotFoundError, ValueError) as error:
                 raise CliError(str(error)) from None
         else:
+            if values.get("train_parts") == "decoder":
+                raise CliError("--train-parts decoder fine-tunes the decoder of a trained codec: pass it "
+                               "with --from CODEC")
             preset = args.preset or DEFAULT_PRESET
             try:
                 codec_config = dataclasses.replace(PRESETS[preset], name=name,
@@ -274,9 +277,11 @@ def register(subparsers) -> None:
     sub.add_argument("--segment-seconds", type=float,
                      help="clip length (codec 1 s as the paper, LM 5 s)")
     sub.add_argument("--lr", type=float, help="learning rate (codec 3e-4, LM 5e-4)")
-    sub.add_argument("--loss-weights", choices=("paper", "audiocraft", "reconstruction"),
+    sub.add_argument("--loss-weights", choices=("paper", "audiocraft", "reconstruction", "spectral"),
                      help="paper: l1 0.1, mel 1, adv 3, feat 3 (default); audiocraft: 0.1, 2, 4, "
-                          "4; reconstruction: l1 0.1, mel 1, no discriminator (~2x faster)")
+                          "4; reconstruction: l1 0.1, mel 1, no discriminator (~2x faster); spectral: "
+                          "reconstruction + linear-frequency STFT loss 1 (resolves frame-rate buzz lines; "
+                          "no discriminator)")
     sub.add_argument("--dead-code-threshold", type=float,
                      help="EMA uses per step under which a code is re-seeded (default: 2.0 as "
                           "the paper at its 4.7 latents per code per step, scaled down for "
@@ -286,6 +291,10 @@ def register(subparsers) -> None:
     sub.add_argument("--disc-filters", type=int,
                      help="discriminator width (default 32 as the paper; less is cheaper, "
                           "e.g. 8 for trials on CPU)")
+    sub.add_argument("--train-parts", choices=("all", "decoder"),
+                     help="decoder: freeze the encoder and codebooks of --from's codec and train its decoder "
+                          "only, so its tokens stay exactly the same (token caches and LMs made with it stay "
+                          "valid); default all")
     sub.add_argument("--valid", metavar="DIR", help="validation folder (default: other random "
                      "clips of DATA, so not held out)")
     sub.add_argument("--valid-clips", type=int, help="validation clips (default 16; 0 = none)")

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import random
 
+from pathlib import Path
+
 from .compose import SongSpec
-from .instruments import DRUM_KITS, instrument
+from .instruments import DRUM_KITS, INSTRUMENTS, instrument
+from .scores import GENRE, NOUNS, Piece
 from .styles import STYLES
 
 TEMPO_WORDS = {"slow": ("slow", "slow-paced", "leisurely"),
@@ -21,6 +24,9 @@ DYNAMICS_PHRASES = {"soft": ("played softly", "quiet and gentle", "soft and deli
                     "medium": ("", "", "at a comfortable volume"),
                     "loud": ("played loud", "loud and punchy", "big and powerful")}
 CRESCENDO_PHRASES = ("that slowly builds", "building in intensity", "growing louder as it goes")
+# How often a caption states the key (with its mode), the bpm and the genre (recipe version 2 states
+# them more often than version 1's 0.6 / 0.6 / sometimes: prompts that name them should be followed).
+KEY_SHARE, BPM_SHARE, GENRE_SHARE = 0.9, 0.85, 0.6
 
 
 def tempo_word(bpm: int) -> str:
@@ -68,8 +74,8 @@ def caption(spec: SongSpec) -> str:
     key = rng.choice((f" in {spec.key_name}", f" in the key of {spec.key_name}", f", {spec.key_name}"))
     bpm = rng.choice((f" at {spec.tempo} bpm", f", {spec.tempo} BPM", f" at {spec.tempo} beats per minute",
                       f" around {spec.tempo} bpm"))
-    key = key if rng.random() < 0.6 else ""
-    bpm = bpm if rng.random() < 0.6 else ""
+    key = key if rng.random() < KEY_SHARE else ""
+    bpm = bpm if rng.random() < BPM_SHARE else ""
     dynamics = rng.choice(DYNAMICS_PHRASES[spec.dynamics])
     if spec.crescendo:
         dynamics = rng.choice(CRESCENDO_PHRASES)
@@ -103,9 +109,75 @@ def caption(spec: SongSpec) -> str:
             f"instrumental {noun} led by {lead}{backed}; {mood}, {tempo}{bpm}{key}",
         ))
     text = f"{text}{extra}"
+    if style.genre not in text and rng.random() < GENRE_SHARE:
+        text += rng.choice((f", {style.genre}", f"; genre: {style.genre}", f", {style.genre} style"))
     if rng.random() < 0.5:
         text = text[0].upper() + text[1:]
     return text + ("." if rng.random() < 0.4 else "")
+
+
+def piece_caption(piece: Piece) -> str:
+    """A caption for a score excerpt, e.g. ``"a slow, solemn Bach chorale for string quartet, violin
+    on the top line, in G minor at 66 bpm"``: instrument, tempo, key and mode, mood, genre."""
+    rng = random.Random(piece.caption_seed)
+    noun = rng.choice(NOUNS[piece.collection])
+    tempo = rng.choice(TEMPO_WORDS[tempo_word(piece.tempo)])
+    mood = _join(list(piece.moods))
+    names = instrument(piece.programs[0]).names
+    lead = names[0] if rng.random() < 0.6 else rng.choice(names)
+    key = rng.choice((f" in {piece.key_name}", f" in the key of {piece.key_name}", f", {piece.key_name}"))
+    bpm = rng.choice((f" at {piece.tempo} bpm", f", {piece.tempo} BPM", f" around {piece.tempo} bpm"))
+    key = key if rng.random() < KEY_SHARE else ""
+    bpm = bpm if rng.random() < BPM_SHARE else ""
+    genre = GENRE[piece.collection]
+    if piece.ensemble == "solo":
+        text = rng.choice((
+            f"{_article(tempo)} {tempo}, {mood} {noun} for solo {lead}{key}{bpm}",
+            f"solo {lead}: {_article(mood)} {mood}, {tempo} {noun}{key}{bpm}",
+            f"instrumental {noun} led by {lead}; {mood}, {tempo}{bpm}{key}",
+        ))
+    else:
+        group = piece.ensemble
+        text = rng.choice((
+            f"{_article(tempo)} {tempo}, {mood} {noun} for {group}, {lead} on the melody{key}{bpm}",
+            f"{mood} {noun} played by {group} with {lead} lead; {tempo}{bpm}{key}",
+            f"instrumental {noun} led by {lead}, {group}; {mood}, {tempo}{bpm}{key}",
+        ))
+    if rng.random() < GENRE_SHARE:
+        text += rng.choice((f", {genre}", f"; genre: {genre}", f", {genre} style"))
+    if rng.random() < 0.5:
+        text = text[0].upper() + text[1:]
+    return text + ("." if rng.random() < 0.4 else "")
+
+
+def piece_metadata(piece: Piece, description: str) -> dict:
+    """The sidecar of a score clip: the same fields as :func:`metadata` (the featured part is the top voice)."""
+    lead = instrument(piece.programs[0])
+    return {
+        "title": f"{piece.collection}: {Path(piece.source).stem} (clip {piece.index})",
+        "description": description,
+        "genre": GENRE[piece.collection],
+        "moods": list(piece.moods),
+        "keywords": list(dict.fromkeys([piece.collection, tempo_word(piece.tempo), piece.dynamics, piece.ensemble,
+                                        lead.family, "instrumental"])),
+        "instrument": list(dict.fromkeys(p for p in (_program_name(q) for q in piece.programs) if p)),
+        "bpm": piece.tempo,
+        "key": piece.key_name,
+        "tokenwave_corpus": {
+            "index": piece.index, "source": "score", "collection": piece.collection, "score": piece.source,
+            "ensemble": piece.ensemble, "programs": list(piece.programs), "tempo": piece.tempo,
+            "beats_per_bar": piece.beats_per_bar, "tonic": piece.tonic, "mode": piece.mode, "key": piece.key_name,
+            "transpose": piece.transpose, "dynamics": piece.dynamics, "reverb": piece.reverb,
+            "moods": list(piece.moods), "caption_seed": piece.caption_seed,
+            "featured": {"role": "lead", "program": lead.program, "name": lead.name, "family": lead.family},
+            "tempo_word": tempo_word(piece.tempo),
+            "time_signature": f"{piece.beats_per_bar}/4",
+        },
+    }
+
+
+def _program_name(program: int) -> str | None:
+    return INSTRUMENTS[program].name if program in INSTRUMENTS else None
 
 
 def metadata(spec: SongSpec, description: str) -> dict:
@@ -135,4 +207,4 @@ def metadata(spec: SongSpec, description: str) -> dict:
     }
 
 
-__all__ = ["caption", "metadata", "tempo_word"]
+__all__ = ["caption", "metadata", "piece_caption", "piece_metadata", "tempo_word"]

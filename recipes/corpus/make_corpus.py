@@ -39,15 +39,19 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import soundfile as sf  # noqa: E402
 
 from codec.files import atomic_write, read_json_file, write_json_file  # noqa: E402
-from recipes.corpus import render  # noqa: E402
-from recipes.corpus.captions import caption, metadata  # noqa: E402
+from recipes.corpus import render, scores  # noqa: E402
+from recipes.corpus.captions import caption, metadata, piece_caption, piece_metadata  # noqa: E402
 from recipes.corpus.compose import clip_random, compose, sample_spec  # noqa: E402
 from recipes.corpus.styles import STYLES  # noqa: E402
 
 FORMAT = "tokenwave-music-corpus"
 # Bump when a change to the recipe changes what a (seed, index) pair renders: resuming a corpus
 # built by another version would mix two recipes.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+# Default soundfonts and how often each plays a clip, when installed (recipe version 2: several fonts
+# for more timbres; MuseScore's .sf3 is 5x slower to load, so it plays fewer clips).
+SOUNDFONT_WEIGHTS = {"FluidR3_GM.sf2": 0.6, "TimGM6mb.sf2": 0.3, "MuseScore_General_Lite.sf3": 0.1}
+SCORE_FRACTION = 0.3
 SETTINGS_NAME = "corpus.json"
 SPLITS = ("train", "valid")
 
@@ -61,23 +65,27 @@ class Settings:
     sample_rate: int
     channels: int
     valid_fraction: float
-    soundfont: str
-    soundfont_bytes: int
+    soundfonts: tuple[str, ...]
+    soundfont_bytes: tuple[int, ...]
+    soundfont_weights: tuple[float, ...]
+    score_fraction: float
+    music21: str | None  # the version whose corpus and key analysis the score clips come from
     recipe_version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, **asdict(self)}
+        data = {"format": FORMAT, **asdict(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
 @dataclass(frozen=True)
 class ClipJob:
-    """One clip to build: its index, split and folder, and the soundfont to render it with."""
+    """One clip to build: its index, split and folder, and the soundfonts it draws one from."""
 
     index: int
     split: str
     folder: Path
     settings: Settings
-    soundfont: render.Soundfont
+    soundfonts: tuple[render.Soundfont, ...]
 
     @property
     def stem(self) -> Path:
@@ -107,21 +115,30 @@ def build_clip(job: ClipJob) -> ClipResult:
     if is_complete(stem):
         return ClipResult(job.index, job.split, False, settings.clip_seconds)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    spec = sample_spec(settings.seed, job.index)
+    draw = clip_random(settings.seed, job.index, "source")
+    soundfont = draw.choices(job.soundfonts, weights=settings.soundfont_weights)[0]
+    if draw.random() < settings.score_fraction:
+        piece = scores.sample_piece(settings.seed, job.index, settings.clip_seconds)
+        midi, dynamics = scores.compose_piece(piece), piece.dynamics
+        text = piece_caption(piece)
+        meta = piece_metadata(piece, text)
+    else:
+        spec = sample_spec(settings.seed, job.index)
+        midi, dynamics = compose(spec, settings.clip_seconds), spec.dynamics
+        text = caption(spec)
+        meta = metadata(spec, text)
+        meta["tokenwave_corpus"]["source"] = "procedural"
     midi_path = stem.with_suffix(".mid")
-    atomic_write(midi_path, lambda tmp: compose(spec, settings.clip_seconds).save(filename=str(tmp)),
-                 overwrite=True)
-    audio = render.render_midi(midi_path, job.soundfont, settings.sample_rate)
+    atomic_write(midi_path, lambda tmp: midi.save(filename=str(tmp)), overwrite=True)
+    audio = render.render_midi(midi_path, soundfont, settings.sample_rate)
     audio = render.finish(audio, sample_rate=settings.sample_rate, seconds=settings.clip_seconds,
-                          channels=settings.channels, dynamics=spec.dynamics)
+                          channels=settings.channels, dynamics=dynamics)
     atomic_write(stem.with_suffix(".wav"),
                  lambda tmp: sf.write(tmp, audio, settings.sample_rate, subtype="PCM_16", format="WAV"),
                  overwrite=True)
-    text = caption(spec)
-    meta = metadata(spec, text)
     meta["tokenwave_corpus"].update(split=job.split, corpus_seed=settings.seed,
                                     clip_seconds=settings.clip_seconds, sample_rate=settings.sample_rate,
-                                    soundfont=settings.soundfont)
+                                    soundfont=soundfont.path.name)
     atomic_write(stem.with_suffix(".txt"), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"),
                  overwrite=True)
     write_json_file(stem.with_suffix(".json"), meta)
@@ -144,8 +161,8 @@ def check_settings(out: Path, settings: Settings) -> None:
         write_json_file(path, settings.to_dict())
 
 
-def plan(out: Path, settings: Settings, soundfont: render.Soundfont, clips: int) -> list[ClipJob]:
-    return [ClipJob(i, split_of(settings.seed, i, settings.valid_fraction), out, settings, soundfont)
+def plan(out: Path, settings: Settings, soundfonts: tuple[render.Soundfont, ...], clips: int) -> list[ClipJob]:
+    return [ClipJob(i, split_of(settings.seed, i, settings.valid_fraction), out, settings, soundfonts)
             for i in range(clips)]
 
 
@@ -175,27 +192,34 @@ def _examples(out: Path, split: str, count: int) -> list[str]:
     return [f"- `{split}/{f.stem}.wav`: {f.read_text(encoding='utf-8').strip()}" for f in files]
 
 
-def write_readme(out: Path, settings: Settings, soundfont: render.Soundfont, clips: int,
+def write_readme(out: Path, settings: Settings, soundfonts: tuple[render.Soundfont, ...], clips: int,
                  command: str) -> None:
-    """README.md (what, how many, how to rebuild) and LICENSE (the recipe's and the soundfont's terms)."""
-    counts = Counter(read_json_file(p, "a clip's metadata")["tokenwave_corpus"]["split"]
-                     for split in SPLITS for p in sorted((out / split).glob("*.json")))
+    """README.md (what, how many, how to rebuild) and LICENSE (the recipe's and the soundfonts' terms)."""
+    sidecars = [read_json_file(p, "a clip's metadata")["tokenwave_corpus"]
+                for split in SPLITS for p in sorted((out / split).glob("*.json"))]
+    counts = Counter(meta["split"] for meta in sidecars)
+    sources = Counter(meta.get("collection", "procedural song") for meta in sidecars)
+    fonts = Counter(meta["soundfont"] for meta in sidecars)
     hours = {split: counts[split] * settings.clip_seconds / 3600 for split in SPLITS}
     readme = [
-        "# tokenwave procedural music corpus",
+        "# tokenwave music corpus",
         "",
         "Procedural compositions (melody, chords, bass, drums) in "
-        f"{len(STYLES)} styles ({', '.join(STYLES)}), written as MIDI and rendered with fluidsynth and a "
-        "General MIDI soundfont. Every caption is written from the parameters the music was played from.",
+        f"{len(STYLES)} styles ({', '.join(STYLES)}) and excerpts of human-composed scores from the music21 "
+        "corpus (Bach chorales, Ryan's Mammoth Collection dance tunes; transposed, at drawn tempi, dynamics "
+        "and instruments), written as MIDI and rendered with fluidsynth and General MIDI soundfonts. Every "
+        "caption is written from the parameters the music was played from.",
         "",
         f"- clips: {counts['train']} train ({hours['train']:.2f} h), {counts['valid']} valid "
         f"({hours['valid']:.2f} h), {settings.clip_seconds:g} s each",
+        "- sources: " + ", ".join(f"{name} {n}" for name, n in sorted(sources.items())),
         f"- audio: {settings.sample_rate} Hz, {settings.channels} channel(s), 16-bit WAV",
-        f"- seed {settings.seed}, held-out fraction {settings.valid_fraction:g}, recipe version "
-        f"{settings.recipe_version}",
-        f"- soundfont: {soundfont.title} (`{soundfont.path.name}`), licence {soundfont.licence}: see LICENSE",
+        f"- seed {settings.seed}, held-out fraction {settings.valid_fraction:g}, score fraction "
+        f"{settings.score_fraction:g} (music21 {settings.music21}), recipe version {settings.recipe_version}",
+        *(f"- soundfont: {font.title} (`{font.path.name}`), licence {font.licence}, {fonts[font.path.name]} clips"
+          for font in soundfonts),
         "",
-        f"Rebuild (the same files, byte for byte, with the same soundfont and fluidsynth "
+        f"Rebuild (the same files, byte for byte, with the same soundfonts, music21 and fluidsynth "
         f"{render.fluidsynth_version()}):",
         "",
         f"    {command}",
@@ -213,11 +237,12 @@ def write_readme(out: Path, settings: Settings, soundfont: render.Soundfont, cli
     (out / "README.md").write_text("\n".join(readme), encoding="utf-8")
     licence = [
         "Compositions, MIDI files and captions: generated by tokenwave's recipes/corpus (MIT licence, like",
-        "tokenwave); they contain no third-party material.",
+        "tokenwave). Score clips are arrangements of public-domain works (J. S. Bach's chorales, the tunes of",
+        "Ryan's Mammoth Collection, 1883) as encoded in the music21 corpus (see music21's corpus licence).",
         "",
-        "Audio: rendered from the MIDI files with the soundfont below; its samples' licence applies.",
+        "Audio: rendered from the MIDI files with the soundfonts below; their samples' licences apply.",
         "",
-        render.licence_text(soundfont),
+        *(render.licence_text(font) for font in soundfonts),
     ]
     (out / "LICENSE").write_text("\n".join(licence), encoding="utf-8")
 
@@ -230,8 +255,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--hours", type=float, help="hours of audio (rounded up to whole clips)")
     size.add_argument("--clips", type=int, help="number of clips (instead of --hours)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
-    parser.add_argument("--soundfont", type=Path,
-                        help="GM soundfont (.sf2); default: FluidR3_GM, else TimGM6mb")
+    parser.add_argument("--soundfont", type=Path, action="append",
+                        help="GM soundfont (.sf2/.sf3), repeatable: clips draw one each (default: those of "
+                             f"{', '.join(SOUNDFONT_WEIGHTS)} that are installed, weights "
+                             f"{', '.join(f'{w:g}' for w in SOUNDFONT_WEIGHTS.values())}; else TimGM6mb)")
+    parser.add_argument("--score-fraction", type=float, default=SCORE_FRACTION,
+                        help=f"share of clips from music21 scores (default {SCORE_FRACTION:g}; 0: procedural "
+                             "songs only, no music21 needed)")
     parser.add_argument("--sample-rate", type=int, default=32_000, help="Hz (default 32000)")
     parser.add_argument("--channels", type=int, default=1, choices=(1, 2),
                         help="1 (default, mixed down) or 2")
@@ -249,39 +279,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--clip-seconds must be in [0.5, 600], got {args.clip_seconds}")
     if not 8_000 <= args.sample_rate <= 96_000:
         parser.error(f"--sample-rate must be in [8000, 96000] Hz, got {args.sample_rate}")
+    if not 0 <= args.score_fraction <= 1:
+        parser.error(f"--score-fraction must be in [0, 1], got {args.score_fraction}")
     if not 0 <= args.valid_fraction < 1:
         parser.error(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
     return args
+
+
+def choose_soundfonts(paths: list[Path] | None) -> tuple[tuple[render.Soundfont, ...], tuple[float, ...]]:
+    """The soundfonts clips draw from, and their weights: the given ones equally, else the installed
+    defaults of :data:`SOUNDFONT_WEIGHTS` (else whatever :func:`render.find_soundfont` finds)."""
+    if paths:
+        fonts = tuple(render.find_soundfont(p) for p in paths)
+        return fonts, tuple(1.0 for _ in fonts)
+    found = [(render.find_soundfont(p), SOUNDFONT_WEIGHTS[Path(p).name]) for p in render.DEFAULT_FONTS
+             if Path(p).is_file() and Path(p).name in SOUNDFONT_WEIGHTS]
+    if not found:
+        return (render.find_soundfont(None),), (1.0,)
+    return tuple(f for f, _ in found), tuple(w for _, w in found)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         render.find_fluidsynth()
-        soundfont = render.find_soundfont(args.soundfont)
-    except render.RenderError as error:
+        soundfonts, weights = choose_soundfonts(args.soundfont)
+        music21 = scores.music21_version() if args.score_fraction > 0 else None
+    except (render.RenderError, scores.ScoreError) as error:
         print(f"make_corpus: {error}", file=sys.stderr)
         return 2
     clips = args.clips if args.clips is not None else math.ceil(args.hours * 3600 / args.clip_seconds - 1e-9)
     settings = Settings(seed=args.seed, clip_seconds=args.clip_seconds, sample_rate=args.sample_rate,
                         channels=args.channels, valid_fraction=args.valid_fraction,
-                        soundfont=soundfont.path.name, soundfont_bytes=soundfont.size)
+                        soundfonts=tuple(f.path.name for f in soundfonts),
+                        soundfont_bytes=tuple(f.size for f in soundfonts), soundfont_weights=weights,
+                        score_fraction=args.score_fraction, music21=music21)
     check_settings(args.out, settings)
     began = time.perf_counter()
-    results = run_jobs(plan(args.out, settings, soundfont, clips), args.workers, args.quiet)
+    results = run_jobs(plan(args.out, settings, soundfonts, clips), args.workers, args.quiet)
     elapsed = time.perf_counter() - began
     size = f"--clips {clips}" if args.clips is not None else f"--hours {args.hours:g}"
     command = (f"python recipes/corpus/make_corpus.py --out {args.out} {size} --seed {args.seed} "
-               f"--soundfont {soundfont.path} --sample-rate {args.sample_rate} --channels {args.channels} "
+               f"{' '.join(f'--soundfont {f.path}' for f in soundfonts)} "
+               f"--score-fraction {args.score_fraction:g} --sample-rate {args.sample_rate} --channels {args.channels} "
                f"--clip-seconds {args.clip_seconds:g} --valid-fraction {args.valid_fraction:g}")
-    write_readme(args.out, settings, soundfont, clips, command)
+    write_readme(args.out, settings, soundfonts, clips, command)
     if not args.quiet:
         rendered = [r for r in results if r.rendered]
         seconds = sum(r.seconds for r in rendered)
         print(f"make_corpus: {len(rendered)} clips rendered ({seconds / 3600:.2f} h of audio, "
               f"{seconds / max(elapsed, 1e-9):.0f}x real time), "
               f"{len(results) - len(rendered)} already there; "
-              f"{args.out} ({soundfont.path.name}, {soundfont.licence})")
+              f"{args.out} ({', '.join(f'{f.path.name} ({f.licence})' for f in soundfonts)})")
     return 0
 
 

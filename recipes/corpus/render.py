@@ -27,10 +27,17 @@ SOUNDFONT_PATHS = (
     "/usr/share/sounds/sf2/default-GM.sf2",
     "/usr/share/soundfonts/default.sf2",
 )
+# The fonts a corpus may mix by default (make_corpus draws one per clip), where Debian installs them.
+DEFAULT_FONTS = (
+    "/usr/share/sounds/sf2/FluidR3_GM.sf2",
+    "/usr/share/sounds/sf2/TimGM6mb.sf2",
+    "/usr/share/sounds/sf3/MuseScore_General_Lite.sf3",
+)
 # Soundfonts whose licence is known, by file name: (title, licence, copyright holder).
 KNOWN_SOUNDFONTS = {
     "FluidR3_GM.sf2": ("Fluid (R3) General MIDI SoundFont", "MIT", "Frank Wen and contributors"),
     "TimGM6mb.sf2": ("TimGM6mb", "GPL-2", "Tim Brechbill, David Bolton"),
+    "MuseScore_General_Lite.sf3": ("MuseScore General Lite", "MIT", "S. Christian Collins"),
 }
 PEAK_DBFS = {"soft": -9.0, "medium": -4.0, "loud": -1.0}
 FADE_SECONDS = 0.05
@@ -154,5 +161,5 @@ def licence_text(soundfont: Soundfont) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["INSTALL_HINT", "RenderError", "Soundfont", "find_fluidsynth", "find_soundfont", "finish",
+__all__ = ["DEFAULT_FONTS", "INSTALL_HINT", "RenderError", "Soundfont", "find_fluidsynth", "find_soundfont", "finish",
            "fluidsynth_version", "licence_text", "render_midi"]

@@ -1,0 +1,113 @@
+"""Frame-rate buzz: the measure (codec.training.buzz), the linear-frequency STFT loss that sees it,
+and decoder-only fine-tuning (encoder and codebooks frozen: the codes stay exactly the same)."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from test_codec_training import (FAST, TINY, TINY_SETS, _trainer, accelerator, clips,  # noqa: F401
+                                 corpus_dir, run)
+
+from codec.formats import load_model
+from codec.training import MultiResolutionSTFTLoss, build_codec
+from codec.training.buzz import buzz_db, line_prominence
+
+SR = 32_000
+
+
+def _noise(seconds: float, seed: int) -> torch.Tensor:
+    return 0.1 * torch.randn(round(seconds * SR), generator=torch.Generator().manual_seed(seed))
+
+
+def _pulses(seconds: float, period: int, amplitude: float) -> torch.Tensor:
+    """One random waveform of ``period`` samples (RMS ``amplitude``) repeated: lines at every
+    multiple of ``SR / period``, like a decoder's frame-synchronous pattern."""
+    pattern = amplitude * torch.randn(period, generator=torch.Generator().manual_seed(7))
+    return pattern.repeat(math.ceil(seconds * SR / period))[: round(seconds * SR)]
+
+
+def test_buzz_is_zero_for_noise_and_large_for_a_frame_periodic_pattern():
+    reference = _noise(4.0, 0)
+    noisy = reference + 0.3 * _noise(4.0, 1)  # broadband error: no lines
+    buzzing = reference + _pulses(4.0, 640, 0.05)  # a pattern repeating every 50 Hz frame
+    assert abs(buzz_db(reference, noisy, SR, 50.0)) < 0.7
+    assert buzz_db(reference, buzzing, SR, 50.0) > 6.0
+    # Lines at 50 Hz multiples are not lines at 37 Hz multiples.
+    assert abs(buzz_db(reference, buzzing, SR, 37.0)) < 1.5
+    # Music that has partials at multiples of the rate itself is not blamed on the codec.
+    harmonic = reference + sum(0.05 * torch.sin(2 * math.pi * 200 * k * torch.arange(len(reference)) / SR)
+                               for k in range(1, 6))
+    assert abs(buzz_db(harmonic, harmonic + 0.3 * _noise(4.0, 2), SR, 50.0)) < 0.7
+    assert line_prominence(harmonic, SR, 50.0)[3] > 20  # 200 Hz: a line of the input itself
+
+
+def test_buzz_checks_its_input():
+    with pytest.raises(ValueError, match="rate_hz must be positive"):
+        line_prominence(_noise(1.0, 0), SR, 0.0)
+    with pytest.raises(ValueError, match="no multiple"):
+        line_prominence(_noise(1.0, 0), SR, 20_000.0)
+    with pytest.raises(ValueError, match=r"\(T,\) or \(C, T\)"):
+        line_prominence(torch.zeros(1, 1, SR), SR, 50.0)
+
+
+def test_linear_stft_loss_grows_with_the_buzz_and_has_gradients():
+    reference = _noise(1.0, 0)[None, None]
+    stft = MultiResolutionSTFTLoss()
+    assert stft(reference, reference).item() < 1e-4
+    losses = [stft(reference + _pulses(1.0, 640, a)[None, None], reference).item() for a in (0.005, 0.02, 0.05)]
+    assert 0 < losses[0] < losses[1] < losses[2]
+    estimate = (reference + _pulses(1.0, 640, 0.02)[None, None]).requires_grad_(True)
+    stft(estimate, reference).backward()
+    assert estimate.grad is not None and torch.isfinite(estimate.grad).all() and estimate.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="at least one"):
+        MultiResolutionSTFTLoss(n_ffts=())
+
+
+def test_decoder_only_training_keeps_the_codes(tmp_path, accelerator, corpus_dir):  # noqa: F811
+    """--train-parts decoder: after training steps the encoder, codebooks (EMA included) and
+    therefore the codes are bit-identical; the decoder changed; the spectral loss is logged."""
+    config = replace(FAST, train_parts="decoder", loss_weights="spectral", lr=1e-3)
+    trainer = _trainer(tmp_path, accelerator, corpus_dir, config)
+    model = trainer.model
+    assert not model.encoder.training and not model.quantizer.training and model.decoder.training
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("decoder.")}
+    decoder = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("decoder.")}
+    data = clips(corpus_dir)
+    batch = torch.stack([data[i] for i in range(4)])
+    with torch.no_grad():
+        codes_before = trainer.generator.model.encode_to_codes(batch)  # frozen parts: always in eval
+    history = [trainer.train_step(batch) for _ in range(3)]
+    trainer.validate()  # validation toggles train/eval: the frozen parts must stay in eval
+    history.append(trainer.train_step(batch))
+    assert all("stft" in h and "disc" not in h for h in history)
+    state = model.state_dict()
+    assert [k for k, v in frozen.items() if not torch.equal(state[k], v)] == []
+    assert not model.encoder.training and not model.quantizer.training and model.decoder.training
+    assert any(not torch.equal(state[k], v) for k, v in decoder.items())
+    with torch.no_grad():
+        assert torch.equal(model.eval().encode_to_codes(batch), codes_before)
+
+
+def test_decoder_only_needs_a_trained_codec(tmp_path, capsys, corpus_dir):  # noqa: F811
+    code, _, err = run(capsys, "train-codec", corpus_dir, "--out", tmp_path / "r", "--train-parts", "decoder",
+                       "--cpu", *TINY_SETS)
+    assert code == 1 and "--from" in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="train_parts"):
+        replace(FAST, train_parts="encoder")
+
+
+def test_cli_decoder_fine_tune_end_to_end(tmp_path, capsys, corpus_dir):  # noqa: F811
+    base = build_codec(replace(TINY, name="base"), seed=0)
+    base.save_pretrained(tmp_path / "base")
+    code, _, err = run(capsys, "train-codec", corpus_dir, "--out", tmp_path / "run", "--from", tmp_path / "base",
+                       "--name", "tuned", "--train-parts", "decoder", "--loss-weights", "spectral", "--steps", "2",
+                       "--batch-size", "2", "--segment-seconds", "0.2", "--valid-clips", "0", "--num-workers", "0",
+                       "--cpu", "-q")
+    assert code == 0, err
+    tuned = load_model(tmp_path / "run" / "tuned")
+    wav = clips(corpus_dir)[0][None]
+    base.eval()
+    with torch.no_grad():
+        assert torch.equal(tuned.encode_to_codes(wav), base.encode_to_codes(wav))

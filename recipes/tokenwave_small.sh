@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# Re-train the model the repository ships, assets/models/tokenwave-small, end to end:
+# Re-train the model the repository ships, assets/models/tokenwave-small (v2), end to end:
 #
-#   1. corpus: 3 h of procedural MIDI songs rendered with fluidsynth (32 kHz mono, seed 0)
-#   2. codec:  32 kHz, 50 Hz frames (ratios 8,5,4,4), n_filters 12, no LSTM, 4 x 512 codes
-#              (1.8 kbps), L1 + multi-scale mel losses (no discriminator: CPU budget)
+#   1. corpus: 20 h rendered with fluidsynth (32 kHz mono, seed 0, recipe version 2): procedural
+#      songs in 14 styles and excerpts of music21's scores (Bach chorales, Ryan's Mammoth tunes;
+#      transposed, at drawn tempi, dynamics and instruments), three GM soundfonts
+#   2. codec:  32 kHz, 50 Hz frames (ratios 8,5,4,4), n_filters 12, no LSTM, 4 x 512 codes (1.8 kbps)
+#      a. encoder + codebooks + decoder, L1 + multi-scale mel (v1's run; CODEC_FROM=scratch redoes it
+#         on this corpus, else the shipped v1 codec is the start: its tokens are kept exactly)
+#      b. the decoder alone, L1 + mel + linear-frequency STFT losses (`--train-parts decoder
+#         --loss-weights spectral`): removes v1's buzz at multiples of 50 Hz, codes unchanged
 #   3. text encoder: sentencepiece vocabulary from the captions + a 3-layer T5 (d_model 128)
-#   4. tokens: the corpus encoded by the codec, 10 s items
-#   5. LM: the `tokenwave_small` preset (dim 256, 4 layers), trained from scratch together
-#      with the text encoder, exported in bfloat16
+#   4. tokens: the corpus encoded by the codec (2a's encoder), 10 s items
+#   5. LM: the `tokenwave_small` preset (dim 256, 4 layers), trained from scratch together with
+#      the text encoder, exported in bfloat16, with 2b's codec
 #   6. copy into assets/models/tokenwave-small (with --install)
 #
-# The shipped model was made with exactly these commands on a 2-core CPU (no GPU); the step
-# counts below are the ones used (CODEC_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda
-# and is much faster). A finished step is skipped on a re-run; an interrupted one resumes.
+# The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
+# are the ones used (CODEC_STEPS / DECODER_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
+# Steps 2b and 4-5 are independent (2b leaves the codes alone) and may run side by side.
+# A finished step is skipped on a re-run; an interrupted one resumes.
 #
 # Usage, from the repository root with tokenwave installed (or its venv active):
 #   recipes/tokenwave_small.sh [--install]
 set -euo pipefail
 OUT=${OUT:-runs/tokenwave_small}
-HOURS=${HOURS:-3}
+HOURS=${HOURS:-20}
+CODEC_FROM=${CODEC_FROM:-tokenwave-small}
 CODEC_STEPS=${CODEC_STEPS:-4000}
+DECODER_STEPS=${DECODER_STEPS:-600}
 LM_STEPS=${LM_STEPS:-2800}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
@@ -35,18 +43,31 @@ stamp "1/6 corpus ($HOURS h) -> $OUT/corpus"
 python "$HERE/corpus/make_corpus.py" --out "$OUT/corpus" --hours "$HOURS" --sample-rate 32000 \
     --channels 1 --seed 0 -q
 
-if [[ ! -e "$OUT/codec/.done" ]]; then
+if [[ "$CODEC_FROM" == scratch && ! -e "$OUT/codec/.done" ]]; then
     ARCH=(--preset encodec_32khz --set ratios=8,5,4,4 --set n_filters=12 --set lstm=0
           --set dimension=64 --set num_codebooks=4 --set codebook_size=512
           --set target_bandwidths=0.9,1.8 --name tokenwave-small)
     [[ -d "$OUT/codec/checkpoints" ]] && ARCH=(--resume)
-    stamp "2/6 codec: $CODEC_STEPS steps"
+    stamp "2a/6 codec: $CODEC_STEPS steps"
     $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/codec" \
         "${ARCH[@]}" --loss-weights reconstruction --batch-size 16 --segment-seconds 0.5 \
         --lr 6e-4 --steps "$CODEC_STEPS" --valid-every 250 --valid-clips 8 \
         --checkpoint-every 250 --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
-    rm -rf "$OUT/codec_final" && cp -r "$OUT/codec/tokenwave-small" "$OUT/codec_final"
     touch "$OUT/codec/.done"
+fi
+CODEC_A=$OUT/codec/tokenwave-small
+[[ "$CODEC_FROM" != scratch ]] && CODEC_A=$CODEC_FROM
+
+if [[ ! -e "$OUT/decoder/.done" ]]; then
+    ARGS=(--from "$CODEC_A" --name tokenwave-small)
+    [[ -d "$OUT/decoder/checkpoints" ]] && ARGS=(--resume)
+    stamp "2b/6 decoder: $DECODER_STEPS steps"
+    $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/decoder" \
+        "${ARGS[@]}" --train-parts decoder --loss-weights spectral --batch-size 16 --segment-seconds 1 \
+        --lr 3e-4 --steps "$DECODER_STEPS" --valid-every 200 --valid-clips 8 --checkpoint-every 200 \
+        --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
+    rm -rf "$OUT/codec_final" && cp -r "$OUT/decoder/tokenwave-small" "$OUT/codec_final"
+    touch "$OUT/decoder/.done"
 fi
 
 if [[ ! -e "$OUT/t5/config.json" ]]; then
@@ -57,7 +78,7 @@ fi
 
 if [[ ! -e "$OUT/cache/index.json" ]]; then
     stamp "4/6 tokens"
-    $TOKENWAVE prepare "$OUT/corpus/train" --model "$OUT/codec_final" --out "$OUT/cache" \
+    $TOKENWAVE prepare "$OUT/corpus/train" --model "$CODEC_A" --out "$OUT/cache" \
         --segment-seconds 10 --device "$DEVICE" --force
 fi
 
@@ -76,6 +97,8 @@ if [[ "${1:-}" == "--install" ]]; then
     stamp "6/6 install -> assets/models/tokenwave-small"
     rm -rf "$ROOT/assets/models/tokenwave-small.new"
     cp -r "$OUT/lm/model" "$ROOT/assets/models/tokenwave-small.new"
+    rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2b's decoder (the same codes as 2a's)
+    cp -r "$OUT/codec_final" "$ROOT/assets/models/tokenwave-small.new/codec"
     rm -rf "$ROOT/assets/models/tokenwave-small"
     mv "$ROOT/assets/models/tokenwave-small.new" "$ROOT/assets/models/tokenwave-small"
 fi

@@ -246,3 +246,16 @@ def test_a_corpus_with_scores_needs_music21(monkeypatch, tmp_path, capsys):
     assert build(tmp_path / "x") == 2
     assert "pip install music21" in capsys.readouterr().err
     assert build(tmp_path / "y", "--score-fraction", "0") == 0  # procedural songs only: no music21
+
+
+def test_an_excerpt_that_is_all_rest_is_drawn_again(monkeypatch):
+    """A score with a long rest: windows that fall inside it hold no notes and are drawn again
+    (this once looped forever and stalled a corpus build)."""
+    pytest.importorskip("music21")
+    from recipes.corpus import scores
+
+    sparse = (scores.ScoreNote(0.0, 1.0, 60, 0), scores.ScoreNote(400.0, 1.0, 62, 0))
+    monkeypatch.setattr(scores, "read_score", lambda relative: (sparse, 4, 0, "major", 0.0))
+    for index in range(12):
+        piece = scores.sample_piece(2, index, 4.0)
+        assert piece.notes and all(0 <= n.start for n in piece.notes)

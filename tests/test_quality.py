@@ -319,6 +319,17 @@ def test_adherence_run_end_to_end(corpus):
     medians = [t["median_bpm"] for t in deaf["generated"]["tempo"]["per_tempo"].values()]
     assert medians == pytest.approx([100] * 3, rel=0.02)
 
+    # Frame-rate buzz: a pattern repeating every 20 ms raises the lines at multiples of 50 Hz.
+    assert abs(generated["lines"]["buzz_db"]) < 1.5 and "Frame-rate buzz" in tables
+
+    def buzzing(texts, seed):
+        wav, rate = follow_prompt(texts, seed)
+        pattern = 0.05 * torch.randn(rate // 50, generator=torch.Generator().manual_seed(3))
+        return wav + pattern.repeat(wav.shape[-1] // len(pattern) + 1)[: wav.shape[-1]], rate
+
+    buzzed = adherence.run_adherence(corpus / "train", corpus / "valid", buzzing, settings, log=lambda _: None)
+    assert buzzed["generated"]["lines"]["buzz_db"] > generated["lines"]["buzz_db"] + 3
+
 
 def test_generate_clips_from_a_tiny_musicgen_is_seeded():
     """The MusicGen adapter: batches of prompts in, one mono 16 kHz clip per prompt out, the same

@@ -160,42 +160,42 @@ def sample_piece(seed: int, index: int, clip_seconds: float) -> Piece:
     rng = clip_random(seed, index, "score")
     files = score_files()
     collection = rng.choices(list(COLLECTIONS), weights=list(COLLECTIONS.values()))[0]
-    for _ in range(50):  # draw until a usable score (most are)
+    for _ in range(50):  # draw until a usable score and excerpt (most are)
         relative = rng.choice(files[collection])
         try:
             notes, beats_per_bar, tonic, mode, first_bar = read_score(relative)
-            break
         except ScoreError:
             continue
         except Exception:  # noqa: BLE001 - a score music21 cannot read is skipped like an unusable one
             continue
+        tempo = rng.randint(*TEMPO[collection])
+        transpose = rng.randint(-5, 6)
+        dynamics = rng.choices(("soft", "medium", "loud"), weights=(0.3, 0.5, 0.2))[0]
+        reverb = rng.randint(30, 90)
+        voices = 1 + max(n.voice for n in notes)
+        if collection == "chorale":
+            ensemble, programs = rng.choice(ENSEMBLES)
+            programs = programs[:voices]
+            shift = transpose
+        else:
+            lead = rng.choice(TUNE_LEADS)
+            ensemble, programs = "solo", (lead,) * voices
+            spec = instrument(lead)
+            top = [n.pitch + transpose for n in notes if n.voice == 0] or [n.pitch + transpose for n in notes]
+            shift = transpose + _fit_octaves(top, spec.low, spec.high)
+        # The excerpt: from a bar line, the clip plus a bar long; the piece repeats when shorter.
+        beats = clip_seconds * tempo / 60 + beats_per_bar
+        end = max(n.start + n.length for n in notes)
+        bars = max(1, math.floor((end - first_bar) / beats_per_bar))
+        bar_starts = [first_bar + k * beats_per_bar for k in range(bars)]
+        start = rng.choice([b for b in bar_starts if b + beats <= end] or [first_bar])
+        repeats = math.ceil((start + beats) / end) + 1
+        played = [ScoreNote(n.start + r * end - start, n.length, min(127, max(0, n.pitch + shift)), n.voice)
+                  for r in range(repeats) for n in notes if start <= n.start + r * end < start + beats]
+        if played:  # an excerpt that is all rest is drawn again
+            break
     else:
-        raise ScoreError(f"no usable {collection} found in 50 draws")
-    tempo = rng.randint(*TEMPO[collection])
-    transpose = rng.randint(-5, 6)
-    dynamics = rng.choices(("soft", "medium", "loud"), weights=(0.3, 0.5, 0.2))[0]
-    reverb = rng.randint(30, 90)
-    voices = 1 + max(n.voice for n in notes)
-    if collection == "chorale":
-        ensemble, programs = rng.choice(ENSEMBLES)
-        programs = programs[:voices]
-        shift = transpose
-    else:
-        lead = rng.choice(TUNE_LEADS)
-        ensemble, programs = "solo", (lead,) * voices
-        spec = instrument(lead)
-        shift = transpose + _fit_octaves([n.pitch + transpose for n in notes if n.voice == 0], spec.low, spec.high)
-    # The excerpt: from a bar line, long enough for the clip plus a bar; the piece repeats if short.
-    beats = clip_seconds * tempo / 60 + beats_per_bar
-    end = max(n.start + n.length for n in notes)
-    bar_starts = [first_bar + k * beats_per_bar for k in range(max(1, math.floor((end - first_bar) / beats_per_bar)))]
-    start = rng.choice([b for b in bar_starts if b + beats <= end] or [first_bar])
-    played = []
-    repeat = 0.0
-    while not played or repeat - start < beats:
-        played += [ScoreNote(n.start + repeat - start, n.length, min(127, max(0, n.pitch + shift)), n.voice)
-                   for n in notes if start <= n.start + repeat < start + beats]
-        repeat += end
+        raise ScoreError(f"no usable {collection} excerpt found in 50 draws")
     moods_pool = MOODS[(collection, mode)]
     moods = tuple(rng.sample(moods_pool, k=rng.choice((1, 1, 2))))
     return Piece(index=index, collection=collection, source=relative, ensemble=ensemble, programs=tuple(programs),

@@ -110,7 +110,14 @@ def is_complete(stem: Path) -> bool:
 
 
 def build_clip(job: ClipJob) -> ClipResult:
-    """Compose, render and caption one clip (skipped when already complete)."""
+    """Compose, render and caption one clip (skipped when already complete); errors name the clip."""
+    try:
+        return _build_clip(job)
+    except (render.RenderError, scores.ScoreError) as error:
+        raise type(error)(f"clip {job.index} ({job.stem}): {error}") from None
+
+
+def _build_clip(job: ClipJob) -> ClipResult:
     stem, settings = job.stem, job.settings
     if is_complete(stem):
         return ClipResult(job.index, job.split, False, settings.clip_seconds)

@@ -192,7 +192,9 @@ def sample_piece(seed: int, index: int, clip_seconds: float) -> Piece:
         repeats = math.ceil((start + beats) / end) + 1
         played = [ScoreNote(n.start + r * end - start, n.length, min(127, max(0, n.pitch + shift)), n.voice)
                   for r in range(repeats) for n in notes if start <= n.start + r * end < start + beats]
-        if played:  # an excerpt that is all rest is drawn again
+        # An excerpt silent for (nearly) the whole clip, all rest or its first note in the last
+        # tenth, is drawn again.
+        if played and min(n.start for n in played) <= 0.9 * clip_seconds * tempo / 60:
             break
     else:
         raise ScoreError(f"no usable {collection} excerpt found in 50 draws")

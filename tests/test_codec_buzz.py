@@ -13,6 +13,7 @@ from test_codec_training import (FAST, TINY, TINY_SETS, _trainer, accelerator, c
 from codec.formats import load_model
 from codec.training import MultiResolutionSTFTLoss, build_codec
 from codec.training.buzz import buzz_db, line_prominence
+from codec.training.losses import frame_periodic_loss
 
 SR = 32_000
 
@@ -65,6 +66,19 @@ def test_linear_stft_loss_grows_with_the_buzz_and_has_gradients():
         MultiResolutionSTFTLoss(n_ffts=())
 
 
+def test_frame_periodic_loss_keeps_frame_locked_error_only():
+    reference = _noise(1.0, 0)[None, None]
+    locked = frame_periodic_loss(reference + _pulses(1.0, 640, 0.02)[None, None], reference, hop_length=640)
+    loose = frame_periodic_loss(reference + 0.2 * _noise(1.0, 1)[None, None], reference, hop_length=640)
+    # the same error energy (RMS 0.02): all of it frame-locked survives, a tenth of the loose one does
+    assert locked.item() == pytest.approx(0.04, rel=0.1)
+    assert loose.item() < 0.2 * locked.item()
+    shifted = frame_periodic_loss(reference + _pulses(1.0, 641, 0.02)[None, None], reference, hop_length=640)
+    assert shifted.item() < 0.3 * locked.item()  # a period that is not the frame's averages away too
+    with pytest.raises(ValueError, match="shorter than"):
+        frame_periodic_loss(reference[..., :1000], reference[..., :1000], hop_length=640)
+
+
 def test_decoder_only_training_keeps_the_codes(tmp_path, accelerator, corpus_dir):  # noqa: F811
     """--train-parts decoder: after training steps the encoder, codebooks (EMA included) and
     therefore the codes are bit-identical; the decoder changed; the spectral loss is logged."""
@@ -81,7 +95,7 @@ def test_decoder_only_training_keeps_the_codes(tmp_path, accelerator, corpus_dir
     history = [trainer.train_step(batch) for _ in range(3)]
     trainer.validate()  # validation toggles train/eval: the frozen parts must stay in eval
     history.append(trainer.train_step(batch))
-    assert all("stft" in h and "disc" not in h for h in history)
+    assert all("stft" in h and "frame" in h and "disc" not in h for h in history)
     state = model.state_dict()
     assert [k for k, v in frozen.items() if not torch.equal(state[k], v)] == []
     assert not model.encoder.training and not model.quantizer.training and model.decoder.training

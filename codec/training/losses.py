@@ -187,6 +187,25 @@ class MultiResolutionSTFTLoss(nn.Module):
         return total / len(self.n_ffts)
 
 
+def frame_periodic_loss(estimate: torch.Tensor, target: torch.Tensor, *, hop_length: int,
+                        frames: int = 10, eps: float = 1e-8) -> torch.Tensor:
+    """Energy of the error's frame-synchronous part, relative to the target's.
+
+    The error ``estimate - target`` is cut into runs of ``frames`` codec frames of ``hop_length``
+    samples (from the clip's first sample, the codec's frame grid) and averaged over the frames
+    of each run, phase by phase: a pattern the decoder repeats every frame survives the average
+    (the lines of a frame-rate buzz), error that is not frame-locked shrinks by ``sqrt(frames)``.
+    """
+    _check_pair(estimate, target)
+    run = hop_length * frames
+    usable = estimate.shape[-1] // run * run
+    if usable == 0:
+        raise ValueError(f"clips of {estimate.shape[-1]} samples are shorter than {frames} frames of {hop_length}")
+    error = (estimate[..., :usable] - target[..., :usable]).float()
+    pattern = error.reshape(*error.shape[:-1], usable // run, frames, hop_length).mean(-2)
+    return pattern.pow(2).mean() / (target[..., :usable].float().pow(2).mean() + eps)
+
+
 # -- adversarial losses -------------------------------------------------------------------------
 def hinge_generator_loss(fake_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """``mean_k mean(relu(1 - D_k(y_hat)))``: the paper's generator hinge loss."""

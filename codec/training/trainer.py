@@ -49,6 +49,7 @@ from .losses import (
     MultiResolutionSTFTLoss,
     MultiScaleMelLoss,
     feature_matching_loss,
+    frame_periodic_loss,
     hinge_discriminator_loss,
     hinge_generator_loss,
     l1_time_loss,
@@ -63,9 +64,10 @@ LOSS_WEIGHTS: dict[str, dict[str, float]] = {
     # No discriminator: about twice as fast per step; a cheap warm start (or a whole run on
     # CPU) whose audio is smoother than the adversarial recipe's.
     "reconstruction": {"l1": 0.1, "mel": 1.0},
-    # Reconstruction plus linear-frequency STFT losses (MultiResolutionSTFTLoss), which resolve the
-    # narrow lines of a frame-rate buzz that mel bands average away; no discriminator (CPU budget).
-    "spectral": {"l1": 0.1, "mel": 1.0, "stft": 1.0},
+    # Reconstruction plus the linear-frequency STFT loss (MultiResolutionSTFTLoss), which resolves the
+    # narrow lines of a frame-rate buzz that mel bands average away, and the error's frame-locked part
+    # (frame_periodic_loss), the buzz itself in the time domain; no discriminator (CPU budget).
+    "spectral": {"l1": 0.1, "mel": 1.0, "stft": 1.0, "frame": 1.0},
 }
 
 @dataclass(frozen=True)
@@ -111,9 +113,9 @@ class CodecTrainConfig(LoopConfig):
             weights = LOSS_WEIGHTS[self.loss_weights]
         else:
             weights = dict(self.loss_weights)
-        unknown = set(weights) - {"l1", "mel", "stft", "adv", "feat"}
+        unknown = set(weights) - {"l1", "mel", "stft", "frame", "adv", "feat"}
         if unknown:
-            raise ValueError(f"unknown losses {sorted(unknown)}; expected l1, mel, stft, adv, feat")
+            raise ValueError(f"unknown losses {sorted(unknown)}; expected l1, mel, stft, frame, adv, feat")
         weights = {k: float(v) for k, v in weights.items() if v}
         if not weights:
             raise ValueError("all loss weights are zero")
@@ -298,6 +300,9 @@ class CodecTrainer(TrainingLoop):
             losses["mel"] = self.mel_loss(decoded, wav)
         if "stft" in weights:
             losses["stft"] = self.stft_loss(decoded, wav)
+        if "frame" in weights:
+            losses["frame"] = frame_periodic_loss(decoded, wav, hop_length=self.model.config.hop_length,
+                                                  frames=min(10, max(1, wav.shape[-1] // self.model.config.hop_length)))
         if self.config.adversarial:
             # The plain module: only the output's gradient is taken here, no DDP involved.
             discriminator = self.plain_discriminator

@@ -280,8 +280,8 @@ def register(subparsers) -> None:
     sub.add_argument("--loss-weights", choices=("paper", "audiocraft", "reconstruction", "spectral"),
                      help="paper: l1 0.1, mel 1, adv 3, feat 3 (default); audiocraft: 0.1, 2, 4, "
                           "4; reconstruction: l1 0.1, mel 1, no discriminator (~2x faster); spectral: "
-                          "reconstruction + linear-frequency STFT loss 1 (resolves frame-rate buzz lines; "
-                          "no discriminator)")
+                          "reconstruction + linear-frequency STFT 1 + frame-periodic error 1 (against a "
+                          "frame-rate buzz; no discriminator)")
     sub.add_argument("--dead-code-threshold", type=float,
                      help="EMA uses per step under which a code is re-seeded (default: 2.0 as "
                           "the paper at its 4.7 latents per code per step, scaled down for "

@@ -210,3 +210,35 @@ def test_low_precision_weights_refuse_wrapped_matrices_clearly():
     merge_lora(lm)
     lm.low_precision_weights()  # plain matrices again: converted
     assert lm.linears[0].weight.dtype == torch.bfloat16
+
+
+def test_adapters_refuse_a_base_that_changed_since(setup, tmp_path):  # noqa: F811
+    """An adapter records its base LM's fingerprint; loaded over a base whose weights changed under
+    the same path (a new release of the model, say) it is refused, naming what to do. Adapters
+    written before the fingerprint existed still load."""
+    import shutil
+
+    from codec.files import CheckpointError
+
+    base, cache = setup
+    copy = tmp_path / "base"
+    shutil.copytree(base, copy)
+    config = FinetuneConfig(model=str(copy), data=str(cache), out=str(tmp_path / "run"), steps=1, batch_size=2,
+                            warmup=0, eval_every=0, save_every=1, seed=2, lora=2)
+    adapter = finetune(config).model_dir
+    info = json.loads((adapter / "lora.json").read_text())
+    assert len(info["base_weights"]) == 8
+    MusicGen.from_pretrained(adapter, device="cpu")  # the base it was trained over: fine
+
+    weights = copy / "model.safetensors"
+    state = load_file(str(weights))
+    from safetensors.torch import save_file
+    first = next(k for k in sorted(state) if not k.startswith("condition_provider."))  # an LM weight
+    state[first] = state[first] + 0.01
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="trained over other weights"):
+        MusicGen.from_pretrained(adapter, device="cpu")
+
+    del info["base_weights"]  # an adapter from before the fingerprint: loads as it did
+    (adapter / "lora.json").write_text(json.dumps(info))
+    assert has_lora(MusicGen.from_pretrained(adapter, device="cpu").lm)

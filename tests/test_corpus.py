@@ -260,3 +260,18 @@ def test_an_excerpt_that_is_all_rest_is_drawn_again(monkeypatch):
         piece = scores.sample_piece(2, index, 4.0)
         assert piece.notes and all(0 <= n.start for n in piece.notes)
         assert min(n.start for n in piece.notes) <= 0.9 * 4.0 * piece.tempo / 60  # sounds within the clip
+
+
+@needs_fluidsynth
+def test_the_readme_rebuild_command_rebuilds_the_same_corpus(tmp_path):
+    """The command a corpus README prints is accepted by that corpus (same settings, soundfont
+    weights included) and finds every clip already there."""
+    import shlex
+
+    out = tmp_path / "c"
+    assert make_corpus.main(["--out", str(out), "--clips", "2", "--clip-seconds", "2", "--seed", "4", "-q"]) == 0
+    command = next(line.strip() for line in (out / "README.md").read_text().splitlines()
+                   if line.strip().startswith("python recipes/corpus/make_corpus.py"))
+    before = files(out)
+    assert make_corpus.main(shlex.split(command)[2:] + ["-q"]) == 0
+    assert files(out) == before

@@ -326,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_jobs(plan(args.out, settings, soundfonts, clips), args.workers, args.quiet)
     elapsed = time.perf_counter() - began
     size = f"--clips {clips}" if args.clips is not None else f"--hours {args.hours:g}"
-    command = (f"python recipes/corpus/make_corpus.py --out {args.out} {size} --seed {args.seed} "
-               f"{' '.join(f'--soundfont {f.path}' for f in soundfonts)} "
+    fonts = "".join(f"--soundfont {f.path} " for f in soundfonts) if args.soundfont else ""  # else the defaults
+    command = (f"python recipes/corpus/make_corpus.py --out {args.out} {size} --seed {args.seed} {fonts}"
                f"--score-fraction {args.score_fraction:g} --sample-rate {args.sample_rate} --channels {args.channels} "
                f"--clip-seconds {args.clip_seconds:g} --valid-fraction {args.valid_fraction:g}")
     write_readme(args.out, settings, soundfonts, clips, command)

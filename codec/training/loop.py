@@ -238,7 +238,9 @@ class TrainingLoop:
         """Train up to ``config.steps``; returns the last validation metrics (if any)."""
         config = self.config
         last_valid: dict[str, float] = {}
-        if self.step >= config.steps:
+        if self.step >= config.steps:  # nothing left to train: the model is still written (the CLI says so)
+            if self.is_main:
+                self.export()
             return last_valid
         batches = iter(self._loader(data))
         processes = self.accelerator.num_processes

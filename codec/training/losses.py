@@ -189,21 +189,25 @@ class MultiResolutionSTFTLoss(nn.Module):
 
 def frame_periodic_loss(estimate: torch.Tensor, target: torch.Tensor, *, hop_length: int,
                         frames: int = 10, eps: float = 1e-8) -> torch.Tensor:
-    """Energy of the error's frame-synchronous part, relative to the target's.
+    """Energy of the error's frame-locked part, relative to the target's.
 
     The error ``estimate - target`` is cut into runs of ``frames`` codec frames of ``hop_length``
     samples (from the clip's first sample, the codec's frame grid) and averaged over the frames
-    of each run, phase by phase: a pattern the decoder repeats every frame survives the average
-    (the lines of a frame-rate buzz), error that is not frame-locked shrinks by ``sqrt(frames)``.
+    of each run, phase by phase. With ``e_k = p + n_k`` (a pattern ``p`` repeated every frame, the
+    rest ``n_k`` not frame-locked), the average's energy is ``|p|^2 + |n|^2 / K`` and the error's is
+    ``|p|^2 + |n|^2``, so ``(K |mean|^2 - |e|^2) / (K - 1)`` estimates ``|p|^2`` alone: the loss
+    pushes on the buzz, not on the rest of the error (plain time-domain MSE would, and muffle).
     """
     _check_pair(estimate, target)
     run = hop_length * frames
     usable = estimate.shape[-1] // run * run
-    if usable == 0:
-        raise ValueError(f"clips of {estimate.shape[-1]} samples are shorter than {frames} frames of {hop_length}")
+    if frames < 2 or usable == 0:
+        raise ValueError(f"need at least 2 frames: clips of {estimate.shape[-1]} samples, {frames} frames of "
+                         f"{hop_length}; clips are shorter than {frames} frames of {hop_length}")
     error = (estimate[..., :usable] - target[..., :usable]).float()
     pattern = error.reshape(*error.shape[:-1], usable // run, frames, hop_length).mean(-2)
-    return pattern.pow(2).mean() / (target[..., :usable].float().pow(2).mean() + eps)
+    locked = (frames * pattern.pow(2).mean() - error.pow(2).mean()) / (frames - 1)
+    return locked.clamp_min(0) / (target[..., :usable].float().pow(2).mean() + eps)
 
 
 # -- adversarial losses -------------------------------------------------------------------------

@@ -302,7 +302,7 @@ class CodecTrainer(TrainingLoop):
             losses["stft"] = self.stft_loss(decoded, wav)
         if "frame" in weights:
             losses["frame"] = frame_periodic_loss(decoded, wav, hop_length=self.model.config.hop_length,
-                                                  frames=min(10, max(1, wav.shape[-1] // self.model.config.hop_length)))
+                                                  frames=min(10, max(2, wav.shape[-1] // self.model.config.hop_length)))
         if self.config.adversarial:
             # The plain module: only the output's gradient is taken here, no DDP involved.
             discriminator = self.plain_discriminator

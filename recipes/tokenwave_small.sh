@@ -6,7 +6,8 @@
 #      transposed, at drawn tempi, dynamics and instruments), three GM soundfonts
 #   2. codec:  32 kHz, 50 Hz frames (ratios 8,5,4,4), n_filters 12, no LSTM, 4 x 512 codes (1.8 kbps)
 #      a. encoder + codebooks + decoder, L1 + multi-scale mel (v1's run; CODEC_FROM=scratch redoes it
-#         on this corpus, else the shipped v1 codec is the start: its tokens are kept exactly)
+#         on this corpus, else the shipped codec is the start and its tokens are kept exactly; v2
+#         started from v1's codec, in git before v2: commit d5e99fb, assets/models/tokenwave-small/codec)
 #      b. the decoder alone, L1 + mel + linear-frequency STFT losses (`--train-parts decoder
 #         --loss-weights spectral`): removes v1's buzz at multiples of 50 Hz, codes unchanged
 #   3. text encoder: sentencepiece vocabulary from the captions + a 3-layer T5 (d_model 128)
@@ -28,7 +29,7 @@ HOURS=${HOURS:-20}
 CODEC_FROM=${CODEC_FROM:-tokenwave-small}
 CODEC_STEPS=${CODEC_STEPS:-4000}
 DECODER_STEPS=${DECODER_STEPS:-600}
-LM_STEPS=${LM_STEPS:-2800}
+LM_STEPS=${LM_STEPS:-2200}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -88,7 +89,7 @@ if [[ ! -e "$OUT/lm/.done" ]]; then
     stamp "5/6 LM: $LM_STEPS steps"
     $TOKENWAVE finetune "${ARGS[@]}" --out "$OUT/lm" --steps "$LM_STEPS" --batch-size 16 \
         --lr 1e-3 --warmup 80 --segment-seconds 10 --mixed-precision bf16 \
-        --cfg-dropout 0.2 --word-dropout 0.15 --eval-every 250 --save-every 250 --log-every 25 \
+        --cfg-dropout 0.2 --word-dropout 0.15 --eval-every 200 --save-every 200 --log-every 25 \
         --save-dtype bfloat16 "${CPU_FLAG[@]}"
     touch "$OUT/lm/.done"
 fi

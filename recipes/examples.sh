@@ -10,7 +10,11 @@ TOKENWAVE=${TOKENWAVE:-python -m inference}
 OUT=$ROOT/assets/examples
 mkdir -p "$OUT"
 while IFS='|' read -r name prompt; do
-    $TOKENWAVE generate "$prompt" --model "$MODEL" --duration 8 --seed 1 -o "$OUT/$name.ogg" --force -q
+    TMP=$(mktemp -d)
+    $TOKENWAVE generate "$prompt" --model "$MODEL" --duration 8 --seed 1 -o "$TMP/$name.wav" --force -q
+    python -c "import soundfile as sf, sys; a, r = sf.read(sys.argv[1]); sf.write(sys.argv[2], a, r, format='OGG', subtype='VORBIS')" \
+        "$TMP/$name.wav" "$OUT/$name.ogg"
+    rm -rf "$TMP"
     echo "$name.ogg: $prompt"
 done <<'PROMPTS'
 piano_ballad|a slow, sad piano ballad in A minor

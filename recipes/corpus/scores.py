@@ -85,6 +85,11 @@ class Piece:
         return f"{(MAJOR_NAMES if self.mode == 'major' else MINOR_NAMES)[self.tonic]} {self.mode}"
 
     @property
+    def midi_key(self) -> str:
+        """The key as a MIDI key-signature event spells it (as :attr:`compose.SongSpec.midi_key`)."""
+        return self.key_name.split()[0] + ("m" if self.mode == "minor" else "")
+
+    @property
     def lead_name(self) -> str:
         return instrument(self.programs[0]).name
 
@@ -213,10 +218,8 @@ def compose_piece(piece: Piece) -> mido.MidiFile:
     rng = random.Random(piece.caption_seed ^ 0x5EED)
     midi = mido.MidiFile(type=1, ticks_per_beat=TICKS_PER_BEAT)
     conductor = mido.MidiTrack()
-    names = MAJOR_NAMES if piece.mode == "major" else MINOR_NAMES
-    midi_key = names[piece.tonic] + ("m" if piece.mode == "minor" else "")
     conductor.append(mido.MetaMessage("time_signature", numerator=piece.beats_per_bar, denominator=4, time=0))
-    conductor.append(mido.MetaMessage("key_signature", key=midi_key, time=0))
+    conductor.append(mido.MetaMessage("key_signature", key=piece.midi_key, time=0))
     conductor.append(mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(piece.tempo), time=0))
     midi.tracks.append(conductor)
     for voice, program in enumerate(piece.programs):

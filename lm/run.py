@@ -66,6 +66,8 @@ class FinetuneConfig(DictConfig):
     run after that step without exporting (as if killed), for tests and time-boxed jobs.
     ``mixed_precision`` "auto" is bf16 on a GPU that supports it, else "no".
     ``train_text_encoder`` trains the T5 with the LM at ``lr * text_encoder_lr_scale``;
+    ``text_pretrain_steps`` first trains the text encoder alone to tell the attributes its
+    captions state (:mod:`lm.text_pretrain`), on a fresh run only.
     ``save_dtype`` is the storage type of the exported LM and T5 weights. ``lora``: train only
     rank-``lora`` adapters on ``lora_targets`` (scale ``lora_alpha / lora``; :mod:`lm.lora`)
     and export them alone.
@@ -80,6 +82,7 @@ class FinetuneConfig(DictConfig):
     t5_path: str | None = None
     train_text_encoder: bool = False
     text_encoder_lr_scale: float = 1.0
+    text_pretrain_steps: int = 0
     steps: int = 1000
     batch_size: int = 4
     lr: float = 1e-4
@@ -129,7 +132,7 @@ class FinetuneConfig(DictConfig):
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "sample_every", "save_every", "keep_last"):
+        for name in ("warmup", "text_pretrain_steps", "eval_every", "sample_every", "save_every", "keep_last"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
         for name in ("cfg_dropout", "word_dropout", "min_lr_ratio", "ema_decay"):
@@ -141,6 +144,9 @@ class FinetuneConfig(DictConfig):
             raise ValueError(f"text_encoder_lr_scale must be positive, found {self.text_encoder_lr_scale}")
         if self.train_text_encoder and self.use_cached_text:
             raise ValueError("train_text_encoder needs the live text encoder; it cannot use cached text "
+                             "embeddings (use_cached_text)")
+        if self.text_pretrain_steps and self.use_cached_text:
+            raise ValueError("text_pretrain_steps trains the text encoder: it cannot use cached text "
                              "embeddings (use_cached_text)")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, found {self.save_dtype!r}")

@@ -355,3 +355,30 @@ def test_cli_make_text_encoder_and_joint_finetune(corpus, tmp_path, capsys):
     assert main(common + ["--out", str(tmp_path / "cached"), "--t5", str(t5), "--train-text-encoder",
                           "--use-cached-text"]) == 1
     assert "cannot use cached text embeddings" in capsys.readouterr().err
+
+
+# -- text-encoder pretraining before the LM (lm.text_pretrain) -------------------------------------------
+
+def test_text_pretraining_runs_first_and_a_resumed_run_does_not_repeat_it(corpus, tmp_path, capsys):
+    config = dict(steps=4, batch_size=2, save_every=2, ema=True, ema_every=1, weight_decay=0.0, merge_text_p=1.0,
+                  drop_other_p=0.0,
+                  text_pretrain_steps=12)
+    plain = finetune(run_config(corpus, tmp_path / "plain", **{**config, "text_pretrain_steps": 0})).out
+    straight = finetune(run_config(corpus, tmp_path / "straight", **config), progress=True).out
+    assert "text pretraining 12/12" in capsys.readouterr().err
+    a = load_file(str(plain / "model" / "t5" / "model.safetensors"))
+    b = load_file(str(straight / "model" / "t5" / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the pretraining moved the encoder
+    out = tmp_path / "resumed"
+    finetune(run_config(corpus, out, stop_after=2, **config))
+    capsys.readouterr()
+    finetune(run_config(corpus, out, **config), resume=True, progress=True)
+    assert "text pretraining" not in capsys.readouterr().err  # its result is in the checkpoint
+    assert_same_run(straight, out)
+
+
+def test_text_pretraining_needs_a_trained_live_text_encoder(corpus, tmp_path):
+    with pytest.raises(ValueError, match="add --train-text-encoder"):
+        finetune(run_config(corpus, tmp_path / "frozen", train_text_encoder=False, text_pretrain_steps=2))
+    with pytest.raises(ValueError, match="cached text"):
+        run_config(corpus, tmp_path / "cached", train_text_encoder=False, use_cached_text=True, text_pretrain_steps=2)

@@ -252,6 +252,10 @@ def register(commands) -> None:
                      help="train the T5 text encoder with the LM (default: frozen)")
     sub.add_argument("--text-encoder-lr-scale", type=float, default=sup,
                      help="T5 learning rate as a multiple of --lr (default 1)")
+    sub.add_argument("--text-pretrain-steps", type=int, default=sup, metavar="N",
+                     help="first train the text encoder alone for N steps to tell the genre, key, mode, "
+                          "tempo, instruments and moods its captions state (fresh runs; a T5 needs "
+                          "--train-text-encoder; default 0)")
     sub.add_argument("--save-dtype", default=sup, choices=("float32", "float16", "bfloat16"),
                      help="storage type of the exported LM and T5 weights (default float32; the others halve "
                           "the folder and load back as float32)")

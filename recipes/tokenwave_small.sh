@@ -14,9 +14,6 @@
 #   4. tokens: the corpus encoded by the codec (2a's encoder), 10 s items
 #   5. LM: the `tokenwave_small` preset (dim 256, 4 layers), trained from scratch together with
 #      the text encoder, exported in bfloat16, with 2b's codec
-#      b. caption stage (v2.1): the text encoder first learns the attributes its captions state
-#         (`--text-pretrain-steps`), then the LM continues on 2 s windows (more window starts,
-#         where the caption matters)
 #   6. copy into assets/models/tokenwave-small (with --install)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
@@ -33,7 +30,6 @@ CODEC_FROM=${CODEC_FROM:-tokenwave-small}
 CODEC_STEPS=${CODEC_STEPS:-4000}
 DECODER_STEPS=${DECODER_STEPS:-600}
 LM_STEPS=${LM_STEPS:-2200}
-CAPTION_STEPS=${CAPTION_STEPS:-1000}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -98,24 +94,13 @@ if [[ ! -e "$OUT/lm/.done" ]]; then
     touch "$OUT/lm/.done"
 fi
 
-if [[ ! -e "$OUT/lm2/.done" ]]; then
-    ARGS=(--data "$OUT/cache" --model "$OUT/lm/model" --train-text-encoder --text-pretrain-steps 800)
-    [[ -f "$OUT/lm2/run.json" ]] && ARGS=(--resume)
-    stamp "5b/6 caption stage: $CAPTION_STEPS steps"
-    $TOKENWAVE finetune "${ARGS[@]}" --out "$OUT/lm2" --steps "$CAPTION_STEPS" --batch-size 40 \
-        --segment-seconds 2 --lr 5e-4 --warmup 50 --min-lr-ratio 0.1 --mixed-precision bf16 \
-        --cfg-dropout 0.2 --word-dropout 0.15 --eval-every 250 --save-every 250 --log-every 25 \
-        --save-dtype bfloat16 "${CPU_FLAG[@]}"
-    touch "$OUT/lm2/.done"
-fi
-
 if [[ "${1:-}" == "--install" ]]; then
     stamp "6/6 install -> assets/models/tokenwave-small"
     rm -rf "$ROOT/assets/models/tokenwave-small.new"
-    cp -r "$OUT/lm2/model" "$ROOT/assets/models/tokenwave-small.new"
+    cp -r "$OUT/lm/model" "$ROOT/assets/models/tokenwave-small.new"
     rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2b's decoder (the same codes as 2a's)
     cp -r "$OUT/codec_final" "$ROOT/assets/models/tokenwave-small.new/codec"
     rm -rf "$ROOT/assets/models/tokenwave-small"
     mv "$ROOT/assets/models/tokenwave-small.new" "$ROOT/assets/models/tokenwave-small"
 fi
-stamp "done: $OUT/lm2/model"
+stamp "done: $OUT/lm/model"

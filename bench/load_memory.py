@@ -115,13 +115,17 @@ generator = MusicGen.from_pretrained({folder!r}, device='cpu', dtype={dtype!r})
 seconds = time.perf_counter() - start
 lm = generator.lm
 weights = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]) / 2**20
-print(json.dumps(dict(before=before, after=rss(), peak=rss('VmHWM'),
-                      lm_mb=weights, seconds=seconds)))
+result = dict(before=before, after=rss(), peak=rss('VmHWM'), lm_mb=weights, seconds=seconds)
+if {generate} > 0:  # one prompt, guidance on, as `tokenwave generate` runs it
+    start = time.perf_counter()
+    generator.generate("an upbeat electronic track with drums", {generate}, seed=0)
+    result.update(generate_seconds=time.perf_counter() - start, generate_peak=rss('VmHWM'))
+print(json.dumps(result))
 """
 
 
-def measure(folder: Path, dtype: str, threads: int) -> dict:
-    code = _CHILD.format(threads=threads, folder=str(folder), dtype=dtype)
+def measure(folder: Path, dtype: str, threads: int, generate: float = 0.0) -> dict:
+    code = _CHILD.format(threads=threads, folder=str(folder), dtype=dtype, generate=float(generate))
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"loading with dtype={dtype} failed:\n{done.stderr[-2000:]}")
@@ -139,22 +143,32 @@ def main(argv: list[str] | None = None) -> int:
                              "range search)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", metavar="FOLDER", help="write the checkpoint here and keep it")
+    parser.add_argument("--reuse", metavar="FOLDER", help="measure a checkpoint --keep wrote before")
+    parser.add_argument("--generate", type=float, default=0.0, metavar="SECONDS",
+                        help="after loading, generate this much audio (one prompt, guidance on) and report "
+                             "the peak RSS through load and generation")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tokenwave-load-") as tmp:
-        folder = Path(args.keep) if args.keep else Path(tmp) / "musicgen"
+        folder = Path(args.reuse or args.keep or Path(tmp) / "musicgen")
         start = time.perf_counter()
-        gigabytes = write_checkpoint(folder, args.size, getattr(torch, args.file_dtype))
         dim, layers, _ = SIZES[args.size]
-        print(f"musicgen-{args.size}-sized (dim {dim}, {layers} layers) random weights, transformers format, "
-              f"{args.file_dtype}: {gigabytes:.2f} GB in {layers + 1} shards (written in "
-              f"{time.perf_counter() - start:.0f} s)\n")
+        if args.reuse:
+            gigabytes = sum(f.stat().st_size for f in folder.glob("model-*.safetensors")) / 1e9
+            print(f"{folder}: {gigabytes:.2f} GB of shards (written before; --size must match)\n")
+        else:
+            gigabytes = write_checkpoint(folder, args.size, getattr(torch, args.file_dtype))
+            print(f"musicgen-{args.size}-sized (dim {dim}, {layers} layers) random weights, transformers format, "
+                  f"{args.file_dtype}: {gigabytes:.2f} GB in {layers + 1} shards (written in "
+                  f"{time.perf_counter() - start:.0f} s)\n")
+        extra = f" peak RSS with {args.generate:g} s generated (MB) | generation (s) |" if args.generate else ""
         print("| load dtype | LM weights (MB) | RSS before (MB) | peak RSS (MB) | RSS after (MB) | "
-              "peak - before - LM (MB) | load (s) |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+              "peak - before - LM (MB) | load (s) |" + extra)
+        print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.generate else ""))
         for dtype in args.dtypes:
-            r = measure(folder, dtype, args.threads)
+            r = measure(folder, dtype, args.threads, args.generate)
+            cells = f" {r['generate_peak']:.0f} | {r['generate_seconds']:.0f} |" if args.generate else ""
             print(f"| {dtype} | {r['lm_mb']:.0f} | {r['before']:.0f} | {r['peak']:.0f} | {r['after']:.0f} | "
-                  f"{r['peak'] - r['before'] - r['lm_mb']:.0f} | {r['seconds']:.0f} |", flush=True)
+                  f"{r['peak'] - r['before'] - r['lm_mb']:.0f} | {r['seconds']:.0f} |{cells}", flush=True)
     return 0
 
 

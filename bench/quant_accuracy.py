@@ -21,7 +21,7 @@ Variants: ``float32``, ``bf16-weights``, ``int8``, ``int4-g32`` / ``-g64`` / ``-
 ``+kv-bf16`` adds a bfloat16 KV cache; ``int4-g<N>+min-max`` rounds the int4 matrices onto
 each group's min/max range without the least-squares refits (``quantize_int4(..., steps=0)``),
 what the default rounding is measured against; ``int4-g<N>+gptq`` is the offline calibrated
-rounding (:func:`lm.quant.quantize_lm_calibrated`), calibrated on inputs the measurement does
+rounding (:func:`lm.gptq.quantize_lm_calibrated`), calibrated on inputs the measurement does
 not use: (a) ``--calibration`` other random sequences, (b) the model's float32 generations for
 ``--calibration`` other prompts (:data:`CALIBRATION_PROMPTS`, another seed). "convert (s)":
 the seconds the float32 weights took to convert (for the load-time formats, what loading
@@ -41,7 +41,8 @@ from collections.abc import Callable
 import torch
 
 from lm import LMModel, get_preset
-from lm.quant import QuantizedWeight, is_quant_spec, quantize_int4, quantize_lm, quantize_lm_calibrated
+from lm.gptq import quantize_lm_calibrated
+from lm.quant import QuantizedWeight, is_quant_spec, quantize_int4, quantize_lm
 
 VARIANTS = ("bf16-weights", "int8", "int4-g32", "int4-g32+min-max", "int4-g64", "int4-g128", "int4-g32+gptq",
             "int4-g128+gptq")
@@ -61,7 +62,7 @@ def convert(variant: LMModel, name: str, model: LMModel, calibration: dict | Non
     seconds the weights took (quantizing, or rounding to bfloat16). ``"int8+kv-bf16"``: int8
     with a bfloat16 KV cache; ``"int4-g32+min-max"``: int4 rounded onto each group's min/max
     range, without the least-squares refits (``quantize_int4(..., steps=0)``), for comparison;
-    ``"int4-g32+gptq"``: :func:`lm.quant.quantize_lm_calibrated` on ``calibration`` (its
+    ``"int4-g32+gptq"``: :func:`lm.gptq.quantize_lm_calibrated` on ``calibration`` (its
     keyword arguments: codes, condition, condition_mask)."""
     base, _, extra = name.partition("+")
     start = time.perf_counter()

@@ -66,7 +66,7 @@ from .run import (
     trackers,
     write_run_file,
 )
-from .text_pretrain import TextPretrainConfig, pretrain_text_encoder
+from .text_pretrain import pretrain_text_stage
 from .token_cache import TokenCache, text_encoder_fingerprint
 from .training import (
     EMA,
@@ -159,8 +159,8 @@ class _Run:
         acc.wait_for_everyone()
         self._setup_text()
         self._setup_data()
-        if config.text_pretrain_steps and self.checkpoint is None:
-            self._pretrain_text()
+        if config.text_pretrain_steps and self.checkpoint is None:  # else the checkpoint holds its result
+            pretrain_text_stage(self.text, self.cache, self.train_indices, self.valid_indices, config, acc, progress)
         self._setup_model()
         seeds = [stream_seed(config.seed, stream, self.rank) for stream in (1, 2, 3)]
         self.cfg_dropout = ClassifierFreeGuidanceDropout(config.cfg_dropout, seed=seeds[0])
@@ -222,35 +222,6 @@ class _Run:
         self._own_word_dropout = getattr(self.text, "word_dropout", None)
         if self._own_word_dropout is not None:
             self.text.word_dropout = 0.0
-
-    def _pretrain_text(self) -> None:
-        """lm.text_pretrain on this run's captions, before the LM trains (so the EMA and the first
-        checkpoint hold its result). Every process runs it from the same seed; rank 0's weights
-        are then broadcast, which makes them identical even where kernels are not deterministic."""
-        text, config = self.text, self.config
-        if isinstance(text, T5Conditioner) and not text.finetune:
-            raise ValueError("--text-pretrain-steps trains the T5 text encoder: add --train-text-encoder")
-        metas = [self.cache.items[i].meta for i in self.train_indices]
-        valid = [self.cache.items[i].meta for i in self.valid_indices]
-
-        def encode(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-            condition = text.encode(captions)
-            return condition.embeddings, condition.mask
-
-        def log(step: int, values: dict[str, float]) -> None:
-            self.accelerator.log(values, step=0)
-            if self.progress and self.accelerator.is_main_process:
-                shown = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in values.items())
-                print(f"text pretraining {step}/{config.text_pretrain_steps}: {shown}", file=sys.stderr, flush=True)
-
-        pretrain_text_encoder(text, encode, metas, valid, TextPretrainConfig(
-            steps=config.text_pretrain_steps, lr=config.lr, word_dropout=self.config.word_dropout, seed=config.seed),
-            augmentation=config.augmentation(), log=log)
-        if self.world > 1:
-            from accelerate.utils import broadcast
-            with torch.no_grad():
-                for param in text.parameters():
-                    param.copy_(broadcast(param.data.to(self.accelerator.device)).to(param.device))
 
     def _check_cached_text(self) -> None:
         info = self.cache.text_encoder

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conditioning import T5Conditioner
 from conditioning.dropout import drop_words
 
 from .corpus import CaptionAugmentation, TrackMeta, augment_caption
+from .token_cache import TokenCache
 
 CATEGORICAL = ("genre", "tonic", "mode", "tempo")
 MULTI_LABEL = ("instrument", "moods")
@@ -225,4 +228,38 @@ def pretrain_text_encoder(encoder: nn.Module, encode: Callable[[list[str]], tupl
     return metrics
 
 
-__all__ = ["AttributeVocabulary", "TextPretrainConfig", "pretrain_text_encoder", "tempo_band"]
+def pretrain_text_stage(text: nn.Module, cache: TokenCache, train: Sequence[int], valid: Sequence[int],
+                        config, accelerator, progress: bool) -> dict[str, float]:
+    """A fine-tuning run's text-pretraining stage on the captions of ``cache``'s ``train`` items
+    (``valid`` ones for its accuracy; ``config``: the run's ``lm.run.FinetuneConfig``).
+    Every process runs it from the same seed; rank 0's weights are then broadcast, which makes
+    them identical even where kernels are not deterministic. Runs before the LM's setup, so the
+    EMA and the first checkpoint hold its result."""
+    if isinstance(text, T5Conditioner) and not text.finetune:
+        raise ValueError("--text-pretrain-steps trains the T5 text encoder: add --train-text-encoder")
+
+    def encode(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        condition = text.encode(captions)
+        return condition.embeddings, condition.mask
+
+    def log(step: int, values: dict[str, float]) -> None:
+        accelerator.log(values, step=0)
+        if progress and accelerator.is_main_process:
+            shown = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in values.items())
+            print(f"text pretraining {step}/{config.text_pretrain_steps}: {shown}", file=sys.stderr, flush=True)
+
+    metas = [cache.items[i].meta for i in train]
+    valid_metas = [cache.items[i].meta for i in valid]
+    metrics = pretrain_text_encoder(text, encode, metas, valid_metas, TextPretrainConfig(
+        steps=config.text_pretrain_steps, lr=config.lr, word_dropout=config.word_dropout, seed=config.seed),
+        augmentation=config.augmentation(), log=log)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+        with torch.no_grad():
+            for param in text.parameters():
+                param.copy_(broadcast(param.data.to(accelerator.device)).to(param.device))
+    return metrics
+
+
+__all__ = ["AttributeVocabulary", "TextPretrainConfig", "pretrain_text_stage", "pretrain_text_encoder",
+           "tempo_band"]

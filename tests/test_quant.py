@@ -15,8 +15,8 @@ from torch import nn
 
 from inference import MusicGen, cli
 from lm import LMModel, get_preset
-from lm.quant import (QuantConfig, QuantizedWeight, dequantize_int4, gptq_int4, quantize_int4, quantize_lm,
-                      quantize_lm_calibrated, quantize_state)
+from lm.gptq import gptq_int4, quantize_lm_calibrated
+from lm.quant import QuantConfig, QuantizedWeight, dequantize_int4, quantize_int4, quantize_lm, quantize_state
 from t5_fixture import tiny_t5_folder  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

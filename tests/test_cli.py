@@ -462,6 +462,29 @@ def test_extra_commands_come_from_entry_points(tmp_path, capsys, monkeypatch):
                    "no module named 'missing_extra'\n")
 
 
+def test_warnings_are_one_line_each_and_resource_warnings_stay_quiet(capsys, monkeypatch):
+    """A ResourceWarning is about some object the garbage collector met during the command (an
+    event loop a library left open), never about the user's input: it is not shown."""
+    import importlib.metadata
+    import warnings
+    from types import SimpleNamespace
+
+    def noisy(args) -> int:
+        warnings.warn("unclosed event loop <loop>", ResourceWarning)
+        warnings.warn("the input was resampled", UserWarning)
+        return 0
+
+    def register(commands) -> None:
+        commands.add_parser("noisy").set_defaults(func=noisy)
+
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [SimpleNamespace(
+        name="noisy", value="x:register", load=lambda: register)] if kw.get("group") == "tokenwave.commands"
+        else real(**kw))
+    code, _, err = run(capsys, "noisy")
+    assert code == 0 and err == "tokenwave: warning: the input was resampled\n"
+
+
 def test_installed_demo_command_is_an_entry_point():
     """``tokenwave demo`` is found through the installed entry point, not imported by the CLI."""
     import importlib.metadata

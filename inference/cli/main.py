@@ -53,12 +53,15 @@ def terminate_as_interrupt():
 def one_line_warnings():
     """Warnings as ``tokenwave: warning: ...`` lines, not Python's file:line and source; each
     distinct warning once per command, even if this process showed it before (a fresh filter
-    state: ``"default"`` resets the once-per-location registries)."""
+    state: ``"default"`` resets the once-per-location registries). ResourceWarnings stay off, as
+    Python has them by default: they report objects the garbage collector happened to meet
+    during the command (an event loop a library left open), nothing the user gave."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"tokenwave: warning: {message}", file=sys.stderr if file is None else file)
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")
+        warnings.simplefilter("ignore", ResourceWarning)
         warnings.showwarning = show  # restored by catch_warnings, also under a warnings recorder
         yield
 

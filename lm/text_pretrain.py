@@ -15,7 +15,6 @@ run's augmentation and word dropout, as the LM run will see them. Heads are disc
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 import sys
@@ -32,6 +31,7 @@ from conditioning.dropout import drop_words
 
 from .corpus import CaptionAugmentation, TrackMeta, augment_caption
 from .token_cache import TokenCache
+from .training import cosine_schedule
 
 CATEGORICAL = ("genre", "tonic", "mode", "tempo")
 MULTI_LABEL = ("instrument", "moods")
@@ -155,14 +155,13 @@ class TextPretrainConfig:
     eval_every: int = 100
 
 
-def pretrain_text_encoder(encoder: nn.Module, encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
-                          metas: Sequence[TrackMeta],
-                          valid_metas: Sequence[TrackMeta], config: TextPretrainConfig, *,
+def pretrain_text_encoder(encoder: nn.Module, metas: Sequence[TrackMeta], valid_metas: Sequence[TrackMeta],
+                          config: TextPretrainConfig, *,
                           augmentation: CaptionAugmentation = CaptionAugmentation(),
                           log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
-    """Train ``encoder``'s trainable parameters for ``config.steps`` steps through ``encode``
-    (captions -> (hidden (B, S, D), mask (B, S)), with gradients): AdamW, 20 warmup steps, cosine
-    decay. Returns the last held-out accuracies (``valid_metas``; empty when there are none)."""
+    """Train ``encoder``'s trainable parameters (a text conditioner: ``encode(captions)`` gives a
+    Condition) for ``config.steps`` steps: AdamW, 20 warmup steps, cosine decay. Returns the last
+    held-out accuracies (``valid_metas``; empty when there are none)."""
     captioned = [m for m in metas if m.description or m.instrument or m.genre or m.key or m.bpm]
     if not captioned:
         raise ValueError("text-encoder pretraining needs captions or metadata: the corpus has none")
@@ -171,6 +170,11 @@ def pretrain_text_encoder(encoder: nn.Module, encode: Callable[[list[str]], tupl
     if not params:
         raise ValueError("text-encoder pretraining needs a trainable text encoder (its parameters are frozen)")
     was_training = encoder.training
+
+    def encode(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        condition = encoder.encode(captions)
+        return condition.embeddings, condition.mask
+
     with torch.no_grad():
         probe, _ = encode(["a"])
     heads = AttributeHeads(probe.shape[-1], vocabulary.sizes()).to(probe.device)
@@ -206,10 +210,8 @@ def pretrain_text_encoder(encoder: nn.Module, encode: Callable[[list[str]], tupl
 
     metrics: dict[str, float] = {}
     encoder.train()
-    def factor(i: int) -> float:
-        return min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(i, config.steps) / config.steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(warmup=min(20, config.steps),
+                                                                            total=config.steps))
     for step in range(1, config.steps + 1):
         captions, categorical, multi = draw(captioned, config.batch_size, config.word_dropout)
         hidden, mask = encode(captions)
@@ -238,10 +240,6 @@ def pretrain_text_stage(text: nn.Module, cache: TokenCache, train: Sequence[int]
     if isinstance(text, T5Conditioner) and not text.finetune:
         raise ValueError("--text-pretrain-steps trains the T5 text encoder: add --train-text-encoder")
 
-    def encode(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        condition = text.encode(captions)
-        return condition.embeddings, condition.mask
-
     def log(step: int, values: dict[str, float]) -> None:
         accelerator.log(values, step=0)
         if progress and accelerator.is_main_process:
@@ -250,7 +248,7 @@ def pretrain_text_stage(text: nn.Module, cache: TokenCache, train: Sequence[int]
 
     metas = [cache.items[i].meta for i in train]
     valid_metas = [cache.items[i].meta for i in valid]
-    metrics = pretrain_text_encoder(text, encode, metas, valid_metas, TextPretrainConfig(
+    metrics = pretrain_text_encoder(text, metas, valid_metas, TextPretrainConfig(
         steps=config.text_pretrain_steps, lr=config.lr, word_dropout=config.word_dropout, seed=config.seed),
         augmentation=config.augmentation(), log=log)
     if accelerator.num_processes > 1:

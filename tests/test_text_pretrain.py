@@ -53,14 +53,9 @@ def lut_encoder(seed: int) -> LUTConditioner:
 
 def accuracy_after(steps: int) -> dict[str, float]:
     encoder = lut_encoder(0)
-
-    def encode(captions):
-        condition = encoder.encode(captions)
-        return condition.embeddings, condition.mask
-
     config = TextPretrainConfig(steps=max(steps, 1), batch_size=32, lr=1e-2 if steps else 1e-12, word_dropout=0.0,
                                 eval_every=max(steps, 1))
-    metrics = pretrain_text_encoder(encoder, encode, metas(300, 1), metas(100, 2), config,
+    metrics = pretrain_text_encoder(encoder, metas(300, 1), metas(100, 2), config,
                                     augmentation=CaptionAugmentation(0, 0, 0))
     return {k.split("/")[1]: v for k, v in metrics.items() if k.endswith("accuracy")}
 
@@ -75,12 +70,7 @@ def test_pretraining_teaches_the_encoder_what_captions_state():
 
 def test_pretraining_refuses_a_frozen_encoder_and_a_corpus_without_captions():
     encoder = lut_encoder(0).requires_grad_(False)
-
-    def encode(captions):
-        condition = encoder.encode(captions)
-        return condition.embeddings, condition.mask
-
     with pytest.raises(ValueError, match="frozen"):
-        pretrain_text_encoder(encoder, encode, metas(10, 0), [], TextPretrainConfig(steps=1))
+        pretrain_text_encoder(encoder, metas(10, 0), [], TextPretrainConfig(steps=1))
     with pytest.raises(ValueError, match="no"):
-        pretrain_text_encoder(lut_encoder(0), encode, [TrackMeta()], [], TextPretrainConfig(steps=1))
+        pretrain_text_encoder(lut_encoder(0), [TrackMeta()], [], TextPretrainConfig(steps=1))

@@ -33,17 +33,20 @@ class SegmentBatches:
     Sample ``p`` of the run (``p = ((step * grad_accum + micro) * world + rank) * B + j``)
     is item ``perm_e[p % N]`` of epoch ``e = p // N`` (a fresh permutation per epoch from
     ``seed``); its crop offset and caption augmentation come from a generator seeded with
-    ``(seed, p)``. Items shorter than the window are padded with ``special_token``.
+    ``(seed, p)``. Items shorter than the window are padded with ``special_token``. A share
+    ``start_fraction`` of the windows begin at their item's first frame (the rest anywhere).
     """
 
     def __init__(self, cache: TokenCache, indices: Sequence[int], *, segment_frames: int, batch_size: int,
                  special_token: int, seed: int = 0,
-                 augmentation: CaptionAugmentation = CaptionAugmentation()) -> None:
+                 augmentation: CaptionAugmentation = CaptionAugmentation(), start_fraction: float = 0.0) -> None:
         if not indices:
             raise ValueError("no training items")
         if segment_frames < 1 or batch_size < 1:
             raise ValueError(f"segment_frames and batch_size must be >= 1, found {segment_frames}, "
                              f"{batch_size}")
+        if not 0.0 <= start_fraction <= 1.0:
+            raise ValueError(f"start_fraction must be in [0, 1], found {start_fraction}")
         self.cache = cache
         self.indices = list(indices)
         # No wider than the longest item: padding only costs compute.
@@ -52,6 +55,7 @@ class SegmentBatches:
         self.special_token = special_token
         self.seed = seed
         self.augmentation = augmentation
+        self.start_fraction = start_fraction
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def _item_at(self, position: int) -> int:
@@ -66,6 +70,8 @@ class SegmentBatches:
         rng = random.Random(f"tokenwave-batches:{self.seed}:{position}")
         frames = self.cache.items[item].frames
         start = rng.randrange(frames - self.segment_frames + 1) if frames > self.segment_frames else 0
+        if self.start_fraction and rng.random() < self.start_fraction:  # no draw when off: old runs unchanged
+            start = 0
         return item, start, augment_caption(self.cache.items[item].meta, self.augmentation, rng)
 
     def batch(self, step: int, *, micro: int = 0, grad_accum: int = 1, rank: int = 0,

@@ -68,16 +68,8 @@ from .run import (
 )
 from .text_pretrain import pretrain_text_stage
 from .token_cache import TokenCache, text_encoder_fingerprint
-from .training import (
-    EMA,
-    ConditionedLM,
-    codebook_cross_entropy,
-    cosine_schedule,
-    is_text_encoder,
-    param_groups,
-    set_gradient_checkpointing,
-    validation_metrics,
-)
+from .training import (EMA, ConditionedLM, codebook_cross_entropy, cosine_schedule, is_text_encoder, param_groups,
+                       set_gradient_checkpointing, start_weights, validation_metrics)
 
 
 class FinetuneTarget(Protocol):
@@ -241,7 +233,8 @@ class _Run:
         augmentation = CaptionAugmentation(0, 0, 0) if self.cached_text else config.augmentation()
         self.batches = SegmentBatches(self.cache, self.train_indices, segment_frames=frames,
                                       batch_size=config.batch_size, special_token=special, seed=config.seed,
-                                      augmentation=augmentation)
+                                      augmentation=augmentation, start_fraction=config.start_fraction)
+        self.frame_weights = start_weights(self.batches.segment_frames, config.start_weight, config.start_weight_frames)
         self.valid_batches = validation_batches(self.cache, self.valid_indices[self.rank::self.world],
                                                 segment_frames=frames, batch_size=config.batch_size,
                                                 special_token=special)
@@ -332,7 +325,7 @@ class _Run:
             with sync:
                 logits, mask = self.model(codes, **inputs)
                 mask = mask & batch.frame_mask.to(acc.device)[:, None, :]
-                loss, sums, count = codebook_cross_entropy(logits, codes, mask)
+                loss, sums, count = codebook_cross_entropy(logits, codes, mask, self.frame_weights)
                 acc.backward(loss / config.grad_accum)
             loss_total += float(loss.detach()) / config.grad_accum
             ce_sum += sums.cpu()

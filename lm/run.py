@@ -68,6 +68,9 @@ class FinetuneConfig(DictConfig):
     ``train_text_encoder`` trains the T5 with the LM at ``lr * text_encoder_lr_scale``;
     ``text_pretrain_steps`` first trains the text encoder alone to tell the attributes its
     captions state (:mod:`lm.text_pretrain`), on a fresh run only.
+    ``start_fraction``: share of training windows that begin at their clip's first frame;
+    ``start_weight``: extra loss weight of a window's first frames (decaying over
+    ``start_weight_frames``; :func:`lm.training.start_weights`), where the caption is all the LM has.
     ``save_dtype`` is the storage type of the exported LM and T5 weights. ``lora``: train only
     rank-``lora`` adapters on ``lora_targets`` (scale ``lora_alpha / lora``; :mod:`lm.lora`)
     and export them alone.
@@ -104,6 +107,9 @@ class FinetuneConfig(DictConfig):
     drop_other_p: float = 0.5
     use_cached_text: bool = False
     segment_seconds: float | None = None
+    start_fraction: float = 0.0
+    start_weight: float = 0.0
+    start_weight_frames: float = 10.0
     valid_fraction: float = 0.05
     eval_every: int = 250
     sample_every: int = 0
@@ -135,7 +141,7 @@ class FinetuneConfig(DictConfig):
         for name in ("warmup", "text_pretrain_steps", "eval_every", "sample_every", "save_every", "keep_last"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
-        for name in ("cfg_dropout", "word_dropout", "min_lr_ratio", "ema_decay"):
+        for name in ("cfg_dropout", "word_dropout", "min_lr_ratio", "ema_decay", "start_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], found {getattr(self, name)}")
         if not self.lr > 0 or not self.max_grad_norm > 0:
@@ -155,6 +161,9 @@ class FinetuneConfig(DictConfig):
                              f"found {self.mixed_precision!r}")
         if self.log_with not in ("auto", "jsonl", "tensorboard"):
             raise ValueError(f"log_with must be auto, jsonl or tensorboard, found {self.log_with!r}")
+        if not self.start_weight >= 0 or not self.start_weight_frames > 0:
+            raise ValueError(f"start_weight must be >= 0 and start_weight_frames positive, found "
+                             f"{self.start_weight}, {self.start_weight_frames}")
         if self.segment_seconds is not None and not self.segment_seconds > 0:
             raise ValueError(f"segment_seconds must be positive, found {self.segment_seconds}")
         if not self.sample_seconds > 0:

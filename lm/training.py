@@ -66,7 +66,8 @@ class ConditionedLM(nn.Module):
                                            prefix=prefix)
 
 
-def codebook_cross_entropy(logits: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor
+def codebook_cross_entropy(logits: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor,
+                           frame_weights: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MusicGen's loss: cross-entropy of each codebook over its valid positions, averaged over
     codebooks (codebooks with no valid position are left out of the average).
@@ -74,21 +75,36 @@ def codebook_cross_entropy(logits: torch.Tensor, codes: torch.Tensor, mask: torc
     logits ``(B, K, T, card)`` (NaN where invalid), codes ``(B, K, T)``, mask ``(B, K, T)`` bool.
     Returns the loss (scalar), and per codebook the summed cross-entropy ``(K,)`` and the number
     of positions ``(K,)`` (float64, for exact sums across batches and processes).
+    ``frame_weights`` ``(T,)``: the loss is then each codebook's weighted mean over its positions
+    (weight by frame index); the sums and counts stay unweighted, so logged losses keep their meaning.
     """
     K = codes.shape[1]
     sums, counts, means = [], [], []
     for k in range(K):
         valid = mask[:, k]
-        ce = F.cross_entropy(logits[:, k][valid].float(), codes[:, k][valid], reduction="sum")
+        ce = F.cross_entropy(logits[:, k][valid].float(), codes[:, k][valid], reduction="none")
         count = valid.sum()
-        sums.append(ce.detach())
+        sums.append(ce.detach().sum())
         counts.append(count)
         if count > 0:
-            means.append(ce / count)
+            if frame_weights is None:
+                means.append(ce.sum() / count)
+            else:
+                w = frame_weights.to(ce.device, ce.dtype).expand(valid.shape)[valid]
+                means.append((ce * w).sum() / w.sum())
     if not means:
         raise ValueError("the batch holds no valid position to predict (windows shorter than the pattern?)")
     loss = torch.stack(means).mean()
     return loss, torch.stack(sums).double(), torch.stack(counts).double()
+
+
+def start_weights(frames: int, weight: float, decay_frames: float) -> torch.Tensor | None:
+    """Loss weight ``1 + weight * exp(-t / decay_frames)`` of window frame ``t`` (None when
+    ``weight`` is 0). Why: only a window's first frames lack audio context, so only there must the
+    LM read its caption; unweighted they are a few per cent of the loss and the caption stays unused."""
+    if not weight:
+        return None
+    return 1.0 + weight * torch.exp(-torch.arange(frames, dtype=torch.float32) / decay_frames)
 
 
 def cosine_schedule(*, warmup: int, total: int, min_ratio: float = 0.0) -> Callable[[int], float]:
@@ -214,5 +230,5 @@ def set_gradient_checkpointing(lm: LMModel, enabled: bool = True) -> None:
 
 __all__ = [
     "EMA", "ConditionedLM", "codebook_cross_entropy", "cosine_schedule", "is_text_encoder", "param_groups",
-    "set_gradient_checkpointing", "unshared", "validation_metrics",
+    "set_gradient_checkpointing", "start_weights", "unshared", "validation_metrics",
 ]

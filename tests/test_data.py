@@ -258,6 +258,26 @@ def test_windows_are_capped_at_the_longest_item_and_validation_is_fixed(cache):
     assert torch.equal(valid[0].codes[0, :, :first.shape[1]], first)
 
 
+def test_a_share_of_windows_begins_at_the_clip_start(cache):
+    """start_fraction: that share of windows starts at frame 0; 0 leaves every crop as it was."""
+    long_items = [i for i in range(len(cache)) if cache.items[i].frames > 60]
+    plain = SegmentBatches(cache, long_items, segment_frames=20, batch_size=4, special_token=16, seed=1)
+    off = SegmentBatches(cache, long_items, segment_frames=20, batch_size=4, special_token=16, seed=1,
+                         start_fraction=0.0)
+    all_start = SegmentBatches(cache, long_items, segment_frames=20, batch_size=4, special_token=16, seed=1,
+                               start_fraction=1.0)
+    half = SegmentBatches(cache, long_items, segment_frames=20, batch_size=4, special_token=16, seed=1,
+                          start_fraction=0.5)
+    positions = range(400)
+    assert [plain.sample(p) for p in positions] == [off.sample(p) for p in positions]
+    assert all(all_start.sample(p)[1] == 0 for p in positions)
+    assert sum(plain.sample(p)[1] == 0 for p in positions) < 40
+    assert 150 < sum(half.sample(p)[1] == 0 for p in positions) < 260
+    assert [half.sample(p)[0] for p in positions] == [plain.sample(p)[0] for p in positions]  # same items
+    with pytest.raises(ValueError, match="start_fraction"):
+        SegmentBatches(cache, long_items, segment_frames=20, batch_size=4, special_token=16, start_fraction=1.5)
+
+
 def test_split_is_deterministic(cache):
     train, valid = cache.split(0.2, seed=3)
     assert len(valid) == 1 and sorted(train + valid) == list(range(6))

@@ -25,7 +25,8 @@ from inference.finetune import finetune
 from lm import finetune as ft
 from lm.run import FinetuneConfig, list_checkpoints
 from lm.token_cache import CodecTokenizer, TokenCache, encode_text_states, prepare_corpus
-from lm.training import ConditionedLM, codebook_cross_entropy, cosine_schedule, set_gradient_checkpointing
+from lm.training import (ConditionedLM, codebook_cross_entropy, cosine_schedule, set_gradient_checkpointing,
+                         start_weights)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,35 @@ def test_loss_is_the_mean_over_codebooks_of_the_masked_cross_entropy():
     assert counts.tolist() == [float(mask[:, k].sum()) for k in range(3)] and sums[2] == 0
     loss.backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[~mask] == 0).all()
+
+
+def test_start_weights_weigh_a_window_s_first_frames():
+    """The weighted loss is each codebook's weighted mean; sums and counts stay unweighted."""
+    assert start_weights(8, 0.0, 10.0) is None
+    weights = start_weights(6, 4.0, 2.0)
+    assert torch.allclose(weights, 1 + 4 * torch.exp(-torch.arange(6.0) / 2))
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 6, 5)
+    codes = torch.randint(0, 5, (3, 2, 6))
+    mask = torch.rand(3, 2, 6) > 0.2
+    plain, sums, counts = codebook_cross_entropy(logits, codes, mask)
+    same, _, _ = codebook_cross_entropy(logits, codes, mask, torch.ones(6))
+    weighted, wsums, wcounts = codebook_cross_entropy(logits, codes, mask, weights)
+    assert torch.allclose(plain, same) and torch.equal(sums, wsums) and torch.equal(counts, wcounts)
+    ce = torch.nn.functional.cross_entropy(logits.permute(0, 3, 1, 2), codes, reduction="none")  # (B, K, T)
+    w = weights.expand(3, 2, 6) * mask
+    expected = torch.stack([(ce[:, k] * w[:, k]).sum() / w[:, k].sum() for k in range(2)]).mean()
+    assert torch.allclose(weighted, expected)
+    assert not torch.allclose(weighted, plain)
+
+
+def test_start_options_are_checked():
+    with pytest.raises(ValueError, match="start_fraction"):
+        FinetuneConfig(data="d", out="o", model="m", start_fraction=2.0)
+    with pytest.raises(ValueError, match="start_weight"):
+        FinetuneConfig(data="d", out="o", model="m", start_weight=-1.0)
+    with pytest.raises(ValueError, match="start_weight"):
+        FinetuneConfig(data="d", out="o", model="m", start_weight=1.0, start_weight_frames=0.0)
 
 
 def test_cosine_schedule():
@@ -315,8 +345,12 @@ def test_cli_prepare_finetune_generate(tmp_path, capsys):
 
     args = ["finetune", "--model", str(tmp_path / "base"), "--data", str(cache), "--out", str(run), "--steps", "4",
             "--batch-size", "2", "--save-every", "2", "--eval-every", "2", "--log-every", "2", "--lr", "2e-3",
-            "--sample-every", "2", "--sample-prompt", "happy rock", "--sample-seconds", "0.05"]
+            "--sample-every", "2", "--sample-prompt", "happy rock", "--sample-seconds", "0.05",
+            "--start-fraction", "0.5", "--start-weight", "3", "--start-weight-frames", "4"]
     assert main(args + ["--stop-after", "2"]) == 0
+    saved = json.loads((run / "run.json").read_text())
+    saved = saved.get("config", saved)
+    assert (saved["start_fraction"], saved["start_weight"], saved["start_weight_frames"]) == (0.5, 3.0, 4.0)
     assert "stopped after step 2" in capsys.readouterr().out
     assert main(["finetune", "--out", str(run), "--resume", "--lr", "1"]) == 1
     assert "cannot resume" in capsys.readouterr().err

@@ -295,6 +295,13 @@ def register(commands) -> None:
                      help="use the cache's T5 embeddings (no caption augmentation, no word dropout)")
     sub.add_argument("--segment-seconds", type=float, default=sup,
                      help="training window (default: the cache's)")
+    sub.add_argument("--start-fraction", type=float, default=sup, metavar="P",
+                     help="share of training windows that begin at their clip's start (default 0)")
+    sub.add_argument("--start-weight", type=float, default=sup, metavar="W",
+                     help="extra loss weight of a window's first frames, where only the caption informs "
+                          "the LM (weight 1 + W * exp(-frame / --start-weight-frames); default 0: off)")
+    sub.add_argument("--start-weight-frames", type=float, default=sup, metavar="F",
+                     help="decay of --start-weight, in frames (default 10)")
     sub.add_argument("--valid-fraction", type=float, default=sup,
                      help="share of items held out (default 0.05)")
     sub.add_argument("--eval-every", type=int, default=sup,

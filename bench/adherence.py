@@ -560,10 +560,17 @@ class AdherenceSettings:
 TONICS = (0, 7, 2, 9, 5)  # C G D A F: names without accidentals, so the prompt's spelling is the corpus's
 
 
+RoundTrip = Callable[[torch.Tensor, int], torch.Tensor]  # (audio (C, T), rate) -> mono (T',) at ANALYSIS_RATE
+
+
 def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: AdherenceSettings,
-                      log: Callable[[str], None] = print) -> tuple[dict, FamilyClassifier, list[str], Vocabulary]:
+                      log: Callable[[str], None] = print, roundtrip: RoundTrip | None = None
+                      ) -> tuple[dict, FamilyClassifier, list[str], Vocabulary]:
     """Train the family classifier and validate all three measures on corpus clips.
 
+    ``roundtrip`` (a codec's encode + decode): the measures are also taken on the held-out clips
+    passed through it, under ``results["roundtrip"]``: what a generator that emitted exactly the
+    real clips' codes would score, the ceiling of a generator built on that codec.
     Returns ``(results, classifier, families, vocabulary)``.
     """
     train = read_corpus(train_dir, limit=settings.train_clips)
@@ -595,15 +602,28 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
     results["key"] = {split: key_report(wavs, clips)
                       for split, wavs, clips in (("valid", valid_wavs, valid), ("train", train_wavs, train))}
     results["lines_db"] = {"valid": mean_line_prominence(valid_wavs, settings.frame_rate)}
+    if roundtrip is not None:
+        started = time.perf_counter()
+        coded = [roundtrip(*audio_io.read_audio(clip.audio)) for clip in valid]
+        log(f"codec round trips in {time.perf_counter() - started:.1f} s")
+        labelled = [(timbre_features(w), families.index(c.family))
+                    for w, c in zip(coded, valid) if c.family in families]
+        results["roundtrip"] = {
+            "classifier": (accuracy_report(classifier.predict([x for x, _ in labelled]), [y for _, y in labelled],
+                                           families) if labelled else None),
+            "tempo": tempo_report([estimate_tempo(w, **tempo_args) for w in coded], [c.tempo for c in valid]),
+            "key": key_report(coded, valid),
+            "lines_db": mean_line_prominence(coded, settings.frame_rate)}
     return results, classifier, families, Vocabulary.from_corpus(train)
 
 
 def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: GenerateFn | None = None,
                   settings: AdherenceSettings = AdherenceSettings(),
-                  log: Callable[[str], None] = print) -> dict:
-    """Validate the measures on the corpus, then (with ``generate``) score generations of prompts
-    that vary one attribute at a time. Returns a JSON-ready dict; see :func:`adherence_tables`."""
-    results, classifier, families, vocabulary = validate_measures(train_dir, valid_dir, settings, log)
+                  log: Callable[[str], None] = print, roundtrip: RoundTrip | None = None) -> dict:
+    """Validate the measures on the corpus (and through ``roundtrip``, see :func:`validate_measures`),
+    then (with ``generate``) score generations of prompts that vary one attribute at a time.
+    Returns a JSON-ready dict; see :func:`adherence_tables`."""
+    results, classifier, families, vocabulary = validate_measures(train_dir, valid_dir, settings, log, roundtrip)
     if generate is None:
         return results
     base_family = families[0]
@@ -652,16 +672,23 @@ def adherence_tables(result: dict) -> str:
                      f"{_pct(classifier['balanced_accuracy'])} | {_pct(classifier['chance'])} |")
     else:
         lines.append("| valid | 0 | n/a | n/a | n/a |")
+    coded = result.get("roundtrip")
+    if coded and coded["classifier"]:
+        r = coded["classifier"]
+        lines.append(f"| valid, codec round trip | {r['clips']} | {_pct(r['accuracy'])} | "
+                     f"{_pct(r['balanced_accuracy'])} | {_pct(r['chance'])} |")
     lines += ["", "Tempo estimator (spectral flux + autocorrelation) against the MIDI tempo:", "",
               "| split | clips | median abs error (bpm) | within 8 % | x1/2, x2, x1/3, x3 (within 8 %) | wrong |",
               "|---|---|---|---|---|---|"]
-    for split, r in result["tempo"].items():
+    tempo_rows = dict(result["tempo"], **({"valid, codec round trip": coded["tempo"]} if coded else {}))
+    for split, r in tempo_rows.items():
         lines.append(f"| {split} | {r['clips']} | {r['median_abs_error_bpm']:.1f} | {_pct(r['within_8pct'])} | "
                      f"{_pct(r['octave_errors'])} | {_pct(r['wrong'])} |")
     lines += ["", "Mode (chroma + Krumhansl-Kessler profiles):", "",
               "| split | clips | mode, tonic given | mode, free | key, free | relative-key confusions | major share |",
               "|---|---|---|---|---|---|---|"]
-    for split, r in result["key"].items():
+    key_rows = dict(result["key"], **({"valid, codec round trip": coded["key"]} if coded else {}))
+    for split, r in key_rows.items():
         lines.append(f"| {split} | {r['clips']} | {_pct(r['mode_given_tonic'])} | {_pct(r['free_mode'])} | "
                      f"{_pct(r['free_key'])} | {_pct(r['relative_key_confusions'])} | {_pct(r['major_share'])} |")
     generated = result.get("generated")
@@ -692,5 +719,7 @@ def adherence_tables(result: dict) -> str:
         r = generated["lines"]
         lines += ["", f"Frame-rate buzz: spectral lines at multiples of {r['rate_hz']:g} Hz stand "
                   f"{r['generated_db']:.2f} dB over their neighbours in the generations, {r['valid_db']:.2f} dB "
-                  f"in real held-out clips: **{r['buzz_db']:+.2f} dB**"]
+                  f"in real held-out clips: **{r['buzz_db']:+.2f} dB**"
+                  + (f" (codec round trips of those clips: {coded['lines_db'] - r['valid_db']:+.2f} dB)"
+                     if coded else "")]
     return "\n".join(lines)

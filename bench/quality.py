@@ -337,21 +337,37 @@ def _codec_section(args, report: dict) -> None:
     print(quality_table(rows) + "\n")
 
 
+def codec_roundtrip(codec):
+    """``(audio (C, T), rate) -> mono analysis-rate audio`` through ``codec``'s encode and decode:
+    how the adherence measures read the real clips' own codes (the ceiling of a generator)."""
+    from bench import adherence
+
+    def roundtrip(wav: torch.Tensor, rate: int) -> torch.Tensor:
+        x = audio_io.convert_audio(wav.float(), rate, codec.sample_rate, codec.channels)  # (C, T)
+        device = next(codec.parameters()).device
+        with torch.inference_mode():
+            y = codec.decode(codec.encode(x[None].to(device)))[0, :, : x.shape[-1]]
+        return adherence.as_analysis_audio(y.cpu(), codec.sample_rate)
+
+    return roundtrip
+
+
 def _adherence_section(args, report: dict) -> None:
     from bench import adherence
 
     settings = adherence.AdherenceSettings(
         train_clips=args.train_clips, min_family_clips=args.min_family_clips, per_prompt=args.per_prompt,
         batch=args.batch, seed=args.seed, tempos=tuple(args.tempos))
-    generate = None
+    generate = roundtrip = None
     if args.generator:
         from inference import MusicGen
 
         generator = MusicGen.from_pretrained(args.generator, device=args.device)
         generate = adherence.musicgen_generate_fn(generator, args.duration, cfg_coef=args.cfg_coef)
+        roundtrip = codec_roundtrip(generator.codec)
         report["generator"] = args.generator
     train = args.train or str(Path(args.data).parent / "train")
-    result = adherence.run_adherence(train, args.data, generate, settings, log=_log)
+    result = adherence.run_adherence(train, args.data, generate, settings, log=_log, roundtrip=roundtrip)
     report["adherence"] = result
     print(f"## Text adherence ({args.generator or 'no generator: measures only'})\n")
     print(adherence.adherence_tables(result) + "\n")

@@ -331,6 +331,38 @@ def test_adherence_run_end_to_end(corpus):
     assert buzzed["generated"]["lines"]["buzz_db"] > generated["lines"]["buzz_db"] + 3
 
 
+def test_measures_through_a_codec_round_trip(corpus, tiny_codec):
+    """roundtrip: the measures also read the held-out clips passed through it; an exact one
+    scores as the clips themselves, one that destroys timbre and pitch scores lower."""
+    settings = adherence.AdherenceSettings(min_family_clips=2)
+
+    def exact(wav, rate):
+        return adherence.as_analysis_audio(wav, rate)
+
+    result = adherence.run_adherence(corpus / "train", corpus / "valid", None, settings, log=lambda _: None,
+                                     roundtrip=exact)
+    coded = result["roundtrip"]
+    assert coded["classifier"]["accuracy"] == result["classifier"]["accuracy"] == 1.0
+    assert coded["tempo"] == result["tempo"]["valid"] and coded["key"] == result["key"]["valid"]
+    assert coded["lines_db"] == pytest.approx(result["lines_db"]["valid"])
+    assert "| valid, codec round trip | 4 | 100 % |" in adherence.adherence_tables(result)
+
+    def noise(wav, rate):
+        seconds = wav.shape[-1] / rate
+        return 0.3 * torch.randn(int(seconds * RATE), generator=torch.Generator().manual_seed(0))
+
+    ruined = adherence.run_adherence(corpus / "train", corpus / "valid", None, settings, log=lambda _: None,
+                                     roundtrip=noise)["roundtrip"]
+    assert ruined["key"]["mode_given_tonic"] < 1.0 or ruined["classifier"]["accuracy"] < 1.0
+    assert ruined["tempo"]["within_8pct"] < 1.0
+
+    # quality's round trip through a real (tiny, random) codec: mono analysis audio of the clip's length
+    roundtrip = quality.codec_roundtrip(tiny_codec)
+    wav = torch.randn(2, 24_000) * 0.1
+    out = roundtrip(wav, 48_000)
+    assert out.dim() == 1 and abs(out.shape[0] - RATE // 2) <= 2 and torch.isfinite(out).all()
+
+
 def test_generate_clips_from_a_tiny_musicgen_is_seeded():
     """The MusicGen adapter: batches of prompts in, one mono 16 kHz clip per prompt out, the same
     clips for the same seed."""

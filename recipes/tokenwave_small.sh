@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-train the model the repository ships, assets/models/tokenwave-small (v2), end to end:
+# Re-train the model the repository ships, assets/models/tokenwave-small (v3), end to end:
 #
 #   1. corpus: 20 h rendered with fluidsynth (32 kHz mono, seed 0, recipe version 2): procedural
 #      songs in 14 styles and excerpts of music21's scores (Bach chorales, Ryan's Mammoth tunes;
@@ -10,10 +10,14 @@
 #         started from v1's codec, in git before v2: commit d5e99fb, assets/models/tokenwave-small/codec)
 #      b. the decoder alone, L1 + mel + linear-frequency STFT losses (`--train-parts decoder
 #         --loss-weights spectral`): removes v1's buzz at multiples of 50 Hz, codes unchanged
+#         (v2's decoder: 600 steps from v1's; v3's: 2,400 more from v2's, a second run with a fresh
+#         optimizer; DECODER_STEPS=3000 does both in one run, not bitwise the same)
 #   3. text encoder: sentencepiece vocabulary from the captions + a 3-layer T5 (d_model 128)
 #   4. tokens: the corpus encoded by the codec (2a's encoder), 10 s items
 #   5. LM: the `tokenwave_small` preset (dim 256, 4 layers), trained from scratch together with
-#      the text encoder, exported in bfloat16, with 2b's codec
+#      the text encoder, exported in bfloat16, with 2b's codec (v2's LM)
+#      b. 800 more steps on 4 s windows from the clip start, the first frames' loss weighted
+#         (`--start-fraction 1 --start-weight 10`: the LM learns to read its caption; v3's LM)
 #   6. copy into assets/models/tokenwave-small (with --install)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
@@ -28,8 +32,9 @@ OUT=${OUT:-runs/tokenwave_small}
 HOURS=${HOURS:-20}
 CODEC_FROM=${CODEC_FROM:-tokenwave-small}
 CODEC_STEPS=${CODEC_STEPS:-4000}
-DECODER_STEPS=${DECODER_STEPS:-600}
+DECODER_STEPS=${DECODER_STEPS:-3000}
 LM_STEPS=${LM_STEPS:-2200}
+START_STEPS=${START_STEPS:-800}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -94,13 +99,24 @@ if [[ ! -e "$OUT/lm/.done" ]]; then
     touch "$OUT/lm/.done"
 fi
 
+if [[ ! -e "$OUT/lm_start/.done" ]]; then
+    ARGS=(--model "$OUT/lm/model" --data "$OUT/cache")
+    [[ -f "$OUT/lm_start/run.json" ]] && ARGS=(--resume)
+    stamp "5b/6 LM, window starts: $START_STEPS steps"
+    $TOKENWAVE finetune "${ARGS[@]}" --out "$OUT/lm_start" --train-text-encoder --steps "$START_STEPS" \
+        --batch-size 16 --segment-seconds 4 --start-fraction 1 --start-weight 10 --start-weight-frames 10 \
+        --lr 5e-4 --warmup 50 --min-lr-ratio 0.1 --cfg-dropout 0.2 --word-dropout 0.15 --eval-every 200 \
+        --save-every 200 --log-every 25 --mixed-precision bf16 --save-dtype bfloat16 "${CPU_FLAG[@]}"
+    touch "$OUT/lm_start/.done"
+fi
+
 if [[ "${1:-}" == "--install" ]]; then
     stamp "6/6 install -> assets/models/tokenwave-small"
     rm -rf "$ROOT/assets/models/tokenwave-small.new"
-    cp -r "$OUT/lm/model" "$ROOT/assets/models/tokenwave-small.new"
+    cp -r "$OUT/lm_start/model" "$ROOT/assets/models/tokenwave-small.new"
     rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2b's decoder (the same codes as 2a's)
     cp -r "$OUT/codec_final" "$ROOT/assets/models/tokenwave-small.new/codec"
     rm -rf "$ROOT/assets/models/tokenwave-small"
     mv "$ROOT/assets/models/tokenwave-small.new" "$ROOT/assets/models/tokenwave-small"
 fi
-stamp "done: $OUT/lm/model"
+stamp "done: $OUT/lm_start/model"

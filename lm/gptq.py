@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .transformer import RowSliced
 from .quant import (QuantConfig, QuantizedWeight, _check_unquantized, _fit_int4, _matrices, _pack_int4, _parse,
                     _replace, _round_int4, _store_matrices, storage)
 
@@ -75,7 +76,7 @@ def _gptq(weight: torch.Tensor, factor: torch.Tensor,
     return q, scales, zeros
 
 
-class _Calibrating(nn.Module):
+class _Calibrating(RowSliced):
     """Stands where a float matrix stands while :func:`quantize_lm_calibrated` runs its batch.
 
     The first product through rows ``a:b`` rounds the rows not yet rounded with
@@ -83,6 +84,8 @@ class _Calibrating(nn.Module):
     each layer is calibrated on the outputs of the already-quantized layers before it
     (GPTQ's sequential order) in a single forward pass, holding one moment matrix at a time.
     """
+
+    kind = "a quantized weight"
 
     def __init__(self, weight: torch.Tensor, group_size: int, damping: float) -> None:
         super().__init__()
@@ -97,16 +100,7 @@ class _Calibrating(nn.Module):
     def shape(self) -> torch.Size:
         return self.float_weight.shape
 
-    def __getitem__(self, rows: slice) -> _CalibratingRows:
-        start, stop, step = rows.indices(self.shape[0])
-        if step != 1:
-            raise ValueError("a quantized weight can only be sliced by contiguous rows")
-        return _CalibratingRows(self, start, stop)
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.product(0, self.shape[0], x, bias)
-
-    def product(self, start: int, stop: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def rows_linear(self, start: int, stop: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(x, rows start:stop, bias)`` with the rows rounded (now, if not yet)."""
         todo = torch.arange(start, stop, device=self.done.device)[~self.done[start:stop]]
         if len(todo):
@@ -130,20 +124,6 @@ class _Calibrating(nn.Module):
             self.q[rest], self.scales[rest], self.zeros[rest] = q.flatten(1).to(torch.uint8), scales, zeros
         return QuantizedWeight(_pack_int4(self.q), self.scales.to(torch.bfloat16), self.zeros.to(torch.bfloat16),
                                group_size=self.group_size)
-
-
-class _CalibratingRows:
-    """Rows ``start:stop`` of a :class:`_Calibrating` (what ``weight[a:b]`` returns)."""
-
-    def __init__(self, weight: _Calibrating, start: int, stop: int) -> None:
-        self.weight, self.start, self.stop = weight, start, stop
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.stop - self.start, self.weight.shape[1]))
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.weight.product(self.start, self.stop, x, bias)
 
 
 def quantize_lm_calibrated(model: nn.Module, codes: torch.Tensor, *, condition: torch.Tensor | None = None,

@@ -30,7 +30,7 @@ from torch import nn
 
 from codec.config import DictConfig
 
-from .transformer import linear
+from .transformer import RowSliced, linear
 
 MATRICES = ("self_attn.in_proj", "self_attn.out_proj", "cross_attention.in_proj", "cross_attention.out_proj",
             "linear1", "linear2")
@@ -71,8 +71,10 @@ class LoRAConfig(DictConfig):
         return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
 
 
-class LoRAWeight(nn.Module):
+class LoRAWeight(RowSliced):
     """A weight ``(N, K)`` plus ``scale * lora_B @ lora_A``; stands where the weight stood."""
+
+    kind = "a LoRA weight"
 
     def __init__(self, base: torch.Tensor | nn.Module, rank: int, scale: float) -> None:
         super().__init__()
@@ -100,15 +102,11 @@ class LoRAWeight(nn.Module):
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, rank={self.rank}, scale={self.scale:g}"
 
-    def __getitem__(self, rows: slice) -> _LoRARows:
-        start, stop, step = rows.indices(self.shape[0])
-        if step != 1:
-            raise ValueError("a LoRA weight can only be sliced by contiguous rows")
-        return _LoRARows(self, start, stop)
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``F.linear(x, W + scale * B @ A, bias)``, without forming the sum."""
-        return _LoRARows(self, 0, self.shape[0]).linear(x, bias)
+    def rows_linear(self, start: int, stop: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, rows start:stop of W + scale * B @ A, bias)``, without forming the sum."""
+        out = linear(x, self.base[start:stop], bias)
+        hidden = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+        return out + (F.linear(hidden, self.lora_B[start:stop]) * self.scale).to(out.dtype)
 
     def merged(self) -> torch.Tensor:
         """The base plus the adapter, in the base's dtype (summed in float32)."""
@@ -117,23 +115,6 @@ class LoRAWeight(nn.Module):
                              "(no dtype=int8/int4), merge, then quantize")
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
         return (self.base.float() + delta).to(self.base.dtype)
-
-
-class _LoRARows:
-    """Rows ``start:stop`` of a :class:`LoRAWeight` (what ``weight[a:b]`` returns)."""
-
-    def __init__(self, weight: LoRAWeight, start: int, stop: int) -> None:
-        self.weight, self.start, self.stop = weight, start, stop
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.stop - self.start, self.weight.shape[1]))
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.weight
-        out = linear(x, w.base[self.start:self.stop], bias)
-        hidden = F.linear(x.to(w.lora_A.dtype), w.lora_A)
-        return out + (F.linear(hidden, w.lora_B[self.start:self.stop]) * w.scale).to(out.dtype)
 
 
 # -- the model -----------------------------------------------------------------------------------

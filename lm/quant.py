@@ -45,6 +45,8 @@ from torch import nn
 
 from codec.config import DictConfig
 
+from .transformer import RowSliced
+
 QUANT_DTYPES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # the most accurate; the kernel runs as fast at 32, 64, 128 (bench/quant_accuracy.py)
@@ -215,13 +217,15 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 
 # -- the module ----------------------------------------------------------------------------------
-class QuantizedWeight(nn.Module):
+class QuantizedWeight(RowSliced):
     """A weight ``(N, K)`` stored in int8 or int4; stands where the float weight stood.
 
     ``weight[a:b]`` is a view of rows ``a:b`` (the packed attention projections slice q, k, v)
     and :meth:`linear` is ``F.linear`` with this weight. The int4 kernel's packed form is
     built per row range on first use on a CPU and kept (not saved).
     """
+
+    kind = "a quantized weight"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
                  group_size: int = 0) -> None:
@@ -253,15 +257,22 @@ class QuantizedWeight(nn.Module):
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"int{self.bits}, shape={tuple(self.shape)}{group}"
 
-    def __getitem__(self, rows: slice) -> _Rows:
-        start, stop, step = rows.indices(self.shape[0])
-        if step != 1:
-            raise ValueError("a quantized weight can only be sliced by contiguous rows")
-        return _Rows(self, start, stop)
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``F.linear(x, weight, bias)`` for ``x (..., K)``; returns ``(..., N)`` in x's dtype."""
-        return _Rows(self, 0, self.shape[0]).linear(x, bias)
+    def rows_linear(self, start: int, stop: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, rows start:stop, bias)`` for ``x (..., K)``; returns ``(..., n)`` in x's dtype."""
+        n, K = stop - start, self.shape[1]
+        if x.shape[-1] != K:
+            raise ValueError(f"input has {x.shape[-1]} features, the weight takes {K}")
+        if x.device.type != "cpu":
+            out = F.linear(x, self.dequantize(start, stop).to(x.dtype), None)
+        else:
+            rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # the kernels' fast path
+            if self.bits == 8:
+                out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight[start:stop], self.scales[start:stop])
+            else:
+                packed, scale_zeros = self._int4_pack(start, stop)
+                out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, scale_zeros)
+            out = out.to(x.dtype).reshape(*x.shape[:-1], n)
+        return out if bias is None else out + bias.to(out.dtype)
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The float32 weight (rows ``start:stop``) these integers stand for."""
@@ -286,34 +297,6 @@ class QuantizedWeight(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         self._packs.clear()  # moved or converted: the packs belong to the old buffers
         return super()._apply(fn, recurse)
-
-
-class _Rows:
-    """Rows ``start:stop`` of a :class:`QuantizedWeight` (what ``weight[a:b]`` returns)."""
-
-    def __init__(self, weight: QuantizedWeight, start: int, stop: int) -> None:
-        self.weight, self.start, self.stop = weight, start, stop
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.stop - self.start, self.weight.shape[1]))
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        w, (n, K) = self.weight, self.shape
-        if x.shape[-1] != K:
-            raise ValueError(f"input has {x.shape[-1]} features, the weight takes {K}")
-        if x.device.type != "cpu":
-            out = F.linear(x, w.dequantize(self.start, self.stop).to(x.dtype), None)
-        else:
-            rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # the kernels' fast path
-            if w.bits == 8:
-                out = torch.ops.aten._weight_int8pack_mm(rows, w.qweight[self.start:self.stop],
-                                                         w.scales[self.start:self.stop])
-            else:
-                packed, scale_zeros = w._int4_pack(self.start, self.stop)
-                out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, w.group_size, scale_zeros)
-            out = out.to(x.dtype).reshape(*x.shape[:-1], n)
-        return out if bias is None else out + bias.to(out.dtype)
 
 
 # -- the model -----------------------------------------------------------------------------------

@@ -136,6 +136,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out if bias is None else out + bias
 
 
+class RowSliced(nn.Module):
+    """A module that stands where a weight ``(N, K)`` stood (int8/int4, LoRA, GPTQ calibration):
+    ``weight[a:b]`` is a view of rows ``a:b`` (the packed attention projections slice q, k, v)
+    and :meth:`linear` is ``F.linear`` with it. Subclasses give ``shape`` and :meth:`rows_linear`."""
+
+    kind = "this weight"  # for the error message
+
+    def __getitem__(self, rows: slice) -> WeightRows:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError(f"{self.kind} can only be sliced by contiguous rows")
+        return WeightRows(self, start, stop)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.rows_linear(0, self.shape[0], x, bias)
+
+    def rows_linear(self, start: int, stop: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, rows start:stop of the weight, bias)``."""
+        raise NotImplementedError
+
+
+class WeightRows:
+    """Rows ``start:stop`` of a :class:`RowSliced` weight (what ``weight[a:b]`` returns)."""
+
+    def __init__(self, weight: RowSliced, start: int, stop: int) -> None:
+        self.weight, self.start, self.stop = weight, start, stop
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.stop - self.start, self.weight.shape[1]))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.weight.rows_linear(self.start, self.stop, x, bias)
+
+
 class _PackedAttention(nn.Module):
     """Multi-head attention with q, k, v projections packed in one ``in_proj_weight (3C, C)``."""
 

@@ -87,15 +87,25 @@ class ConditionProvider(nn.Module):
     def attributes(self) -> list[str]:
         return list(self.conditioners.keys())
 
-    def forward(self, attributes: Mapping[str, Sequence[Any]]) -> dict[str, Condition]:
+    def forward(self, attributes: Mapping[str, Sequence[Any]], *, frames: int | None = None,
+                start_frames: int | Sequence[int] = 0) -> dict[str, Condition]:
         """attributes: name -> one value (or None) per sample. Returns name -> Condition (B, S, D).
 
         An attribute this provider knows but the batch lacks is encoded as all-null, so a
-        caller can pass only the description to a melody model.
+        caller can pass only the description to a melody model. Time-aligned conditioners
+        (``time_aligned = True``: the beat clock) need the window's ``frames`` and
+        ``start_frames``; without ``frames`` they are left out of the result.
         """
         unknown = sorted(set(attributes) - set(self.conditioners))
         if unknown:
             raise KeyError(f"no conditioner for attribute(s) {unknown}; known: {self.attributes}")
         batch = batch_size_of(attributes)
-        return {name: conditioner.encode(attributes.get(name, [None] * batch))
-                for name, conditioner in self.conditioners.items()}
+        out = {}
+        for name, conditioner in self.conditioners.items():
+            values = attributes.get(name, [None] * batch)
+            if getattr(conditioner, "time_aligned", False):
+                if frames is not None:
+                    out[name] = conditioner.encode(values, frames=frames, start_frames=start_frames)
+            else:
+                out[name] = conditioner.encode(values)
+        return out

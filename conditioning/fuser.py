@@ -156,6 +156,27 @@ class ConditionFuser(nn.Module):
         prepend_length = input.shape[1] - length
         return FusedInput(input, prepend_length, prepend_mask, cross, cross_mask)
 
+    def split_summed(self, conditions: Mapping[str, Condition], length: int
+                     ) -> tuple[dict[str, Condition], torch.Tensor | None]:
+        """For a caller that adds per-step inputs itself (the LM's ``frame_input``): the
+        conditions without the ``sum`` ones, and those summed and broadcast to ``(B, length, D)``
+        (None when there are none). Each summed condition must be ``(B, 1, D)`` or at least
+        ``length`` long (a longer one is cut)."""
+        rest, total = {}, None
+        for name, cond in conditions.items():
+            if name not in self.config.sum:
+                rest[name] = cond
+                continue
+            emb = cond.embeddings
+            if emb.dim() != 3 or emb.shape[1] not in (1,) and emb.shape[1] < length:
+                raise ValueError(f"condition {name!r} is summed over {length} steps: expected (B, 1, D) or "
+                                 f"(B, >={length}, D), found {tuple(emb.shape)}")
+            emb = emb[:, :length] if emb.shape[1] > 1 else emb
+            total = emb if total is None else total + emb
+        if total is not None:
+            total = total.expand(-1, length, -1)
+        return rest, total
+
     def _known(self, name: str) -> bool:
         try:
             self.config.mode_of(name)

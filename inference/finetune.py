@@ -37,7 +37,8 @@ from torch import nn
 from codec import audio as audio_io
 from codec.model import EncodecModel, InterleavedStereo
 from codec.pretrained import load_codec
-from conditioning import ConditionProvider, LUTConditioner, T5Conditioner
+from conditioning import (BeatConditioner, ConditionFuser, ConditionProvider, KeyConditioner, LUTConditioner,
+                          T5Conditioner)
 from lm.corpus import caption_vocabulary
 from lm.finetune import BuildContext, FinetuneConfig, FinetuneResult, train
 from lm.lora import add_lora, has_lora, merge_lora
@@ -168,6 +169,21 @@ class GeneratorTarget:
             save_generator(self.generator, folder, overwrite=True, dtype=dtype)
 
 
+def add_tempo_key(generator: MusicGen) -> None:
+    """Give ``generator`` the beat-clock and key conditioners (summed into the LM input), unless it
+    has them; they start at zero, so the generator's output is unchanged until they are trained."""
+    if {"bpm", "key"} <= set(generator.fuser.config.sum):
+        return
+    if generator.fuser.config.sum:
+        raise ValueError(f"the model already sums {list(generator.fuser.config.sum)} into its input")
+    dim, device = generator.lm.config.dim, generator.device
+    conditioners = generator.condition_provider.conditioners
+    conditioners["bpm"] = BeatConditioner(dim=dim, frame_rate=generator.frame_rate).to(device)
+    conditioners["key"] = KeyConditioner(dim=dim).to(device)
+    generator.fuser = ConditionFuser(replace(generator.fuser.config, sum=("bpm", "key")))
+    generator._check()
+
+
 def build_target(config: FinetuneConfig, context: BuildContext) -> GeneratorTarget:
     """The generator a run trains: the base, a fresh LM (``from_scratch``), or on resuming a
     from-scratch run the initial generator it saved; checked against the cache."""
@@ -179,6 +195,8 @@ def build_target(config: FinetuneConfig, context: BuildContext) -> GeneratorTarg
     else:
         generator = MusicGen.from_pretrained(config.model, device=device, t5_path=config.t5_path)
     _check_generator(generator, context.cache)
+    if config.tempo_key:
+        add_tempo_key(generator)
     lora = config.lora_config()
     if has_lora(generator.lm):  # a base that is itself an adapter folder: train over the merged model
         merge_lora(generator.lm)

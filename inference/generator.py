@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from codec import audio as audio_io
-from conditioning import ChromaConditioner, ConditionFuser, ConditionProvider, FuserConfig
+from conditioning import (ChromaConditioner, ConditionFuser, ConditionProvider, FuserConfig, caption_attributes,
+                          summed_input)
 from lm import LMModel
 from lm.sampling import GenerationArgumentError, SamplingConfig
 
@@ -36,43 +37,9 @@ from .progress import Progress, WindowProgress, window_progress
 from .prompts import (BatchAudio, batch_texts, check_audio_prompt, condition_texts, unpack_audio,
                       window_melody)
 from .registry import DEFAULT_MODEL
+from .results import GeneratedAudio, GeneratedAudioTokens, LMConditions
 
 DECODE_BLOCK_SECONDS = 60.0  # longer outputs are decoded block by block (memory ~ the output)
-
-
-class LMConditions(NamedTuple):
-    """What :meth:`lm.LMModel.generate` / ``forward`` take: rows ``R`` = B, or 2B for guidance.
-
-    condition: ``(R, S, dim)`` cross-attention source, ``condition_mask (R, S)`` (None: attend to
-    all positions); prefix: ``(R, P, dim)`` prepended to the sequence, ``prefix_mask (R, P)``.
-    guided: the rows are ``[conditional; unconditional]`` (R = 2B); ``generate(guided=...)`` takes
-    it, so the LM checks the rows rather than deciding guidance again.
-    """
-
-    condition: torch.Tensor | None
-    condition_mask: torch.Tensor | None
-    prefix: torch.Tensor | None
-    prefix_mask: torch.Tensor | None
-    guided: bool = False
-
-    def as_kwargs(self) -> dict[str, torch.Tensor | None]:
-        """The tensors, as keyword arguments of the LM's ``forward`` (and ``generate``)."""
-        return {name: getattr(self, name) for name in self._fields if name != "guided"}
-
-
-class GeneratedAudio(NamedTuple):
-    """wav: ``(B, C, T)`` float32; sample_rate in Hz."""
-
-    wav: torch.Tensor
-    sample_rate: int
-
-
-class GeneratedAudioTokens(NamedTuple):
-    """wav: ``(B, C, T)`` float32; sample_rate in Hz; tokens: codes ``(B, K, frames)``."""
-
-    wav: torch.Tensor
-    sample_rate: int
-    tokens: torch.Tensor
 
 
 def _routed(fuser: FuserConfig, name: str) -> bool:
@@ -111,10 +78,13 @@ class MusicGen(nn.Module):
         if "description" not in self.condition_provider.conditioners:
             raise ValueError("the condition provider needs a 'description' (text) conditioner, found "
                              f"{self.condition_provider.attributes}")
-        unsupported = [name for mode in ("sum", "input_interpolate") for name in getattr(fuser, mode)]
+        unsupported = [*fuser.input_interpolate, *(n for n in fuser.sum if n not in ("bpm", "key"))]
         if unsupported:
-            raise ValueError(f"fuser modes 'sum'/'input_interpolate' are not supported by the generator "
-                             f"(attributes {unsupported})")
+            raise ValueError(f"the generator sums only the tempo and key ('bpm', 'key') into the LM input; "
+                             f"fuser modes 'sum'/'input_interpolate' route {unsupported}")
+        if fuser.sum and lm_config.pattern != "delay":
+            raise ValueError(f"tempo/key conditioning needs one LM step per frame (the delay pattern), "
+                             f"not {lm_config.pattern!r}")
         unrouted = [n for n in self.condition_provider.attributes if not _routed(fuser, n)]
         if unrouted:
             raise ValueError(f"the fuser has no mode for conditioner(s) {unrouted}")
@@ -201,7 +171,7 @@ class MusicGen(nn.Module):
             attributes["self_wav"] = rows + ([None] * batch if guided else [])
         elif melodies is not None and any(m is not None for m in melodies):
             raise ValueError("this model has no melody conditioner; melody= needs a melody model")
-        conditions = self.condition_provider(attributes)
+        conditions = {n: c for n, c in self.condition_provider(attributes).items() if n not in self.fuser.config.sum}
         param = self.lm.emb[0].weight
         empty = torch.zeros(len(attributes["description"]), 0, self.lm.config.dim, dtype=param.dtype,
                             device=param.device)
@@ -446,6 +416,12 @@ class MusicGen(nn.Module):
                         melodies, window_plan, self.frame_rate, self.max_duration, self._chroma_rate())
                     conditions = self.prepare_conditions(texts, melodies=window_melodies,
                                                          guided=sampling.guided)
+                if self.fuser.config.sum:  # the beat clock runs on from the window's first frame
+                    rows = texts + [None] * len(texts) if conditions.guided else texts
+                    steps = self.lm.pattern_provider.get_pattern(window_plan.length).num_steps
+                    conditions = conditions._replace(frame_input=summed_input(
+                        self.condition_provider, self.fuser, caption_attributes(rows), steps=steps,
+                        start_frames=window_plan.offset))
                 pieces, seen = [], 0
                 skip = window_plan.prompt if index else 0  # an audio prompt is part of the output
                 for piece in self.lm.generate_iter(

@@ -19,12 +19,13 @@ from .token_cache import TokenCache
 class Batch(NamedTuple):
     """codes: ``(B, K, T)`` long, padded with the special token past an item's end;
     frame_mask: ``(B, T)`` bool, true on real frames; captions: B texts (None = no caption);
-    items: B item indices into the cache."""
+    items: B item indices into the cache; starts: each window's first frame in its item."""
 
     codes: torch.Tensor
     frame_mask: torch.Tensor
     captions: list[str | None]
     items: list[int]
+    starts: list[int]
 
 
 class SegmentBatches:
@@ -93,7 +94,7 @@ def collate(cache: TokenCache, crops: Sequence[tuple[int, int]], captions: Seque
         piece = np.asarray(cache.tokens(item)[:, start:start + frames], dtype=np.int64)
         codes[row, :, :piece.shape[1]] = torch.from_numpy(piece)
         mask[row, :piece.shape[1]] = True
-    return Batch(codes, mask, list(captions), [i for i, _ in crops])
+    return Batch(codes, mask, list(captions), [i for i, _ in crops], [s for _, s in crops])
 
 
 def validation_batches(cache: TokenCache, indices: Sequence[int], *, segment_frames: int, batch_size: int,

@@ -43,6 +43,7 @@ from codec.files import read_safetensors_file, write_json_file
 from codec.training.run import check_processes, load_rng, refuse_fsdp, warn_world_change
 from conditioning import ClassifierFreeGuidanceDropout, ConditionProvider, T5Conditioner
 from conditioning.dropout import drop_words
+from conditioning.musical import musical_value
 
 from .batches import SegmentBatches, validation_batches
 from .corpus import CaptionAugmentation, plain_caption
@@ -299,16 +300,22 @@ class _Run:
         return {"cfg_dropout": self.cfg_dropout.generator, "word_dropout": self.word_generator}
 
     # -- training ----------------------------------------------------------------------------------
-    def _inputs(self, captions: list[str | None], items: list[int]) -> dict[str, Any]:
-        captions = self.cfg_dropout({"description": captions})["description"]
-        device = self.accelerator.device
+    def _inputs(self, captions: list[str | None], items: list[int], starts: list[int]) -> dict[str, Any]:
+        names = self.target.fuser.config.sum  # tempo/key from the metadata, dropped with the caption
+        metas = [self.cache.items[i].meta for i in items]
+        kept = self.cfg_dropout({"description": captions, **{n: [musical_value(n, m) for m in metas] for n in names}})
+        captions, out = kept.pop("description"), {}
+        if names:
+            p = self.config.tempo_key_dropout if self.cfg_dropout.training else 0.0
+            out = {"start_frames": starts, "musical": {n: [None if p and torch.rand(1, generator=self.word_generator)
+                                                            < p else v for v in kept[n]] for n in names}}
         if not self.cached_text:
             if self.word_dropout > 0:
                 captions = drop_words(captions, self.word_dropout, self.word_generator)
-            return {"captions": captions}
+            return {"captions": captions, **out}
         kept = [None if caption is None else item for caption, item in zip(captions, items)]
         hidden, mask = self.cache.padded_text_states(kept)
-        return {"text_states": (hidden.to(device), mask.to(device))}
+        return {"text_states": (hidden.to(self.accelerator.device), mask.to(self.accelerator.device)), **out}
 
     def train_step(self) -> dict[str, float]:
         config, acc = self.config, self.accelerator
@@ -319,7 +326,7 @@ class _Run:
         for micro in range(config.grad_accum):
             batch = self.batches.batch(self.step, micro=micro, grad_accum=config.grad_accum, rank=self.rank,
                                        world=self.world)
-            inputs = self._inputs(batch.captions, batch.items)
+            inputs = self._inputs(batch.captions, batch.items, batch.starts)
             codes = batch.codes.to(acc.device)
             sync = nullcontext() if micro == config.grad_accum - 1 else acc.no_sync(self.model)
             with sync:
@@ -365,10 +372,7 @@ class _Run:
         with self._inference_weights(), acc.autocast():
             for batch in self.valid_batches:
                 codes = batch.codes.to(acc.device)
-                inputs = {"captions": batch.captions}
-                if self.cached_text:
-                    inputs = self._plain_text_states(batch.items)
-                logits, mask = self.module(codes, **inputs)
+                logits, mask = self.module(codes, **self._plain_inputs(batch.items, batch.starts))
                 mask = mask & batch.frame_mask.to(acc.device)[:, None, :]
                 _, sums, count = codebook_cross_entropy(logits, codes, mask)
                 totals[0] += sums.to(acc.device)
@@ -377,13 +381,15 @@ class _Run:
             totals = acc.reduce(totals, reduction="sum")
         return validation_metrics(totals.cpu())
 
-    def _plain_text_states(self, items: list[int]) -> dict[str, Any]:
-        saved = self.cfg_dropout.training
-        self.cfg_dropout.eval()  # no condition dropout, no random draw
+    def _plain_inputs(self, items: list[int], starts: list[int]) -> dict[str, Any]:
+        saved, words = self.cfg_dropout.training, self.word_dropout
+        self.cfg_dropout.eval()  # no condition or word dropout, no random draw
+        self.word_dropout = 0.0
         try:
-            return self._inputs([plain_caption(self.cache.items[i].meta) for i in items], items)
+            return self._inputs([plain_caption(self.cache.items[i].meta) for i in items], items, starts)
         finally:
             self.cfg_dropout.train(saved)
+            self.word_dropout = words
 
     def sample_prompts(self) -> list[str | None]:
         if self.config.sample_prompts:

@@ -19,7 +19,7 @@ from torch import nn
 from codec.config import DictConfig
 
 from .patterns import PatternProvider, make_pattern_provider, stereo_delays
-from .sampling import SamplingConfig, check_sampling
+from .sampling import SamplingConfig, batch_size, check_sampling, guidance_rows
 from .static_decoder import UNKNOWN, DecodingState, FrameTracker, Prefix, StaticDecoder
 from .transformer import KVCache, Transformer, linear
 
@@ -217,18 +217,33 @@ class LMModel(nn.Module):
 
     def hidden(self, sequence: torch.Tensor, *, condition: torch.Tensor | None = None,
                condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-               prefix_mask: torch.Tensor | None = None, state: DecodingState | None = None) -> torch.Tensor:
+               prefix_mask: torch.Tensor | None = None, state: DecodingState | None = None,
+               frame_input: torch.Tensor | None = None) -> torch.Tensor:
         """Transformer output ``(B, S, dim)`` for the sequence positions (prefix outputs dropped).
 
         Without ``state``: a full causal pass; ``condition (B, S_c, dim)`` is attended through
         cross-attention (``condition_mask (B, S_c)``: true = attend; None = attend to all, as
         audiocraft does; no condition = the null condition), ``prefix (B, P, dim)`` is
         prepended (``prefix_mask (B, P)``).
-        With ``state``: an incremental step; the condition lives in the state (see
+        ``frame_input (B, >= S, dim)`` is added to the input of each sequence step (row ``s`` to
+        step ``s``; :class:`conditioning.BeatConditioner`, :class:`conditioning.KeyConditioner`).
+        With ``state``: an incremental step; the condition and frame input live in the state (see
         :meth:`init_state`) and a prefix may only be given on the first step.
         """
         x = self.embed(sequence)
         S = x.shape[1]
+        if state is not None:
+            if frame_input is not None:
+                raise ValueError("with a decoding state, pass frame_input to init_state(), not forward()")
+            if state.frame_input is not None:
+                start = state.offset - state.prefix_length
+                frame_input = state.frame_input[:, start:]
+        if frame_input is not None:
+            if frame_input.dim() != 3 or frame_input.shape[0] != x.shape[0] or frame_input.shape[1] < S \
+                    or frame_input.shape[2] != x.shape[2]:
+                raise ValueError(f"expected frame_input ({x.shape[0]}, >={S}, {x.shape[2]}), "
+                                 f"got {tuple(frame_input.shape)}")
+            x = x + frame_input[:, :S].to(x.dtype)
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         if state is None:
@@ -243,6 +258,8 @@ class LMModel(nn.Module):
                 raise ValueError("with a decoding state, pass the condition to init_state(), not forward()")
             if prefix is not None and state.offset:
                 raise ValueError("a prefix can only be prepended on the first decoding step")
+            if prefix is not None:
+                state.prefix_length = prefix.shape[1]
             if prefix_mask is not None:
                 if prefix is None or prefix_mask.shape != prefix.shape[:2]:
                     raise ValueError("prefix_mask (B, P) must come with a prefix (B, P, dim)")
@@ -255,10 +272,12 @@ class LMModel(nn.Module):
 
     def forward(self, sequence: torch.Tensor, *, condition: torch.Tensor | None = None,
                 condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                prefix_mask: torch.Tensor | None = None, state: DecodingState | None = None) -> torch.Tensor:
+                prefix_mask: torch.Tensor | None = None, state: DecodingState | None = None,
+                frame_input: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, K, S, card)`` for a pattern sequence ``(B, K, S)``; see :meth:`hidden`."""
         return self.heads(self.hidden(sequence, condition=condition, condition_mask=condition_mask,
-                                      prefix=prefix, prefix_mask=prefix_mask, state=state))
+                                      prefix=prefix, prefix_mask=prefix_mask, state=state,
+                                      frame_input=frame_input))
 
     def compute_predictions(self, codes: torch.Tensor, **condition) -> tuple[torch.Tensor, torch.Tensor]:
         """Training view: codes ``(B, K, T)`` -> logits ``(B, K, T, card)`` aligned with the codes
@@ -309,15 +328,23 @@ class LMModel(nn.Module):
         return cross_kv, (None if allowed.all() else allowed[:, None, None, :])
 
     def init_state(self, batch_size: int, max_len: int, *, condition: torch.Tensor | None = None,
-                   condition_mask: torch.Tensor | None = None) -> DecodingState:
-        """Allocate KV caches for ``max_len`` positions (prefix included) and project the condition."""
+                   condition_mask: torch.Tensor | None = None,
+                   frame_input: torch.Tensor | None = None) -> DecodingState:
+        """Allocate KV caches for ``max_len`` positions (prefix included), project the condition
+        and keep the per-step ``frame_input (batch_size, steps, dim)``."""
         param = self.emb[0].weight
         head_dim = self.config.dim // self.config.num_heads
         caches = [KVCache(batch_size=batch_size, num_heads=self.config.num_heads, max_len=max_len,
                           head_dim=head_dim, dtype=self.kv_cache_dtype or param.dtype, device=param.device)
                   for _ in self.transformer.layers]
         cross_kv, cross_mask = self._cross_inputs(condition, condition_mask, batch_size, param.dtype)
-        return DecodingState(caches=caches, cross_kv=cross_kv, cross_mask=cross_mask)
+        if frame_input is not None:
+            if frame_input.dim() != 3 or frame_input.shape[0] != batch_size \
+                    or frame_input.shape[2] != self.config.dim:
+                raise ValueError(f"expected frame_input ({batch_size}, steps, {self.config.dim}), "
+                                 f"got {tuple(frame_input.shape)}")
+            frame_input = frame_input.to(device=param.device, dtype=param.dtype)
+        return DecodingState(caches=caches, cross_kv=cross_kv, cross_mask=cross_mask, frame_input=frame_input)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -325,8 +352,8 @@ class LMModel(nn.Module):
     def generate(self, *, max_gen_len: int, prompt: torch.Tensor | None = None,
                  num_samples: int | None = None, condition: torch.Tensor | None = None,
                  condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                 prefix_mask: torch.Tensor | None = None, guided: bool | None = None,
-                 use_sampling: bool = SamplingConfig.use_sampling,
+                 prefix_mask: torch.Tensor | None = None, frame_input: torch.Tensor | None = None,
+                 guided: bool | None = None, use_sampling: bool = SamplingConfig.use_sampling,
                  temperature: float = SamplingConfig.temperature, top_k: int = SamplingConfig.top_k,
                  top_p: float = SamplingConfig.top_p, cfg_coef: float | None = None,
                  two_step_cfg: bool | None = None, generator: torch.Generator | None = None,
@@ -341,7 +368,9 @@ class LMModel(nn.Module):
                 ``condition_mask (R, S)`` (true = attend; None attends to all positions, as
                 audiocraft does). No condition means the null condition (unconditional).
             prefix: ``(R, P, dim)`` prepended to the sequence (melody), ``prefix_mask (R, P)``.
-                For either, R = 2B holds rows ``[conditional; unconditional]`` for classifier-free
+            frame_input: ``(R, >= S, dim)`` added to the input of each of the S sequence steps
+                (tempo and key conditioning, :mod:`conditioning.musical`).
+                For each, R = 2B holds rows ``[conditional; unconditional]`` for classifier-free
                 guidance, R = B no guidance.
             guided: whether the rows are ``[conditional; unconditional]``: the caller that built
                 them says so (``inference.MusicGen`` passes what
@@ -365,7 +394,8 @@ class LMModel(nn.Module):
         """
         return torch.cat(list(self.generate_iter(
             max_gen_len=max_gen_len, prompt=prompt, num_samples=num_samples, condition=condition,
-            condition_mask=condition_mask, prefix=prefix, prefix_mask=prefix_mask, guided=guided,
+            condition_mask=condition_mask, prefix=prefix, prefix_mask=prefix_mask, frame_input=frame_input,
+            guided=guided,
             use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef,
             two_step_cfg=two_step_cfg, generator=generator, callback=callback, fast=fast)), dim=-1)
 
@@ -373,8 +403,8 @@ class LMModel(nn.Module):
     def generate_iter(self, *, max_gen_len: int, prompt: torch.Tensor | None = None,
                       num_samples: int | None = None, condition: torch.Tensor | None = None,
                       condition_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                      prefix_mask: torch.Tensor | None = None, guided: bool | None = None,
-                      use_sampling: bool = SamplingConfig.use_sampling,
+                      prefix_mask: torch.Tensor | None = None, frame_input: torch.Tensor | None = None,
+                      guided: bool | None = None, use_sampling: bool = SamplingConfig.use_sampling,
                       temperature: float = SamplingConfig.temperature, top_k: int = SamplingConfig.top_k,
                       top_p: float = SamplingConfig.top_p, cfg_coef: float | None = None,
                       two_step_cfg: bool | None = None, generator: torch.Generator | None = None,
@@ -392,8 +422,8 @@ class LMModel(nn.Module):
         if self.training:
             raise RuntimeError("call model.eval() before generate()")
         device = self.emb[0].weight.device
-        B = self._batch_size(prompt, num_samples)
-        guided = self._guidance_rows(B, guided, condition, prefix)
+        B = batch_size(prompt, num_samples)
+        guided = guidance_rows(B, guided, condition, prefix, frame_input)
         cfg_coef = self.config.cfg_coef if cfg_coef is None else cfg_coef
         check_sampling(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
                        cfg_coef=cfg_coef)
@@ -416,8 +446,10 @@ class LMModel(nn.Module):
         if T0:
             yield frames.take(sequence, T0)
 
+        if frame_input is not None and frame_input.shape[1] < S:
+            raise ValueError(f"frame_input covers {frame_input.shape[1]} sequence steps; this generation has {S}")
         streams, prefixes = self._streams(B, guided, two_step, max_len, condition, condition_mask, prefix,
-                                          prefix_mask)
+                                          prefix_mask, frame_input)
         decoder = StaticDecoder(self, sequence=sequence, valid=valid, streams=streams, offset=start,
                                 guidance="two_step" if two_step else ("batched" if guided else "none"),
                                 cfg_coef=cfg_coef, use_sampling=use_sampling, temperature=temperature,
@@ -435,43 +467,20 @@ class LMModel(nn.Module):
 
     def _streams(self, B: int, guided: bool, two_step: bool, max_len: int, condition: torch.Tensor | None,
                  condition_mask: torch.Tensor | None, prefix: torch.Tensor | None,
-                 prefix_mask: torch.Tensor | None) -> tuple[list[DecodingState], list[Prefix]]:
+                 prefix_mask: torch.Tensor | None, frame_input: torch.Tensor | None = None
+                 ) -> tuple[list[DecodingState], list[Prefix]]:
         """The forward passes run at each step (two for two-step guidance, each on its half of
         the condition rows) and the prefix each prepends."""
         if not two_step:
             rows = 2 * B if guided else B
-            state = self.init_state(rows, max_len, condition=condition, condition_mask=condition_mask)
+            state = self.init_state(rows, max_len, condition=condition, condition_mask=condition_mask,
+                                    frame_input=frame_input)
             return [state], [(prefix, prefix_mask)]
 
         def half(x, i):
             return None if x is None else x.chunk(2)[i]
 
         states = [self.init_state(B, max_len, condition=half(condition, i),
-                                  condition_mask=half(condition_mask, i)) for i in range(2)]
+                                  condition_mask=half(condition_mask, i), frame_input=half(frame_input, i))
+                  for i in range(2)]
         return states, [(half(prefix, i), half(prefix_mask, i)) for i in range(2)]
-
-    @staticmethod
-    def _batch_size(prompt: torch.Tensor | None, num_samples: int | None) -> int:
-        if prompt is not None:
-            if num_samples is not None and num_samples != prompt.shape[0]:
-                raise ValueError(f"num_samples={num_samples} but the prompt has {prompt.shape[0]} rows")
-            return prompt.shape[0]
-        return 1 if num_samples is None else num_samples
-
-    @staticmethod
-    def _guidance_rows(B: int, guided: bool | None, condition: torch.Tensor | None,
-                       prefix: torch.Tensor | None) -> bool:
-        """Whether the condition rows are ``[conditional; unconditional]`` (2B rows): ``guided``
-        when given (the rows must agree), else read from the row count; no rows: no guidance."""
-        rows = [x.shape[0] for x in (condition, prefix) if x is not None]
-        if not rows:
-            if guided:
-                raise ValueError("guided generation needs condition or prefix rows "
-                                 "[conditional; unconditional]; got neither")
-            return False
-        expected = (2 * B,) if guided else (B,) if guided is not None else (B, 2 * B)
-        if len(set(rows)) > 1 or rows[0] not in expected:
-            wanted = " or ".join(f"{n} rows" + (" ([conditional; unconditional])" if n == 2 * B else
-                                                " (no guidance)") for n in expected)
-            raise ValueError(f"condition and prefix must have {wanted}; got {rows}")
-        return rows[0] == 2 * B

@@ -71,6 +71,9 @@ class FinetuneConfig(DictConfig):
     ``start_fraction``: share of training windows that begin at their clip's first frame;
     ``start_weight``: extra loss weight of a window's first frames (decaying over
     ``start_weight_frames``; :func:`lm.training.start_weights`), where the caption is all the LM has.
+    ``tempo_key``: add the beat-clock and key conditioners (:mod:`conditioning.musical`) to a base
+    that lacks them, fed from the metadata's ``bpm``/``key``; each is also dropped alone with
+    probability ``tempo_key_dropout`` (so captions without them still work).
     ``save_dtype`` is the storage type of the exported LM and T5 weights. ``lora``: train only
     rank-``lora`` adapters on ``lora_targets`` (scale ``lora_alpha / lora``; :mod:`lm.lora`)
     and export them alone.
@@ -110,6 +113,8 @@ class FinetuneConfig(DictConfig):
     start_fraction: float = 0.0
     start_weight: float = 0.0
     start_weight_frames: float = 10.0
+    tempo_key: bool = False
+    tempo_key_dropout: float = 0.2
     valid_fraction: float = 0.05
     eval_every: int = 250
     sample_every: int = 0
@@ -141,7 +146,8 @@ class FinetuneConfig(DictConfig):
         for name in ("warmup", "text_pretrain_steps", "eval_every", "sample_every", "save_every", "keep_last"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
-        for name in ("cfg_dropout", "word_dropout", "min_lr_ratio", "ema_decay", "start_fraction"):
+        for name in ("cfg_dropout", "word_dropout", "min_lr_ratio", "ema_decay", "start_fraction",
+                     "tempo_key_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], found {getattr(self, name)}")
         if not self.lr > 0 or not self.max_grad_norm > 0:
@@ -161,6 +167,9 @@ class FinetuneConfig(DictConfig):
                              f"found {self.mixed_precision!r}")
         if self.log_with not in ("auto", "jsonl", "tensorboard"):
             raise ValueError(f"log_with must be auto, jsonl or tensorboard, found {self.log_with!r}")
+        if self.tempo_key and self.lora is not None:
+            raise ValueError("tempo_key adds new conditioners, which a LoRA run would leave untrained; "
+                             "train them in a full fine-tune first, then add adapters")
         if not self.start_weight >= 0 or not self.start_weight_frames > 0:
             raise ValueError(f"start_weight must be >= 0 and start_weight_frames positive, found "
                              f"{self.start_weight}, {self.start_weight_frames}")

@@ -186,3 +186,30 @@ def sample_next_token(logits: torch.Tensor, *, use_sampling: bool = True, temper
     if top_k > 0:
         return sample_top_k(probs, top_k, generator)
     return draw(probs, generator)
+
+
+def batch_size(prompt: torch.Tensor | None, num_samples: int | None) -> int:
+    """Rows B of a generation: the prompt's, else ``num_samples`` (default 1)."""
+    if prompt is not None:
+        if num_samples is not None and num_samples != prompt.shape[0]:
+            raise ValueError(f"num_samples={num_samples} but the prompt has {prompt.shape[0]} rows")
+        return prompt.shape[0]
+    return 1 if num_samples is None else num_samples
+
+
+def guidance_rows(B: int, guided: bool | None, *rows_of: torch.Tensor | None) -> bool:
+    """Whether the condition rows (condition, prefix, frame input) are ``[conditional;
+    unconditional]`` (2B rows): ``guided`` when given (the rows must agree), else read from the row
+    count; no rows: no guidance."""
+    rows = [x.shape[0] for x in rows_of if x is not None]
+    if not rows:
+        if guided:
+            raise ValueError("guided generation needs condition or prefix rows "
+                             "[conditional; unconditional]; got neither")
+        return False
+    expected = (2 * B,) if guided else (B,) if guided is not None else (B, 2 * B)
+    if len(set(rows)) > 1 or rows[0] not in expected:
+        wanted = " or ".join(f"{n} rows" + (" ([conditional; unconditional])" if n == 2 * B else
+                                            " (no guidance)") for n in expected)
+        raise ValueError(f"condition, prefix and frame_input must have {wanted}; got {rows}")
+    return rows[0] == 2 * B

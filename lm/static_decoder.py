@@ -46,6 +46,7 @@ class DecodingState:
     ``key_mask (B, max_len)`` the self-attention keys that may be attended (set when a
     padded prefix is prepended) and ``offset`` the number of positions the eager passes of
     :meth:`lm.LMModel.hidden` processed (a :class:`StaticDecoder` counts its own steps).
+    ``frame_input (B, S, dim)``: added to the input embedding of sequence step ``s`` (row ``s``).
     """
 
     caches: list[KVCache]
@@ -53,6 +54,9 @@ class DecodingState:
     cross_mask: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
     offset: int = 0
+    # (B, S, dim) added to the input at each sequence step (the beat clock, a key): step s gets row s.
+    frame_input: torch.Tensor | None = None
+    prefix_length: int = 0  # prepended positions in the caches: sequence step s sits at s + prefix_length
 
     @property
     def batch_size(self) -> int:
@@ -196,7 +200,10 @@ class StaticDecoder:
             where = dict(position=self.offset - 1 + self.prefix_length)
         else:
             where = dict(start=self.host_offset - 1 + self.prefix_length)
-        hidden = self.lm.transformer(self.lm.embed(self._rows(previous, stream)), caches=stream.caches,
+        x = self.lm.embed(self._rows(previous, stream))
+        if stream.frame_input is not None:  # the previous column's step: a device index, graph-safe
+            x = x + stream.frame_input.index_select(1, self.offset - 1)
+        hidden = self.lm.transformer(x, caches=stream.caches,
                                      key_mask=stream.key_mask, cross_kv=stream.cross_kv,
                                      cross_mask=stream.cross_mask, **where)
         return self.lm.heads(hidden)[:, :, 0].float()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conditioning import ConditionProvider
+from conditioning import ConditionProvider, summed_input
 from conditioning.base import Condition
 
 from .model import LMModel
@@ -48,12 +48,23 @@ class ConditionedLM(nn.Module):
         return Condition(hidden * mask[..., None].to(hidden.dtype), mask)
 
     def forward(self, codes: torch.Tensor, *, captions: list[str | None] | None = None,
-                text_states: tuple[torch.Tensor, torch.Tensor] | None = None
+                text_states: tuple[torch.Tensor, torch.Tensor] | None = None,
+                musical: dict[str, list] | None = None, start_frames: list[int] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """codes ``(B, K, T)``, B captions (None = null) or cached T5 states ``((B, S, D), (B, S))``
-        -> logits ``(B, K, T, card)`` and the valid-prediction mask ``(B, K, T)``."""
+        -> logits ``(B, K, T, card)`` and the valid-prediction mask ``(B, K, T)``.
+
+        ``musical``: the ``bpm``/``key`` values of the samples (None = null) for a model that sums
+        them into its input (:mod:`conditioning.musical`); ``start_frames``: where each window
+        starts in its clip (the beat clock's phase)."""
         with torch.autocast(device_type=codes.device.type, enabled=False):  # T5 overflows in fp16
             conditions = {"description": self._description(captions, text_states)}
+        frame_input = None
+        if self.fuser.config.sum:
+            steps = self.lm.pattern_provider.get_pattern(codes.shape[-1]).num_steps
+            frame_input = summed_input(self.condition_provider, self.fuser,
+                                       musical or {"bpm": [None] * codes.shape[0]}, steps=steps,
+                                       start_frames=start_frames if start_frames is not None else 0)
         param = self.lm.emb[0].weight
         empty = torch.zeros(codes.shape[0], 0, self.lm.config.dim, dtype=param.dtype, device=param.device)
         fused = self.fuser(empty, conditions)
@@ -63,7 +74,7 @@ class ConditionedLM(nn.Module):
             condition_mask = fused.cross_mask if self.mask_condition_padding else None
         prefix = fused.input if fused.prepend_length else None
         return self.lm.compute_predictions(codes, condition=condition, condition_mask=condition_mask,
-                                           prefix=prefix)
+                                           prefix=prefix, frame_input=frame_input)
 
 
 def codebook_cross_entropy(logits: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor,

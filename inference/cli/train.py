@@ -302,6 +302,11 @@ def register(commands) -> None:
                           "the LM (weight 1 + W * exp(-frame / --start-weight-frames); default 0: off)")
     sub.add_argument("--start-weight-frames", type=float, default=sup, metavar="F",
                      help="decay of --start-weight, in frames (default 10)")
+    sub.add_argument("--tempo-key", action="store_true", default=sup,
+                     help="add tempo (beat clock) and key conditioners, fed from the metadata's bpm/key and, "
+                          "when generating, from the prompt's 'N bpm' and '<tonic> major|minor'")
+    sub.add_argument("--tempo-key-dropout", type=float, default=sup, metavar="P",
+                     help="probability of dropping the tempo or the key alone in training (default 0.2)")
     sub.add_argument("--valid-fraction", type=float, default=sup,
                      help="share of items held out (default 0.05)")
     sub.add_argument("--eval-every", type=int, default=sup,

@@ -24,8 +24,8 @@ from torch import nn
 
 from codec.files import atomic_write
 from codec.formats import CheckpointError, read_json_file, save_model
-from conditioning import ChromaConditioner, ChromaConfig, ConditionFuser, ConditionProvider, FuserConfig, \
-    LUTConditioner, T5Conditioner
+from conditioning import (BeatConditioner, ChromaConditioner, ChromaConfig, ConditionFuser, ConditionProvider,
+                          FuserConfig, KeyConditioner, LUTConditioner, T5Conditioner)
 from conditioning.text import quiet_transformers
 from lm import LMConfig
 from lm.quant import is_matrix_key, is_quantized_key
@@ -114,6 +114,11 @@ def _conditioner_spec(conditioner: nn.Module) -> dict:
         return {"kind": "chroma", "chroma": asdict(conditioner.config),
                 "match_length": conditioner.match_length,
                 "output_dim": conditioner.output_proj.out_features}
+    if isinstance(conditioner, BeatConditioner):
+        return {"kind": "beat", "dim": conditioner.dim, "frame_rate": conditioner.frame_rate,
+                "harmonics": list(conditioner.harmonics)}
+    if isinstance(conditioner, KeyConditioner):
+        return {"kind": "key", "dim": conditioner.dim}
     raise ValueError(f"tokenwave's format cannot store a {type(conditioner).__name__} conditioner")
 
 
@@ -141,10 +146,14 @@ def _conditioner_from_spec(name: str, spec: dict, folder: Path, target: LoadTarg
         if kind == "chroma":
             return ChromaConditioner(output_dim=spec["output_dim"], config=ChromaConfig(**spec["chroma"]),
                                      match_length=spec["match_length"])
+        if kind == "beat":
+            return BeatConditioner(dim=spec["dim"], frame_rate=spec["frame_rate"], harmonics=spec["harmonics"])
+        if kind == "key":
+            return KeyConditioner(dim=spec["dim"])
     except KeyError as error:
         raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} lacks {error}") from None
     raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} has unknown kind {kind!r} "
-                          f"(expected t5, lut or chroma)")
+                          f"(expected t5, lut, chroma, beat or key)")
 
 
 def load_tokenwave(folder: Path, target: LoadTarget) -> GeneratorParts:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-train the model the repository ships, assets/models/tokenwave-small (v3), end to end:
+# Re-train the model the repository ships, assets/models/tokenwave-small (v4), end to end:
 #
 #   1. corpus: 20 h rendered with fluidsynth (32 kHz mono, seed 0, recipe version 2): procedural
 #      songs in 14 styles and excerpts of music21's scores (Bach chorales, Ryan's Mammoth tunes;
@@ -18,6 +18,8 @@
 #      the text encoder, exported in bfloat16, with 2b's codec (v2's LM)
 #      b. 800 more steps on 4 s windows from the clip start, the first frames' loss weighted
 #         (`--start-fraction 1 --start-weight 10`: the LM learns to read its caption; v3's LM)
+#      c. tempo and key conditioners added (`--tempo-key`: a beat clock and a key embedding fed
+#         from the metadata), 1,200 steps on 6 s windows, 1,800 on 8 s, then 1,000 on 10 s (v4's LM)
 #   6. copy into assets/models/tokenwave-small (with --install)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
@@ -35,6 +37,9 @@ CODEC_STEPS=${CODEC_STEPS:-4000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
 LM_STEPS=${LM_STEPS:-2200}
 START_STEPS=${START_STEPS:-800}
+TEMPO_STEPS=${TEMPO_STEPS:-1200}
+TEMPO2_STEPS=${TEMPO2_STEPS:-1800}
+TEMPO3_STEPS=${TEMPO3_STEPS:-1000}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -110,13 +115,30 @@ if [[ ! -e "$OUT/lm_start/.done" ]]; then
     touch "$OUT/lm_start/.done"
 fi
 
+# tempo_stage NAME BASE STEPS SECONDS LR EVERY: a --tempo-key run over BASE's model.
+tempo_stage() {
+    local name=$1 base=$2 steps=$3 seconds=$4 lr=$5 every=$6
+    [[ -e "$OUT/$name/.done" ]] && return
+    ARGS=(--model "$OUT/$base/model" --data "$OUT/cache")
+    [[ -f "$OUT/$name/run.json" ]] && ARGS=(--resume)
+    stamp "5c/6 LM with tempo and key conditioners ($name): $steps steps of ${seconds} s windows"
+    $TOKENWAVE finetune "${ARGS[@]}" --out "$OUT/$name" --train-text-encoder --tempo-key --steps "$steps" \
+        --batch-size 16 --segment-seconds "$seconds" --start-fraction 0.3 --start-weight 3 --start-weight-frames 10 \
+        --lr "$lr" --warmup 50 --min-lr-ratio 0.1 --cfg-dropout 0.2 --word-dropout 0.15 --eval-every "$every" \
+        --save-every 100 --log-every 25 --mixed-precision bf16 --save-dtype bfloat16 "${CPU_FLAG[@]}"
+    touch "$OUT/$name/.done"
+}
+tempo_stage lm_tempo lm_start "$TEMPO_STEPS" 6 5e-4 200
+tempo_stage lm_tempo2 lm_tempo "$TEMPO2_STEPS" 8 4e-4 300
+tempo_stage lm_tempo3 lm_tempo2 "$TEMPO3_STEPS" 10 3e-4 250
+
 if [[ "${1:-}" == "--install" ]]; then
     stamp "6/6 install -> assets/models/tokenwave-small"
     rm -rf "$ROOT/assets/models/tokenwave-small.new"
-    cp -r "$OUT/lm_start/model" "$ROOT/assets/models/tokenwave-small.new"
+    cp -r "$OUT/lm_tempo3/model" "$ROOT/assets/models/tokenwave-small.new"
     rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2b's decoder (the same codes as 2a's)
     cp -r "$OUT/codec_final" "$ROOT/assets/models/tokenwave-small.new/codec"
     rm -rf "$ROOT/assets/models/tokenwave-small"
     mv "$ROOT/assets/models/tokenwave-small.new" "$ROOT/assets/models/tokenwave-small"
 fi
-stamp "done: $OUT/lm_start/model"
+stamp "done: $OUT/lm_tempo3/model"

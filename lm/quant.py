@@ -257,6 +257,14 @@ class QuantizedWeight(RowSliced):
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"int{self.bits}, shape={tuple(self.shape)}{group}"
 
+    def _align(self) -> None:
+        """Copy the int8 matrix and scales to 64-byte aligned memory when they are not: a memory-mapped
+        safetensors file places a tensor at any 8-byte offset, and torch's int8 CPU kernel reads
+        unaligned rows out of bounds (a segfault, not an error)."""
+        if self.qweight.data_ptr() % 64 or self.scales.data_ptr() % 64:
+            self.qweight = self.qweight.clone()
+            self.scales = self.scales.clone()
+
     def rows_linear(self, start: int, stop: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(x, rows start:stop, bias)`` for ``x (..., K)``; returns ``(..., n)`` in x's dtype."""
         n, K = stop - start, self.shape[1]
@@ -267,6 +275,7 @@ class QuantizedWeight(RowSliced):
         else:
             rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # the kernels' fast path
             if self.bits == 8:
+                self._align()
                 out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight[start:stop], self.scales[start:stop])
             else:
                 packed, scale_zeros = self._int4_pack(start, stop)

@@ -436,3 +436,24 @@ def test_demo_offers_quantized_weights(shipped):
     generator = app.load_generator(f"{default}@int8")
     assert generator.lm.quantization == QuantConfig.parse("int8")
     assert app.load_generator(default).lm.quantization is None
+
+
+def test_int8_kernel_gets_aligned_rows_from_a_misaligned_checkpoint():
+    """A memory-mapped safetensors file can place qweight/scales at any 8-byte offset; torch's int8
+    CPU kernel then read out of bounds (a segfault): the weight copies them to aligned memory."""
+    torch.manual_seed(0)
+    weight = QuantizedWeight.from_float(torch.randn(256, 256), 8)
+    x = torch.randn(3, 256)
+    expected = weight.rows_linear(0, 256, x, None)
+
+    def misaligned(t: torch.Tensor) -> torch.Tensor:
+        raw = torch.empty(t.numel() * t.element_size() + 64 + 24, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % 64 + 24
+        view = raw[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        return view
+
+    shifted = QuantizedWeight(misaligned(weight.qweight), misaligned(weight.scales))
+    assert shifted.qweight.data_ptr() % 64 == 24
+    assert torch.equal(shifted.rows_linear(0, 256, x, None), expected)
+    assert shifted.qweight.data_ptr() % 64 == 0

@@ -123,13 +123,7 @@ class ConditionFuser(nn.Module):
                 raise ValueError(f"condition {name!r}: mask {tuple(cond.mask.shape)} does not match "
                                  f"embeddings {tuple(emb.shape)}")
 
-        for name in self.config.sum:
-            if name in conditions:
-                emb = conditions[name].embeddings
-                if emb.shape[1] not in (1, length):
-                    raise ValueError(f"condition {name!r} is summed to an input of length {length}: "
-                                     f"expected length 1 or {length}, found {emb.shape[1]}")
-                input = input + emb
+        input = self.summed(conditions, length, base=input)
         for name in self.config.input_interpolate:
             if name in conditions:
                 emb = conditions[name].embeddings.transpose(1, 2)
@@ -156,26 +150,20 @@ class ConditionFuser(nn.Module):
         prepend_length = input.shape[1] - length
         return FusedInput(input, prepend_length, prepend_mask, cross, cross_mask)
 
-    def split_summed(self, conditions: Mapping[str, Condition], length: int
-                     ) -> tuple[dict[str, Condition], torch.Tensor | None]:
-        """For a caller that adds per-step inputs itself (the LM's ``frame_input``): the
-        conditions without the ``sum`` ones, and those summed and broadcast to ``(B, length, D)``
-        (None when there are none). Each summed condition must be ``(B, 1, D)`` or at least
-        ``length`` long (a longer one is cut)."""
-        rest, total = {}, None
-        for name, cond in conditions.items():
-            if name not in self.config.sum:
-                rest[name] = cond
-                continue
-            emb = cond.embeddings
-            if emb.dim() != 3 or emb.shape[1] not in (1,) and emb.shape[1] < length:
-                raise ValueError(f"condition {name!r} is summed over {length} steps: expected (B, 1, D) or "
-                                 f"(B, >={length}, D), found {tuple(emb.shape)}")
-            emb = emb[:, :length] if emb.shape[1] > 1 else emb
-            total = emb if total is None else total + emb
-        if total is not None:
-            total = total.expand(-1, length, -1)
-        return rest, total
+    def summed(self, conditions: Mapping[str, Condition], length: int,
+               base: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``base`` plus the ``sum``-routed conditions present, in the config's order (None when
+        neither): what :meth:`forward` adds to its input, and the LM's per-step ``frame_input``
+        (:func:`conditioning.musical.summed_input`). Each must be ``(B, 1, D)`` or ``(B, length, D)``."""
+        total = base
+        for name in self.config.sum:
+            if name in conditions:
+                emb = conditions[name].embeddings
+                if emb.shape[1] not in (1, length):
+                    raise ValueError(f"condition {name!r} is summed to an input of length {length}: "
+                                     f"expected length 1 or {length}, found {emb.shape[1]}")
+                total = emb if total is None else total + emb
+        return total
 
     def _known(self, name: str) -> bool:
         try:

@@ -172,7 +172,8 @@ def summed_input(provider, fuser, attributes: Mapping[str, Sequence], *, steps: 
         values = attributes.get(name, [None] * batch)
         conditions[name] = (conditioner.encode(values, frames=steps, start_frames=start_frames)
                             if getattr(conditioner, "time_aligned", False) else conditioner.encode(values))
-    return fuser.split_summed(conditions, steps)[1]
+    total = fuser.summed(conditions, steps)
+    return None if total is None else total.expand(-1, steps, -1)
 
 
 __all__ = ["BeatConditioner", "KeyConditioner", "MAX_BPM", "MIN_BPM", "PITCH_CLASSES", "caption_attributes",

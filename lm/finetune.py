@@ -300,17 +300,20 @@ class _Run:
         return {"cfg_dropout": self.cfg_dropout.generator, "word_dropout": self.word_generator}
 
     # -- training ----------------------------------------------------------------------------------
-    def _inputs(self, captions: list[str | None], items: list[int], starts: list[int]) -> dict[str, Any]:
+    def _inputs(self, captions: list[str | None], items: list[int], starts: list[int], *,
+                train: bool = True) -> dict[str, Any]:
+        """The module's inputs; ``train`` applies condition and word dropout (validation: none, no draw)."""
         names = self.target.fuser.config.sum  # tempo/key from the metadata, dropped with the caption
         metas = [self.cache.items[i].meta for i in items]
-        kept = self.cfg_dropout({"description": captions, **{n: [musical_value(n, m) for m in metas] for n in names}})
+        kept = {"description": captions, **{n: [musical_value(n, m) for m in metas] for n in names}}
+        kept = self.cfg_dropout(kept) if train else kept
         captions, out = kept.pop("description"), {}
         if names:
-            p = self.config.tempo_key_dropout if self.cfg_dropout.training else 0.0
+            p = self.config.tempo_key_dropout if train else 0.0
             out = {"start_frames": starts, "musical": {n: [None if p and torch.rand(1, generator=self.word_generator)
                                                             < p else v for v in kept[n]] for n in names}}
         if not self.cached_text:
-            if self.word_dropout > 0:
+            if train and self.word_dropout > 0:
                 captions = drop_words(captions, self.word_dropout, self.word_generator)
             return {"captions": captions, **out}
         kept = [None if caption is None else item for caption, item in zip(captions, items)]
@@ -372,7 +375,8 @@ class _Run:
         with self._inference_weights(), acc.autocast():
             for batch in self.valid_batches:
                 codes = batch.codes.to(acc.device)
-                logits, mask = self.module(codes, **self._plain_inputs(batch.items, batch.starts))
+                inputs = self._inputs(batch.captions, batch.items, batch.starts, train=False)  # plain captions
+                logits, mask = self.module(codes, **inputs)
                 mask = mask & batch.frame_mask.to(acc.device)[:, None, :]
                 _, sums, count = codebook_cross_entropy(logits, codes, mask)
                 totals[0] += sums.to(acc.device)
@@ -380,16 +384,6 @@ class _Run:
         if self.world > 1:
             totals = acc.reduce(totals, reduction="sum")
         return validation_metrics(totals.cpu())
-
-    def _plain_inputs(self, items: list[int], starts: list[int]) -> dict[str, Any]:
-        saved, words = self.cfg_dropout.training, self.word_dropout
-        self.cfg_dropout.eval()  # no condition or word dropout, no random draw
-        self.word_dropout = 0.0
-        try:
-            return self._inputs([plain_caption(self.cache.items[i].meta) for i in items], items, starts)
-        finally:
-            self.cfg_dropout.train(saved)
-            self.word_dropout = words
 
     def sample_prompts(self) -> list[str | None]:
         if self.config.sample_prompts:

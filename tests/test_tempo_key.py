@@ -197,3 +197,17 @@ def test_the_readme_block_runs(capsys):
     (block,) = blocks("Tempo and key: a beat clock and a key embedding", "python")
     exec(block, {})
     assert capsys.readouterr().out.strip() == "132.0 Bb minor"
+
+
+@pytest.mark.parametrize("spec", [{"kind": "beat", "dim": 8, "frame_rate": -50, "harmonics": [1]},
+                                  {"kind": "beat", "dim": 8, "frame_rate": 50, "harmonics": 3},
+                                  {"kind": "key", "dim": "wide"}, {"kind": "key"}])
+def test_a_folder_with_bad_tempo_or_key_settings_is_refused_clearly(tmp_path, spec):
+    from codec.formats import CheckpointError
+    generator = tempo_key_generator()
+    generator.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["conditioners"][spec["kind"] if spec["kind"] == "key" else "bpm"] = spec
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="conditioner '(bpm|key)'"):
+        MusicGen.from_pretrained(tmp_path / "model", device="cpu")

@@ -146,10 +146,14 @@ def _conditioner_from_spec(name: str, spec: dict, folder: Path, target: LoadTarg
         if kind == "chroma":
             return ChromaConditioner(output_dim=spec["output_dim"], config=ChromaConfig(**spec["chroma"]),
                                      match_length=spec["match_length"])
-        if kind == "beat":
-            return BeatConditioner(dim=spec["dim"], frame_rate=spec["frame_rate"], harmonics=spec["harmonics"])
-        if kind == "key":
-            return KeyConditioner(dim=spec["dim"])
+        if kind in ("beat", "key"):
+            try:
+                if kind == "key":
+                    return KeyConditioner(dim=spec["dim"])
+                return BeatConditioner(dim=spec["dim"], frame_rate=spec["frame_rate"], harmonics=spec["harmonics"])
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} ({kind}) has invalid "
+                                      f"settings {spec!r} ({error})") from None
     except KeyError as error:
         raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} lacks {error}") from None
     raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} has unknown kind {kind!r} "

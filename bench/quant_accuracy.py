@@ -18,7 +18,9 @@ error relative to the logits' standard deviation. Conditional rows and the guide
   between two float32 generations with different seeds (what "other music" scores).
 
 Variants: ``float32``, ``bf16-weights``, ``int8``, ``int4-g32`` / ``-g64`` / ``-g128``;
-``+kv-bf16`` adds a bfloat16 KV cache; ``int4-g<N>+min-max`` rounds the int4 matrices onto
+``+kv-bf16`` adds a bfloat16 KV cache; int4 products run on tokenwave's kernel
+(:mod:`lm.int4_cpu`: int8 activations) where it runs, ``+torch-kernel`` on torch's (bfloat16
+activations) instead; ``int4-g<N>+min-max`` rounds the int4 matrices onto
 each group's min/max range without the least-squares refits (``quantize_int4(..., steps=0)``),
 what the default rounding is measured against; ``int4-g<N>+gptq`` is the offline calibrated
 rounding (:func:`lm.gptq.quantize_lm_calibrated`), calibrated on inputs the measurement does
@@ -40,13 +42,13 @@ from collections.abc import Callable
 
 import torch
 
-from lm import LMModel, get_preset
+from lm import LMModel, get_preset, int4_cpu
 from lm.gptq import quantize_lm_calibrated
 from lm.quant import QuantizedWeight, is_quant_spec, quantize_int4, quantize_lm
 
-VARIANTS = ("bf16-weights", "int8", "int4-g32", "int4-g32+min-max", "int4-g64", "int4-g128", "int4-g32+gptq",
-            "int4-g128+gptq")
-EXTRAS = ("", "kv-bf16", "min-max", "gptq")
+VARIANTS = ("bf16-weights", "int8", "int4-g32", "int4-g32+torch-kernel", "int4-g32+min-max", "int4-g64",
+            "int4-g128", "int4-g32+gptq", "int4-g128+gptq")
+EXTRAS = ("", "kv-bf16", "min-max", "gptq", "torch-kernel")
 CFG = 3.0
 
 
@@ -81,11 +83,17 @@ def convert(variant: LMModel, name: str, model: LMModel, calibration: dict | Non
     return seconds
 
 
+def kernel_for(name: str):
+    """``+torch-kernel`` variants run their int4 products on torch's kernel (bfloat16 activations)
+    instead of tokenwave's (:mod:`lm.int4_cpu`, int8 activations; the default where it runs)."""
+    return int4_cpu.using(not name.endswith("+torch-kernel"))
+
+
 def check_variant(name: str) -> str:
     """``name`` if :func:`convert` knows it, else a one-line ``ValueError`` (argparse's ``type``)."""
     base, _, extra = name.partition("+")
     if (base in ("float32", "bf16-weights") or is_quant_spec(base)) and extra in EXTRAS \
-            and (extra not in ("min-max", "gptq") or base.startswith("int4")):
+            and (extra not in ("min-max", "gptq", "torch-kernel") or base.startswith("int4")):
         return name
     raise ValueError(name)
 
@@ -138,7 +146,8 @@ def accuracy_rows(model: LMModel, codes, condition, mask, variants, calibration:
         start = time.perf_counter()
         variant = copy.deepcopy(model)
         seconds = convert(variant, name, model, calibration)
-        cond, guided = teacher_forced(variant, codes, condition, mask)
+        with kernel_for(name):
+            cond, guided = teacher_forced(variant, codes, condition, mask)
         row = {"variant": name, "mb": weight_megabytes(variant), "seconds": seconds,
                **logit_metrics(ref_cond, cond)}
         guided_metrics = logit_metrics(ref_guided, guided)
@@ -251,7 +260,8 @@ def shipped_section(args) -> None:
     lm = generator.lm
     for name in args.generation_variants:
         generator.lm = make_variant(lm, name, calibration)
-        got_wav, got_codes = generations(generator, prompts, args.seconds, args.seed, args.greedy)
+        with kernel_for(name):
+            got_wav, got_codes = generations(generator, prompts, args.seconds, args.seed, args.greedy)
         print(f"| {name} | {distance(got_wav):.3f} | {100 * (got_codes == codes).float().mean().item():.1f}% |",
               flush=True)
     generator.lm = lm

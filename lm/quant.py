@@ -45,6 +45,7 @@ from torch import nn
 
 from codec.config import DictConfig
 
+from . import int4_cpu
 from .transformer import RowSliced
 
 QUANT_DTYPES = ("int8", "int4")
@@ -236,7 +237,7 @@ class QuantizedWeight(RowSliced):
         self.register_buffer("scales", scales)
         if zeros is not None:
             self.register_buffer("zeros", zeros)
-        self._packs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._packs: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeight:
@@ -273,7 +274,12 @@ class QuantizedWeight(RowSliced):
         if x.device.type != "cpu":
             out = F.linear(x, self.dequantize(start, stop).to(x.dtype), None)
         else:
-            rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # the kernels' fast path
+            if self.bits == 4 and int4_cpu.available() and int4_cpu.fits(n, K, self.group_size):
+                out = int4_cpu.linear(x.reshape(-1, K).float().contiguous(), self._native_pack(start, stop), n,
+                                      self.group_size)
+                out = out.to(x.dtype).reshape(*x.shape[:-1], n)
+                return out if bias is None else out + bias.to(out.dtype)
+            rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # torch's kernels' fast path
             if self.bits == 8:
                 self._align()
                 out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight[start:stop], self.scales[start:stop])
@@ -302,6 +308,16 @@ class QuantizedWeight(RowSliced):
         scale_zeros = scale_zeros.transpose(0, 1).contiguous()
         self._packs[(start, stop)] = (packed, scale_zeros, self.qweight)
         return packed, scale_zeros
+
+    def _native_pack(self, start: int, stop: int) -> torch.Tensor:
+        """:mod:`lm.int4_cpu`'s packed rows ``start:stop``, built once per range."""
+        cached = self._packs.get(("native", start, stop))
+        if cached is not None and cached[1] is self.qweight:
+            return cached[0]
+        rows = slice(start, stop)
+        packed = int4_cpu.pack(self.qweight[rows], self.scales[rows], self.zeros[rows], self.group_size)
+        self._packs[("native", start, stop)] = (packed, self.qweight)
+        return packed
 
     def _apply(self, fn, recurse: bool = True):
         self._packs.clear()  # moved or converted: the packs belong to the old buffers

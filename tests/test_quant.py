@@ -15,6 +15,7 @@ from torch import nn
 
 from inference import MusicGen, cli
 from lm import LMModel, get_preset
+from lm import int4_cpu
 from lm.gptq import gptq_int4, quantize_lm_calibrated
 from lm.quant import QuantConfig, QuantizedWeight, dequantize_int4, quantize_int4, quantize_lm, quantize_state
 from t5_fixture import tiny_t5_folder  # noqa: F401  (fixture)
@@ -57,10 +58,18 @@ def test_quantized_linear_matches_dequantized_matmul(bits, group, rows):
     x = torch.randn(rows, 256)
     bias = torch.randn(96)
     got = quantized.linear(x, bias)
-    # The kernels multiply bfloat16 activations (and round their output to bfloat16).
-    expected = x.bfloat16().float() @ reference_weight.T + bias
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
-    torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-2 * expected.abs().max().item())
+    if bits == 4 and int4_cpu.available():
+        # tokenwave's kernel: int8 activations per group, exact integer sums.
+        exact = int4_cpu.reference(x, quantized.qweight, quantized.scales, quantized.zeros, group).float() + bias
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+        # int8 activations (one step = a group's max / 127) err by 1-3 % RMS of the product here (the
+        # outlier column multiplies its input's rounding by 20); bench/quant_accuracy.py measures models
+        product = x @ reference_weight.T
+        assert (got - bias - product).norm() < 0.03 * product.norm()
+    else:  # torch's kernels multiply bfloat16 activations (and round their output to bfloat16)
+        expected = x.bfloat16().float() @ reference_weight.T + bias
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-2 * expected.abs().max().item())
     # Row views (the packed q/k/v projections) equal the rows of the whole product.
     part = quantized[32:64].linear(x)
     torch.testing.assert_close(part, got[:, 32:64] - bias[32:64], rtol=0, atol=1e-2 * got.abs().max().item())

@@ -1,0 +1,122 @@
+/* int4-weight x int8-activation matrix product for x86-64 CPUs with AVX-512 VNNI.
+ *
+ * Compiled on first use by lm/int4_cpu.py (gcc or clang, -fopenmp, linked against the OpenMP
+ * runtime torch has already loaded, so torch.set_num_threads sets its threads too).
+ *
+ * y (M, N) = x (M, K) @ w.T where w (N, K) is stored per group of G inputs as
+ * w = (q - 8) * s + z, q in [0, 15]. Each row of x is quantized per group to int8,
+ * x ~ sx * xq (sx = max|x| / 127), so that a group's sum of q * x is sx * dot(q, xq), one
+ * vpdpbusd per 4 inputs x 16 outputs. The product is split so that int8 rounding meets the
+ * centred q - 8 (in [-8, 7]) and the zero meets the group's exact float sum of x:
+ *   y += s * sx * (dot(q, xq) - 8 sum(xq)) + z * sum(x).
+ *
+ * Packed weight, per block of 16 outputs and per group (8 G + 64 bytes, blocks contiguous):
+ *   G / 8 vectors of 64 bytes; byte 4 j + r of vector t holds, for output j of the block,
+ *   q[g G + 4 t + r] in its low nibble and q[g G + 4 (t + G / 8) + r] in its high nibble;
+ *   then the 16 scales s and the 16 zeros z as bfloat16.
+ */
+#include <float.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 16
+
+static inline __m512 load_bf16(const uint8_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Row m of x -> xq (K int8), and per group sx, sum(x) and -8 sx sum(xq). */
+static void quantize_row(const float *x, int64_t K, int G, int8_t *xq, float *sx, float *xs, float *c) {
+    for (int64_t g = 0; g < K / G; g++) {
+        const float *p = x + g * G;
+        __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+        for (int i = 0; i < G; i += 16) {
+            __m512 v = _mm512_loadu_ps(p + i);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+            sum = _mm512_add_ps(sum, v);
+        }
+        float a = _mm512_reduce_max_ps(amax);
+        float scale = a <= FLT_MAX ? a / 127.0f : NAN;  /* inf or NaN inputs give NaN, as a float product would */
+        __m512 inverse = _mm512_set1_ps(a > 0.0f && a <= FLT_MAX ? 127.0f / a : 0.0f);
+        __m512i qsum = _mm512_setzero_si512();
+        for (int i = 0; i < G; i += 16) {
+            __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + i), inverse));
+            qsum = _mm512_add_epi32(qsum, r);
+            _mm_storeu_si128((__m128i *)(xq + g * G + i), _mm512_cvtsepi32_epi8(r));
+        }
+        sx[g] = scale;
+        xs[g] = _mm512_reduce_add_ps(sum);
+        c[g] = -8.0f * scale * (float)_mm512_reduce_add_epi32(qsum);
+    }
+}
+
+/* Rows m0 .. m0 + RB - 1 of y for one block of 16 outputs. */
+static inline __attribute__((always_inline)) void block_rows(
+        const uint8_t *w, int64_t K, int G, const int8_t *xq, const float *sx, const float *xs, const float *c,
+        int64_t m0, const int RB, float *y, int64_t N, int64_t n0) {
+    const int64_t groups = K / G, vectors = G / 8, group_bytes = 8 * (int64_t)G + 64;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 f[4];
+    for (int r = 0; r < RB; r++) f[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *p = w + g * group_bytes;
+        __m512i lo_acc[4], hi_acc[4];
+        for (int r = 0; r < RB; r++) lo_acc[r] = hi_acc[r] = _mm512_setzero_si512();
+        for (int64_t t = 0; t < vectors; t++) {
+            __m512i v = _mm512_loadu_si512((const void *)(p + 64 * t));
+            __m512i lo = _mm512_and_si512(v, low);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            for (int r = 0; r < RB; r++) {
+                const int8_t *q = xq + (m0 + r) * K + g * G;
+                int32_t a, b;
+                memcpy(&a, q + 4 * t, 4);
+                memcpy(&b, q + 4 * (t + vectors), 4);
+                lo_acc[r] = _mm512_dpbusd_epi32(lo_acc[r], lo, _mm512_set1_epi32(a));
+                hi_acc[r] = _mm512_dpbusd_epi32(hi_acc[r], hi, _mm512_set1_epi32(b));
+            }
+        }
+        __m512 s = load_bf16(p + 8 * (int64_t)G), z = load_bf16(p + 8 * (int64_t)G + 32);
+        for (int r = 0; r < RB; r++) {
+            int64_t i = (m0 + r) * groups + g;
+            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[r], hi_acc[r]));
+            __m512 t = _mm512_fmadd_ps(dot, _mm512_set1_ps(sx[i]), _mm512_set1_ps(c[i]));
+            f[r] = _mm512_fmadd_ps(s, t, f[r]);
+            f[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[i]), f[r]);
+        }
+    }
+    for (int r = 0; r < RB; r++) _mm512_storeu_ps(y + (m0 + r) * N + n0, f[r]);
+}
+
+int tw_int4_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* y = x @ w.T. scratch: M K bytes + 12 M K / G bytes. Returns 0, or -1 for shapes it does not take. */
+int tw_int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int G,
+                   float *y, uint8_t *scratch) {
+    if (G % 16 || K % G || N % BLOCK || M <= 0) return -1;
+    int8_t *xq = (int8_t *)scratch;
+    const int64_t groups = K / G;
+    float *sx = (float *)(scratch + M * K), *xs = sx + M * groups, *c = xs + M * groups;
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * K, K, G, xq + m * K, sx + m * groups, xs + m * groups, c + m * groups);
+    const int64_t blocks = N / BLOCK, block_bytes = (K / G) * (8 * (int64_t)G + 64);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *wb = w + b * block_bytes;
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) block_rows(wb, K, G, xq, sx, xs, c, m0, 4, y, N, b * BLOCK);
+        switch (M - m0) {
+            case 3: block_rows(wb, K, G, xq, sx, xs, c, m0, 3, y, N, b * BLOCK); break;
+            case 2: block_rows(wb, K, G, xq, sx, xs, c, m0, 2, y, N, b * BLOCK); break;
+            case 1: block_rows(wb, K, G, xq, sx, xs, c, m0, 1, y, N, b * BLOCK); break;
+            default: break;
+        }
+    }
+    return 0;
+}

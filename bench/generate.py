@@ -14,7 +14,7 @@ In one run, per size and batch:
   part of every timed call); on CPU also ``tw-bf16w`` (bfloat16 matrix weights, float32
   activations), ``tw-int8`` and ``tw-int4`` (weight-only int8 / int4 matrices, groups of 32, :mod:`lm.quant`;
   ``--no-quant`` skips them), each with its logit error against float32; int4 runs on
-  tokenwave's kernel (:mod:`lm.int4_cpu`) where it runs, and then ``tw-int4-torch`` is the same
+  tokenwave's kernel (:mod:`lm.cpu_kernels`) where it runs, and then ``tw-int4-torch`` is the same
   model on torch's ``_weight_int4pack_mm_for_cpu``;
 - ``first audio``: for tokenwave, the time from ``MusicGen.generate_stream`` to its first audio
   chunk (``--first-chunk-frames`` frames through a random full-size 32 kHz EnCodec decoder;
@@ -53,7 +53,7 @@ from collections.abc import Callable
 import torch
 
 from inference.formats.transformers import transformers_to_audiocraft_lm
-from lm import LMConfig, LMModel, int4_cpu
+from lm import LMConfig, LMModel, cpu_kernels
 from lm.quant import quantize_lm, quantize_state
 
 SIZES = {
@@ -146,9 +146,9 @@ def ours_runner(model: LMModel, fast: bool) -> Callable:
 
 
 def torch_kernel(run: Callable) -> Callable:
-    """``run`` with int4 products on torch's kernel instead of :mod:`lm.int4_cpu`'s."""
+    """``run`` with int4 products on torch's kernel instead of :mod:`lm.cpu_kernels`'s."""
     def wrapped(*args) -> float:
-        with int4_cpu.using(False):
+        with cpu_kernels.using(False):
             return run(*args)
 
     return wrapped
@@ -294,7 +294,7 @@ def main() -> None:
                 if _wanted(name, args.impls):
                     variants[name] = quantized_copy(ours, spec)
         runners += [(name, ours_runner(model, fast=False)) for name, model in variants.items()]
-        if "tw-int4" in variants and int4_cpu.available() and _wanted("tw-int4-torch", args.impls):
+        if "tw-int4" in variants and cpu_kernels.available() and _wanted("tw-int4-torch", args.impls):
             runners.append(("tw-int4-torch", torch_kernel(ours_runner(variants["tw-int4"], fast=False))))
         if args.impls:
             runners = [(name, run) for name, run in runners if name in args.impls]

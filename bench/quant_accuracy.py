@@ -19,7 +19,7 @@ error relative to the logits' standard deviation. Conditional rows and the guide
 
 Variants: ``float32``, ``bf16-weights``, ``int8``, ``int4-g32`` / ``-g64`` / ``-g128``;
 ``+kv-bf16`` adds a bfloat16 KV cache; int4 products run on tokenwave's kernel
-(:mod:`lm.int4_cpu`: int8 activations) where it runs, ``+torch-kernel`` on torch's (bfloat16
+(:mod:`lm.cpu_kernels`: int8 activations) where it runs, ``+torch-kernel`` on torch's (bfloat16
 activations) instead; ``int4-g<N>+min-max`` rounds the int4 matrices onto
 each group's min/max range without the least-squares refits (``quantize_int4(..., steps=0)``),
 what the default rounding is measured against; ``int4-g<N>+gptq`` is the offline calibrated
@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 import torch
 
-from lm import LMModel, get_preset, int4_cpu
+from lm import LMModel, get_preset, cpu_kernels
 from lm.gptq import quantize_lm_calibrated
 from lm.quant import QuantizedWeight, is_quant_spec, quantize_int4, quantize_lm
 
@@ -85,8 +85,8 @@ def convert(variant: LMModel, name: str, model: LMModel, calibration: dict | Non
 
 def kernel_for(name: str):
     """``+torch-kernel`` variants run their int4 products on torch's kernel (bfloat16 activations)
-    instead of tokenwave's (:mod:`lm.int4_cpu`, int8 activations; the default where it runs)."""
-    return int4_cpu.using(not name.endswith("+torch-kernel"))
+    instead of tokenwave's (:mod:`lm.cpu_kernels`, int8 activations; the default where it runs)."""
+    return cpu_kernels.using(not name.endswith("+torch-kernel"))
 
 
 def check_variant(name: str) -> str:

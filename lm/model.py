@@ -18,6 +18,7 @@ from torch import nn
 
 from codec.config import DictConfig
 
+from . import cpu_kernels
 from .patterns import PatternProvider, make_pattern_provider, stereo_delays
 from .sampling import SamplingConfig, batch_size, check_sampling, guidance_rows
 from .static_decoder import UNKNOWN, DecodingState, FrameTracker, Prefix, StaticDecoder
@@ -134,8 +135,7 @@ class LMModel(nn.Module):
                                       for _ in range(c.num_codebooks)])
         self._init_weights()
         self.quantization = None  # an lm.quant.QuantConfig once lm.quant.quantize_lm stored the matrices
-        # The self-attention KV cache's dtype (None: the embeddings'). bfloat16 halves what a late
-        # decoding step reads from the cache; attention then runs in bfloat16.
+        # The self-attention KV cache's dtype; None: see kv_dtype().
         self.kv_cache_dtype: torch.dtype | None = None
 
     def _init_weights(self) -> None:
@@ -327,6 +327,17 @@ class LMModel(nn.Module):
             allowed = allowed | empty[:, None]
         return cross_kv, (None if allowed.all() else allowed[:, None, None, :])
 
+    def kv_dtype(self) -> torch.dtype:
+        """``kv_cache_dtype`` if set; else bfloat16 for a quantized LM on a CPU where
+        :mod:`lm.cpu_kernels` runs (a late step reads half the bytes, attended in float32 by its
+        kernel); else the embeddings' dtype."""
+        param = self.emb[0].weight
+        if self.kv_cache_dtype is not None:
+            return self.kv_cache_dtype
+        if self.quantization is not None and param.device.type == "cpu" and cpu_kernels.available():
+            return torch.bfloat16
+        return param.dtype
+
     def init_state(self, batch_size: int, max_len: int, *, condition: torch.Tensor | None = None,
                    condition_mask: torch.Tensor | None = None,
                    frame_input: torch.Tensor | None = None) -> DecodingState:
@@ -335,7 +346,7 @@ class LMModel(nn.Module):
         param = self.emb[0].weight
         head_dim = self.config.dim // self.config.num_heads
         caches = [KVCache(batch_size=batch_size, num_heads=self.config.num_heads, max_len=max_len,
-                          head_dim=head_dim, dtype=self.kv_cache_dtype or param.dtype, device=param.device)
+                          head_dim=head_dim, dtype=self.kv_dtype(), device=param.device)
                   for _ in self.transformer.layers]
         cross_kv, cross_mask = self._cross_inputs(condition, condition_mask, batch_size, param.dtype)
         if frame_input is not None:

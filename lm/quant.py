@@ -45,7 +45,7 @@ from torch import nn
 
 from codec.config import DictConfig
 
-from . import int4_cpu
+from . import cpu_kernels
 from .transformer import RowSliced
 
 QUANT_DTYPES = ("int8", "int4")
@@ -247,7 +247,7 @@ class QuantizedWeight(RowSliced):
 
     @property
     def shape(self) -> torch.Size:
-        N, packed = self.qweight.shape
+        N, packed = self._buffers["qweight"].shape
         return torch.Size((N, packed * (2 if self.bits == 4 else 1)))
 
     @property
@@ -274,10 +274,11 @@ class QuantizedWeight(RowSliced):
         if x.device.type != "cpu":
             out = F.linear(x, self.dequantize(start, stop).to(x.dtype), None)
         else:
-            if self.bits == 4 and int4_cpu.available() and int4_cpu.fits(n, K, self.group_size):
-                out = int4_cpu.linear(x.reshape(-1, K).float().contiguous(), self._native_pack(start, stop), n,
-                                      self.group_size)
-                out = out.to(x.dtype).reshape(*x.shape[:-1], n)
+            packed = self._native_pack(start, stop) if self.bits == 4 and cpu_kernels.available() else None
+            if packed is not None:  # lm.cpu_kernels: float32 rows in, float32 out
+                out = cpu_kernels.int4_linear(x.reshape(-1, K).float().contiguous(), packed, n, self.group_size)
+                out = out.reshape(*x.shape[:-1], n) if x.dtype == torch.float32 else out.to(x.dtype).reshape(
+                    *x.shape[:-1], n)
                 return out if bias is None else out + bias.to(out.dtype)
             rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # torch's kernels' fast path
             if self.bits == 8:
@@ -309,14 +310,18 @@ class QuantizedWeight(RowSliced):
         self._packs[(start, stop)] = (packed, scale_zeros, self.qweight)
         return packed, scale_zeros
 
-    def _native_pack(self, start: int, stop: int) -> torch.Tensor:
-        """:mod:`lm.int4_cpu`'s packed rows ``start:stop``, built once per range."""
+    def _native_pack(self, start: int, stop: int) -> torch.Tensor | None:
+        """:mod:`lm.cpu_kernels`' packed rows ``start:stop`` (None where its shapes do not fit),
+        built once per range. Called per product: reads the buffers dict, not module attributes."""
+        qweight = self._buffers["qweight"]
         cached = self._packs.get(("native", start, stop))
-        if cached is not None and cached[1] is self.qweight:
+        if cached is not None and cached[1] is qweight:
             return cached[0]
         rows = slice(start, stop)
-        packed = int4_cpu.pack(self.qweight[rows], self.scales[rows], self.zeros[rows], self.group_size)
-        self._packs[("native", start, stop)] = (packed, self.qweight)
+        packed = None
+        if cpu_kernels.int4_fits(stop - start, qweight.shape[1] * 2, self.group_size):
+            packed = cpu_kernels.int4_pack(qweight[rows], self.scales[rows], self.zeros[rows], self.group_size)
+        self._packs[("native", start, stop)] = (packed, qweight)
         return packed
 
     def _apply(self, fn, recurse: bool = True):

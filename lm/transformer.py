@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 
 
@@ -229,6 +231,9 @@ class SelfAttention(_PackedAttention):
             k, v = cache.write_at(position, k, v)
         elif cache is not None:
             k, v = cache.write(start, k, v)
+        if k.dtype == torch.bfloat16 and cpu_kernels.attention_fits(q, k) and not torch.is_grad_enabled() \
+                and cpu_kernels.available():
+            return self._merge(cpu_kernels.decode_attention(q, k, v, mask).to(x.dtype))  # one step, float32 math
         # A cache in a lower precision (LMModel.kv_cache_dtype) is attended in its dtype.
         return self._merge(self._attend(q.to(k.dtype), k, v, mask, causal).to(x.dtype))
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from inference import MusicGen, cli
 from lm import LMModel, get_preset
-from lm import int4_cpu
+from lm import cpu_kernels
 from lm.gptq import gptq_int4, quantize_lm_calibrated
 from lm.quant import QuantConfig, QuantizedWeight, dequantize_int4, quantize_int4, quantize_lm, quantize_state
 from t5_fixture import tiny_t5_folder  # noqa: F401  (fixture)
@@ -59,9 +59,10 @@ def test_quantized_linear_matches_dequantized_matmul(bits, group, rows):
     bias = torch.randn(96)
     got = quantized.linear(x, bias)
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
-    if bits == 4 and int4_cpu.available():
+    if bits == 4 and cpu_kernels.available():
         # tokenwave's kernel: int8 activations per group, exact integer sums.
-        exact = int4_cpu.reference(x, quantized.qweight, quantized.scales, quantized.zeros, group).float() + bias
+        exact = cpu_kernels.int4_reference(x, quantized.qweight, quantized.scales, quantized.zeros, group).float()
+        exact += bias
         torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
         # int8 activations (one step = a group's max / 127) err by 1-3 % RMS of the product here (the
         # outlier column multiplies its input's rounding by 20); bench/quant_accuracy.py measures models
@@ -404,8 +405,11 @@ def test_bf16_kv_cache_stays_close():
     model = quantize_lm(_model(), "int8")
     condition = torch.cat([_inputs()[1], torch.zeros(2, 5, CONFIG.dim)])
     args = dict(max_gen_len=12, num_samples=2, condition=condition, use_sampling=False)
-    state = model.init_state(4, 8)
-    assert state.caches[0].keys.dtype == torch.float32
+    # a quantized LM keeps a bfloat16 cache where lm.cpu_kernels attends it (see test_cpu_kernels)
+    assert model.init_state(4, 8).caches[0].keys.dtype == (torch.bfloat16 if cpu_kernels.available()
+                                                           else torch.float32)
+    model.kv_cache_dtype = torch.float32
+    assert model.init_state(4, 8).caches[0].keys.dtype == torch.float32
     tokens = model.generate(**args)
     model.kv_cache_dtype = torch.bfloat16
     assert model.init_state(4, 8).caches[0].keys.dtype == torch.bfloat16

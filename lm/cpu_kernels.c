@@ -1,8 +1,10 @@
-/* int4-weight x int8-activation matrix product for x86-64 CPUs with AVX-512 VNNI.
+/* tokenwave's CPU kernels for decoding on x86-64 CPUs with AVX-512 (VNNI): the int4-weight x
+ * int8-activation matrix product, and one query's attention over a bfloat16 KV cache.
  *
- * Compiled on first use by lm/int4_cpu.py (gcc or clang, -fopenmp, linked against the OpenMP
+ * Compiled on first use by lm/cpu_kernels.py (gcc or clang, -fopenmp, linked against the OpenMP
  * runtime torch has already loaded, so torch.set_num_threads sets its threads too).
  *
+ * -- int4 product --
  * y (M, N) = x (M, K) @ w.T where w (N, K) is stored per group of G inputs as
  * w = (q - 8) * s + z, q in [0, 15]. Each row of x is quantized per group to int8,
  * x ~ sx * xq (sx = max|x| / 127), so that a group's sum of q * x is sx * dot(q, xq), one
@@ -19,6 +21,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 16
@@ -96,10 +99,11 @@ int tw_int4_supported(void) {
         && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
-/* y = x @ w.T. scratch: M K bytes + 12 M K / G bytes. Returns 0, or -1 for shapes it does not take. */
-int tw_int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int G,
-                   float *y, uint8_t *scratch) {
+/* y = x @ w.T. Returns 0, -1 for shapes it does not take, -2 when out of memory. */
+int tw_int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int G, float *y) {
     if (G % 16 || K % G || N % BLOCK || M <= 0) return -1;
+    uint8_t *scratch = malloc(M * K + 12 * M * (K / G));
+    if (!scratch) return -2;
     int8_t *xq = (int8_t *)scratch;
     const int64_t groups = K / G;
     float *sx = (float *)(scratch + M * K), *xs = sx + M * groups, *c = xs + M * groups;
@@ -118,5 +122,95 @@ int tw_int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64
             default: break;
         }
     }
+    free(scratch);
+    return 0;
+}
+
+/* -- decoding attention over a bfloat16 KV cache --
+ * For each of the B H (batch, head) pairs: one float32 query q (D), keys and values k, v
+ * (T, D) bfloat16 rows D apart, starting at b sb + h sh; mask (if any) is T bytes per batch row
+ * (mask_sb apart; 0 = may not attend); D <= 256. out (D) = softmax(scale q.k) v, all in float32.
+ * The query always sees at least one key (the caller's rule).
+ */
+static inline __m512 exp512(__m512 x) {
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    __mmask16 dead = _mm512_cmp_ps_mask(x, minus_inf, _CMP_EQ_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps((__mmask16)~dead, _mm512_scalef_ps(p, n));
+}
+
+/* Up to 16 bfloat16 values (the lanes set in m) as float32; the others 0. */
+static inline __m512 load_bf16_masked(const uint16_t *p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const void *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+int tw_decode_attention(const float *q, int64_t B, int64_t H, int64_t D, const uint16_t *k, const uint16_t *v,
+                        int64_t sb, int64_t sh, int64_t T, const uint8_t *mask, int64_t mask_sb, float scale,
+                        float *out) {
+    if (D <= 0 || D > 256 || T <= 0) return -1;
+    float *scratch = malloc(sizeof(float) * B * H * T);
+    if (!scratch) return -2;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < B * H; i++) {
+        const int64_t b = i / H, h = i % H, chunks = (D + 15) / 16;
+        /* lanes of each 16-wide chunk of a row: all, but the last chunk's past D */
+        __mmask16 lanes[16];
+        for (int64_t c = 0; c < chunks; c++)
+            lanes[c] = D - 16 * c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - 16 * c)) - 1);
+        const float *qi = q + i * D;
+        const uint16_t *kp = k + b * sb + h * sh, *vp = v + b * sb + h * sh;
+        const uint8_t *m = mask ? mask + b * mask_sb : 0;
+        float *s = scratch + i * T;
+        __m512 qv[16];
+        for (int64_t c = 0; c < chunks; c++)
+            qv[c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes[c], qi + 16 * c), _mm512_set1_ps(scale));
+        float top = -INFINITY;
+        for (int64_t t = 0; t < T; t++) {
+            if (m && !m[t]) { s[t] = -INFINITY; continue; }
+            __m512 acc = _mm512_mul_ps(qv[0], load_bf16_masked(kp + t * D, lanes[0]));
+            for (int64_t c = 1; c < chunks; c++)
+                acc = _mm512_fmadd_ps(qv[c], load_bf16_masked(kp + t * D + 16 * c, lanes[c]), acc);
+            s[t] = _mm512_reduce_add_ps(acc);
+            if (s[t] > top) top = s[t];
+        }
+        __m512 total = _mm512_setzero_ps(), shift = _mm512_set1_ps(top);
+        int64_t t = 0;
+        for (; t + 16 <= T; t += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), shift));
+            _mm512_storeu_ps(s + t, e);
+            total = _mm512_add_ps(total, e);
+        }
+        if (t < T) {
+            __mmask16 tail = (__mmask16)((1u << (T - t)) - 1);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, s + t), shift));
+            _mm512_mask_storeu_ps(s + t, tail, e);
+            total = _mm512_add_ps(total, e);
+        }
+        __m512 o[16];
+        for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_setzero_ps();
+        for (int64_t u = 0; u < T; u++) {
+            if (s[u] == 0.0f) continue;  /* masked (or negligible) keys: skip their values */
+            __m512 w = _mm512_set1_ps(s[u]);
+            for (int64_t c = 0; c < chunks; c++)
+                o[c] = _mm512_fmadd_ps(w, load_bf16_masked(vp + u * D + 16 * c, lanes[c]), o[c]);
+        }
+        __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+        for (int64_t c = 0; c < chunks; c++)
+            _mm512_mask_storeu_ps(out + i * D + 16 * c, lanes[c], _mm512_mul_ps(o[c], inverse));
+    }
+    free(scratch);
     return 0;
 }

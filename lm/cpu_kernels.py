@@ -1,0 +1,225 @@
+"""tokenwave's own CPU kernels for decoding (``cpu_kernels.c``), compiled on first use.
+
+- **int4 product.** torch's ``_weight_int4pack_mm_for_cpu`` turns every 4-bit weight into a
+  float before multiplying: on two cores it reads packed weights at ~12 GB/s, compute-bound,
+  well below what the cores can stream. :func:`int4_linear` quantizes the few activation rows
+  of a decoding step to int8 per group instead (``x ~ sx * xq``, ``sx = max|x| / 127``) and
+  multiplies nibbles by them with AVX-512 VNNI (``vpdpbusd``: 64 multiply-adds per
+  instruction), so a step reads its weights at close to memory speed. The int8 rounding of the
+  activations changes the logits about as much as torch's bfloat16 rounding does
+  (``bench/quant_accuracy.py`` measures both against float32).
+- **Decoding attention over a bfloat16 KV cache.** A late step of a long generation reads the
+  whole self-attention cache of every layer (at 30 s, 1500 positions: ~380 MB in float32 for
+  a MusicGen-small-sized model, more than its int4 weights). torch's CPU attention is 8x
+  slower on bfloat16 than on float32, so a bfloat16 cache only paid off with
+  :func:`decode_attention`: one query per (batch, head), float32 arithmetic on bfloat16 keys
+  and values, half the bytes.
+
+They need an x86-64 CPU with AVX-512 VNNI and a C compiler (``$CC``, else ``cc``) at first
+use; the library is cached under ``$TOKENWAVE_KERNEL_CACHE`` (default
+``~/.cache/tokenwave-kernels``), named by a hash of the source and flags. Where either is
+missing, :func:`available` is False (with one warning saying why) and torch's kernels run.
+``TOKENWAVE_CPU_KERNELS=0`` (or :func:`set_enabled` / :func:`using`) turns them off.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+BLOCK = 16  # outputs per packed block
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma")
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+_enabled = os.environ.get("TOKENWAVE_CPU_KERNELS", "1") != "0"
+
+
+def set_enabled(enabled: bool) -> None:
+    """Use the kernel where it is available (True, the default) or always torch's (False)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+@contextlib.contextmanager
+def using(enabled: bool):
+    """Within the block, use the kernel (True) or torch's (False); for comparisons."""
+    global _enabled
+    before, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("TOKENWAVE_KERNEL_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenwave-kernels"
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def _build(target: Path) -> None:
+    """Compile the source to ``target`` through a temporary file (another process may race us)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        command = [_compiler(), *FLAGS, str(SOURCE), "-o", temporary]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode:
+            raise OSError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _load() -> ctypes.CDLL:
+    import platform  # noqa: PLC0415
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise OSError(f"needs an x86-64 CPU (this is {platform.machine()})")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((_compiler(), *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{digest}.so"
+    if not target.exists():
+        _build(target)
+    library = ctypes.CDLL(str(target))
+    if not library.tw_int4_supported():
+        raise OSError("this CPU lacks AVX-512 VNNI")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.tw_int4_linear.restype = ctypes.c_int
+    library.tw_int4_linear.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int, ptr]
+    library.tw_decode_attention.restype = ctypes.c_int
+    library.tw_decode_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ctypes.c_float,
+                                            ptr]
+    return library
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (and a one-time warning saying why) where it cannot run."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                _library = _load()
+            except (OSError, subprocess.SubprocessError) as error:
+                _failure = str(error)
+                warnings.warn(f"tokenwave's CPU kernels are unavailable ({_failure}); using torch's "
+                              "(slower)", RuntimeWarning, stacklevel=3)
+    return _library
+
+
+def available() -> bool:
+    """Whether the kernels run here (enabled, compiled and supported by this CPU)."""
+    return _enabled and library() is not None
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return None if _library is not None else _failure
+
+
+# -- int4 product ---------------------------------------------------------------------------------
+def int4_fits(N: int, K: int, group_size: int) -> bool:
+    return N % BLOCK == 0 and K % group_size == 0 and group_size % 16 == 0
+
+
+def int4_pack(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """lm.quant's portable int4 layout (``(N, K/2)`` nibbles, even column low; ``(N, K/G)``
+    bfloat16 scales and zeros) -> the kernel's blocks (see ``cpu_kernels.c``), one uint8 tensor."""
+    N, K, G = nibbles.shape[0], nibbles.shape[1] * 2, group_size
+    values = torch.stack([nibbles & 15, nibbles >> 4], dim=-1).reshape(N // BLOCK, BLOCK, K // G, 2, G // 8, 4)
+    values = values.permute(0, 2, 3, 4, 1, 5)  # block, group, half, vector, output, input
+    packed = (values[:, :, 0] | (values[:, :, 1] << 4)).reshape(N // BLOCK, K // G, 8 * G)
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(torch.bfloat16).reshape(N // BLOCK, BLOCK, K // G).transpose(1, 2).contiguous()
+        return t.view(torch.uint8).reshape(N // BLOCK, K // G, 2 * BLOCK)
+
+    return torch.cat([packed, per_block(scales), per_block(zeros)], dim=-1).contiguous()
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int) -> torch.Tensor:
+    """``x (M, K)`` float32 contiguous @ the packed weight's ``(N, K)``.T -> ``(M, N)`` float32."""
+    M, K = x.shape
+    out = torch.empty((M, N), dtype=torch.float32)
+    _check(_library.tw_int4_linear(x.data_ptr(), M, K, packed.data_ptr(), N, group_size, out.data_ptr()),
+           f"int4_linear: x {tuple(x.shape)}, N={N}, group {group_size}")
+    return out
+
+
+def _check(status: int, what: str) -> None:
+    if status == -2:
+        raise MemoryError(f"{what}: out of memory")
+    if status:
+        raise ValueError(f"{what}: shapes the kernel does not take")
+
+
+def int4_reference(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """What :func:`int4_linear` computes, in float64 torch operations (for tests): the same int8
+    rounding of ``x``, exact sums."""
+    M, K = x.shape
+    N, G = nibbles.shape[0], group_size
+    groups = x.float().reshape(M, K // G, G)
+    amax = groups.abs().amax(-1)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    xq = torch.round(groups * inverse[..., None]).double()  # float32 product, rounded half to even
+    q = torch.stack([nibbles & 15, nibbles >> 4], dim=-1).reshape(N, K // G, G).double()
+    dot = torch.einsum("mgi,ngi->mng", xq, q) - 8 * xq.sum(-1)[:, None]
+    sx = (amax / 127).double()
+    products = scales.double()[None] * sx[:, None] * dot + zeros.double()[None] * groups.double().sum(-1)[:, None]
+    return products.sum(-1)
+
+
+# -- decoding attention ------------------------------------------------------------------------------
+def attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """One float32 query per row attending a bfloat16 cache view (rows contiguous), head size <= 256."""
+    return (q.dim() == 4 and q.shape[2] == 1 and q.dtype == torch.float32 and k.dtype == torch.bfloat16
+            and q.device.type == "cpu" and k.shape[-1] <= 256 and k.stride(-1) == 1
+            and k.stride(-2) == k.shape[-1])
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` for ``q (B, H, 1, D)`` float32 and ``k, v (B, H, T, D)``
+    bfloat16 views of a KV cache (rows contiguous, as :class:`lm.transformer.KVCache` holds them);
+    ``mask`` boolean, broadcastable to ``(B, 1, 1, T)``, true = may attend. Returns float32."""
+    B, H, _, D = q.shape
+    T = k.shape[2]
+    if v.stride() != k.stride() or k.shape != v.shape:
+        raise ValueError("keys and values must have the same shape and layout")
+    mask_bytes, mask_stride = None, 0
+    if mask is not None:
+        if mask.shape[-2] != 1 or (mask.dim() == 4 and mask.shape[1] != 1):
+            raise ValueError(f"decode_attention takes a per-key mask (B, 1, 1, T), got {tuple(mask.shape)}")
+        mask_bytes = mask.reshape(mask.shape[0], T).to(torch.uint8).contiguous()
+        mask_stride = T if mask_bytes.shape[0] > 1 else 0
+    q = q.contiguous()
+    out = torch.empty((B, H, 1, D), dtype=torch.float32)
+    _check(_library.tw_decode_attention(
+        q.data_ptr(), B, H, D, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), T,
+        None if mask_bytes is None else mask_bytes.data_ptr(), mask_stride, D ** -0.5, out.data_ptr()),
+        f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return out

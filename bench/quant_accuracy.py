@@ -46,8 +46,8 @@ from lm import LMModel, get_preset, cpu_kernels
 from lm.gptq import quantize_lm_calibrated
 from lm.quant import QuantizedWeight, is_quant_spec, quantize_int4, quantize_lm
 
-VARIANTS = ("bf16-weights", "int8", "int4-g32", "int4-g32+torch-kernel", "int4-g32+min-max", "int4-g64",
-            "int4-g128", "int4-g32+gptq", "int4-g128+gptq")
+VARIANTS = ("bf16-weights", "int8", "int8+torch-kernel", "int4-g32", "int4-g32+torch-kernel", "int4-g32+min-max",
+            "int4-g64", "int4-g128", "int4-g32+gptq", "int4-g128+gptq")
 EXTRAS = ("", "kv-bf16", "min-max", "gptq", "torch-kernel")
 CFG = 3.0
 
@@ -93,7 +93,8 @@ def check_variant(name: str) -> str:
     """``name`` if :func:`convert` knows it, else a one-line ``ValueError`` (argparse's ``type``)."""
     base, _, extra = name.partition("+")
     if (base in ("float32", "bf16-weights") or is_quant_spec(base)) and extra in EXTRAS \
-            and (extra not in ("min-max", "gptq", "torch-kernel") or base.startswith("int4")):
+            and (extra not in ("min-max", "gptq") or base.startswith("int4")) \
+            and (extra != "torch-kernel" or base.startswith("int")):
         return name
     raise ValueError(name)
 

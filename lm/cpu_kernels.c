@@ -1,5 +1,5 @@
-/* tokenwave's CPU kernels for decoding on x86-64 CPUs with AVX-512 (VNNI): the int4-weight x
- * int8-activation matrix product, and one query's attention over a bfloat16 KV cache.
+/* tokenwave's CPU kernels for decoding on x86-64 CPUs with AVX-512 (VNNI): int4- and int8-weight
+ * x int8-activation matrix products, and one query's attention over a bfloat16 KV cache.
  *
  * Compiled on first use by lm/cpu_kernels.py (gcc or clang, -fopenmp, linked against the OpenMP
  * runtime torch has already loaded, so torch.set_num_threads sets its threads too).
@@ -53,6 +53,41 @@ static void quantize_row(const float *x, int64_t K, int G, int8_t *xq, float *sx
         sx[g] = scale;
         xs[g] = _mm512_reduce_add_ps(sum);
         c[g] = -8.0f * scale * (float)_mm512_reduce_add_epi32(qsum);
+    }
+}
+
+/* Row x -> two int8 rows per group: x ~ sx xq + sr xr (xr: the rounding of the residual). */
+static void quantize_row2(const float *x, int64_t K, int G, int8_t *xq, int8_t *xr, float *sx, float *sr) {
+    for (int64_t g = 0; g < K / G; g++) {
+        const float *p = x + g * G;
+        __m512 amax = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int i = 0; i < G; i += 16) {
+            __m512 v = _mm512_loadu_ps(p + i);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+        float a = nan ? NAN : _mm512_reduce_max_ps(amax);  /* max_ps drops NaN */
+        float scale = a <= FLT_MAX ? a / 127.0f : NAN;
+        __m512 inverse = _mm512_set1_ps(a > 0.0f && a <= FLT_MAX ? 127.0f / a : 0.0f), s = _mm512_set1_ps(scale);
+        __m512 rmax = _mm512_setzero_ps();
+        float residual[128];
+        for (int i = 0; i < G; i += 16) {
+            __m512 v = _mm512_loadu_ps(p + i);
+            __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse));
+            _mm_storeu_si128((__m128i *)(xq + g * G + i), _mm512_cvtsepi32_epi8(r));
+            __m512 rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(r), s, v);
+            _mm512_storeu_ps(residual + i, rest);
+            rmax = _mm512_max_ps(rmax, _mm512_abs_ps(rest));
+        }
+        float b = _mm512_reduce_max_ps(rmax);
+        __m512 rinverse = _mm512_set1_ps(b > 0.0f && b <= FLT_MAX ? 127.0f / b : 0.0f);
+        for (int i = 0; i < G; i += 16) {
+            __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(residual + i), rinverse));
+            _mm_storeu_si128((__m128i *)(xr + g * G + i), _mm512_cvtsepi32_epi8(r));
+        }
+        sx[g] = scale;
+        sr[g] = b <= FLT_MAX ? b / 127.0f : 0.0f;
     }
 }
 
@@ -120,6 +155,77 @@ int tw_int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64
             case 2: block_rows(wb, K, G, xq, sx, xs, c, m0, 2, y, N, b * BLOCK); break;
             case 1: block_rows(wb, K, G, xq, sx, xs, c, m0, 1, y, N, b * BLOCK); break;
             default: break;
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* -- int8 product --
+ * y (M, N) = x (M, K) @ w.T with w = q * s (q int8, one float scale s per output). Each row of
+ * x is quantized per group of G twice: x ~ sx xq + sr xr, xr the int8 rounding of the residual
+ * x - sx xq (so the activations carry ~15 bits: int8 weights are accurate enough for a single
+ * int8 rounding of x to dominate their error); the two halves are multiplied as two rows and
+ * summed. vpdpbusd multiplies unsigned by signed bytes, so the activations go in as xq + 128
+ * and each group subtracts 128 sum(q) (stored with the weights):
+ *   y = s * sum_g sx_g * (dot(xq + 128, q) - 128 sum(q)) + (the same for xr).
+ * Packed weight, per block of 16 outputs and per group (16 G + 64 bytes): G / 4 vectors of
+ * 64 bytes (byte 4 j + r of vector t: q[j][g G + 4 t + r]), then the 16 int32 sums of q.
+ */
+static inline __attribute__((always_inline)) void block_rows8(
+        const uint8_t *w, int64_t K, int G, const int8_t *xq, const float *sx, int64_t m0, const int RB,
+        const float *scale, float *y, int64_t N, int64_t n0) {
+    const int64_t groups = K / G, vectors = G / 4, group_bytes = 16 * (int64_t)G + 64;
+    __m512 f[4];
+    for (int r = 0; r < RB; r++) f[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *p = w + g * group_bytes;
+        __m512i even[4], odd[4];
+        for (int r = 0; r < RB; r++) even[r] = odd[r] = _mm512_setzero_si512();
+        for (int64_t t = 0; t < vectors; t += 2) {
+            __m512i v0 = _mm512_loadu_si512((const void *)(p + 64 * t));
+            __m512i v1 = _mm512_loadu_si512((const void *)(p + 64 * t + 64));
+            for (int r = 0; r < RB; r++) {
+                const int8_t *q = xq + (m0 + r) * K + g * G + 4 * t;
+                int32_t a, b;
+                memcpy(&a, q, 4);
+                memcpy(&b, q + 4, 4);
+                even[r] = _mm512_dpbusd_epi32(even[r], _mm512_set1_epi32(a ^ (int32_t)0x80808080), v0);
+                odd[r] = _mm512_dpbusd_epi32(odd[r], _mm512_set1_epi32(b ^ (int32_t)0x80808080), v1);
+            }
+        }
+        __m512i correction = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(p + 16 * (int64_t)G)), 7);
+        for (int r = 0; r < RB; r++) {
+            __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even[r], odd[r]), correction);
+            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sx[(m0 + r) * groups + g]), f[r]);
+        }
+    }
+    __m512 s = _mm512_loadu_ps(scale + n0);
+    for (int r = 0; r < RB; r++) _mm512_storeu_ps(y + (m0 + r) * N + n0, _mm512_mul_ps(f[r], s));
+}
+
+/* y = x @ w.T (G a multiple of 16, K of G). Returns 0, -1 for shapes it does not take, -2 when out of memory. */
+int tw_int8_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scale, int64_t N, int G,
+                   float *y) {
+    if (G % 16 || G > 128 || K % G || N % BLOCK || M <= 0) return -1;
+    const int64_t groups = K / G, R = 2 * M;  /* rows 2 m and 2 m + 1: the halves of row m */
+    uint8_t *scratch = malloc(R * K + 4 * R * groups + 4 * R * N);
+    if (!scratch) return -2;
+    int8_t *xq = (int8_t *)scratch;
+    float *sx = (float *)(scratch + R * K), *halves = sx + R * groups;
+    for (int64_t m = 0; m < M; m++)
+        quantize_row2(x + m * K, K, G, xq + 2 * m * K, xq + (2 * m + 1) * K, sx + 2 * m * groups,
+                      sx + (2 * m + 1) * groups);
+    const int64_t blocks = N / BLOCK, block_bytes = groups * (16 * (int64_t)G + 64);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *wb = w + b * block_bytes;
+        int64_t m0 = 0;
+        for (; m0 + 4 <= R; m0 += 4) block_rows8(wb, K, G, xq, sx, m0, 4, scale, halves, N, b * BLOCK);
+        if (m0 < R) block_rows8(wb, K, G, xq, sx, m0, 2, scale, halves, N, b * BLOCK);
+        for (int64_t m = 0; m < M; m++) {
+            float *a = halves + 2 * m * N + b * BLOCK;
+            _mm512_storeu_ps(y + m * N + b * BLOCK, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(a + N)));
         }
     }
     free(scratch);

@@ -8,6 +8,10 @@
   instruction), so a step reads its weights at close to memory speed. The int8 rounding of the
   activations changes the logits about as much as torch's bfloat16 rounding does
   (``bench/quant_accuracy.py`` measures both against float32).
+- **int8 product.** The same with int8 weights (one scale per output): torch's
+  ``_weight_int8pack_mm`` multiplies in bfloat16; :func:`int8_linear` in VNNI integers, each
+  activation group (of up to 128) rounded to int8 twice (the value, then the residual: ~15
+  bits, since one int8 rounding of the activations would dominate int8 weights' error).
 - **Decoding attention over a bfloat16 KV cache.** A late step of a long generation reads the
   whole self-attention cache of every layer (at 30 s, 1500 positions: ~380 MB in float32 for
   a MusicGen-small-sized model, more than its int4 weights). torch's CPU attention is 8x
@@ -108,6 +112,8 @@ def _load() -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.tw_int4_linear.restype = ctypes.c_int
     library.tw_int4_linear.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int, ptr]
+    library.tw_int8_linear.restype = ctypes.c_int
+    library.tw_int8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr]
     library.tw_decode_attention.restype = ctypes.c_int
     library.tw_decode_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ctypes.c_float,
                                             ptr]
@@ -191,6 +197,55 @@ def int4_reference(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor,
     sx = (amax / 127).double()
     products = scales.double()[None] * sx[:, None] * dot + zeros.double()[None] * groups.double().sum(-1)[:, None]
     return products.sum(-1)
+
+
+# -- int8 product ----------------------------------------------------------------------------------
+def int8_group(K: int) -> int | None:
+    """The activations' quantization group for an int8 product over ``K`` inputs (None: no kernel)."""
+    return next((g for g in (128, 64, 32, 16) if K % g == 0), None)
+
+
+def int8_fits(N: int, K: int) -> bool:
+    return N % BLOCK == 0 and int8_group(K) is not None
+
+
+def int8_pack(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lm.quant's int8 layout (``(N, K)`` int8, ``(N,)`` scales) -> the kernel's blocks (see
+    ``cpu_kernels.c``) and float32 scales."""
+    N, K = q.shape
+    G = int8_group(K)
+    blocks = q.reshape(N // BLOCK, BLOCK, K // G, G // 4, 4)
+    packed = blocks.permute(0, 2, 3, 1, 4).reshape(N // BLOCK, K // G, 16 * G).view(torch.uint8)
+    sums = blocks.sum(dim=(3, 4), dtype=torch.int32).transpose(1, 2).contiguous()  # (blocks, groups, 16)
+    packed = torch.cat([packed, sums.view(torch.uint8).reshape(N // BLOCK, K // G, 64)], dim=-1).contiguous()
+    return packed, scales.float().contiguous()
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x (M, K)`` float32 contiguous @ the packed int8 weight's ``(N, K)``.T -> ``(M, N)`` float32."""
+    M, K = x.shape
+    N = scales.shape[0]
+    out = torch.empty((M, N), dtype=torch.float32)
+    _check(_library.tw_int8_linear(x.data_ptr(), M, K, packed.data_ptr(), scales.data_ptr(), N, int8_group(K),
+                                   out.data_ptr()), f"int8_linear: x {tuple(x.shape)}, N={N}")
+    return out
+
+
+def int8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What :func:`int8_linear` computes, in float64 (for tests): x as two int8 roundings."""
+    M, K = x.shape
+    G = int8_group(K)
+    groups = x.float().reshape(M, K // G, G)
+    weights = q.double().reshape(q.shape[0], K // G, G)
+    total = 0
+    for _ in range(2):  # x, then the residual of its rounding
+        amax = groups.abs().amax(-1)
+        inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+        xq = torch.round(groups * inverse[..., None])
+        dot = torch.einsum("mgi,ngi->mng", xq.double(), weights)
+        total = total + (dot * (amax / 127).double()[:, None]).sum(-1)
+        groups = torch.addcmul(groups, xq, -(amax / 127)[..., None])  # x - sx xq, rounded as the kernel's fma
+    return total * scales.float().double()[None]
 
 
 # -- decoding attention ------------------------------------------------------------------------------

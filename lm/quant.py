@@ -274,9 +274,11 @@ class QuantizedWeight(RowSliced):
         if x.device.type != "cpu":
             out = F.linear(x, self.dequantize(start, stop).to(x.dtype), None)
         else:
-            packed = self._native_pack(start, stop) if self.bits == 4 and cpu_kernels.available() else None
+            packed = self._native_pack(start, stop) if cpu_kernels.available() else None
             if packed is not None:  # lm.cpu_kernels: float32 rows in, float32 out
-                out = cpu_kernels.int4_linear(x.reshape(-1, K).float().contiguous(), packed, n, self.group_size)
+                rows = x.reshape(-1, K).float().contiguous()
+                out = (cpu_kernels.int4_linear(rows, packed[0], n, self.group_size) if self.bits == 4
+                       else cpu_kernels.int8_linear(rows, *packed))
                 out = out.reshape(*x.shape[:-1], n) if x.dtype == torch.float32 else out.to(x.dtype).reshape(
                     *x.shape[:-1], n)
                 return out if bias is None else out + bias.to(out.dtype)
@@ -310,17 +312,19 @@ class QuantizedWeight(RowSliced):
         self._packs[(start, stop)] = (packed, scale_zeros, self.qweight)
         return packed, scale_zeros
 
-    def _native_pack(self, start: int, stop: int) -> torch.Tensor | None:
-        """:mod:`lm.cpu_kernels`' packed rows ``start:stop`` (None where its shapes do not fit),
-        built once per range. Called per product: reads the buffers dict, not module attributes."""
+    def _native_pack(self, start: int, stop: int) -> tuple[torch.Tensor, ...] | None:
+        """:mod:`lm.cpu_kernels`' packed rows ``start:stop`` (int4: the blocks; int8: blocks and
+        scales; None where its shapes do not fit), built once per range. Called per product: reads
+        the buffers dict, not module attributes."""
         qweight = self._buffers["qweight"]
         cached = self._packs.get(("native", start, stop))
         if cached is not None and cached[1] is qweight:
             return cached[0]
-        rows = slice(start, stop)
-        packed = None
-        if cpu_kernels.int4_fits(stop - start, qweight.shape[1] * 2, self.group_size):
-            packed = cpu_kernels.int4_pack(qweight[rows], self.scales[rows], self.zeros[rows], self.group_size)
+        rows, packed = slice(start, stop), None
+        if self.bits == 4 and cpu_kernels.int4_fits(stop - start, qweight.shape[1] * 2, self.group_size):
+            packed = (cpu_kernels.int4_pack(qweight[rows], self.scales[rows], self.zeros[rows], self.group_size),)
+        elif self.bits == 8 and cpu_kernels.int8_fits(stop - start, qweight.shape[1]):
+            packed = cpu_kernels.int8_pack(qweight[rows], self.scales[rows])
         self._packs[("native", start, stop)] = (packed, qweight)
         return packed
 

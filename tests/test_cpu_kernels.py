@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lm import cpu_kernels
-from lm.quant import QuantizedWeight, quantize_int4
+from lm.quant import QuantizedWeight, quantize_int4, quantize_int8
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
                                   reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -34,6 +34,22 @@ def test_kernel_equals_its_definition(group, rows):
 
 
 @needs_kernel
+@pytest.mark.parametrize("K", [16, 96, 256, 1024])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_int8_kernel_equals_its_definition_and_float(K, rows):
+    gen = torch.Generator().manual_seed(K + rows)
+    weight = torch.randn(32, K, generator=gen) * 0.02
+    q, scales = quantize_int8(weight)
+    x = torch.randn(rows, K, generator=gen) * torch.linspace(0.1, 10, K)  # a wide range across channels
+    got = cpu_kernels.int8_linear(x, *cpu_kernels.int8_pack(q, scales))
+    exact = cpu_kernels.int8_reference(x, q, scales)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+    # the activations' two roundings carry ~15 bits: the product is that of the int8 weight
+    product = x.double() @ (q.double() * scales.double()[:, None]).T
+    assert (got.double() - product).norm() < 1e-4 * product.norm()
+
+
+@needs_kernel
 def test_kernel_is_deterministic_across_threads():
     nibbles, scales, zeros = _weight(256, 512, 32)
     packed = cpu_kernels.int4_pack(nibbles, scales, zeros, 32)
@@ -55,8 +71,9 @@ def test_non_finite_inputs_give_nan_not_a_number():
     packed = cpu_kernels.int4_pack(nibbles, scales, zeros, 32)
     x = torch.randn(3, 64)
     x[0, 5], x[1, 40] = float("nan"), float("inf")
-    out = cpu_kernels.int4_linear(x, packed, 32, 32)
-    assert out[0].isnan().all() and not out[1].isfinite().any() and out[2].isfinite().all()
+    for out in (cpu_kernels.int4_linear(x, packed, 32, 32),
+                cpu_kernels.int8_linear(x, *cpu_kernels.int8_pack(*quantize_int8(torch.randn(32, 64))))):
+        assert out[0].isnan().all() and not out[1].isfinite().any() and out[2].isfinite().all()
 
 
 @needs_kernel
@@ -73,6 +90,9 @@ def test_quantized_weight_uses_the_kernel_and_torch_when_told():
     assert (native - torch_kernel).norm() < 0.05 * torch_kernel.norm()
     # bfloat16 activations come back in bfloat16
     assert weight.linear(x.bfloat16()).dtype == torch.bfloat16
+    int8 = QuantizedWeight.from_float(torch.randn(64, 128) * 0.02, 8)
+    exact = cpu_kernels.int8_reference(x, int8.qweight, int8.scales).float()
+    torch.testing.assert_close(int8[16:48].linear(x), exact[:, 16:48], rtol=1e-5, atol=1e-6)
 
 
 def test_without_a_compiler_it_warns_once_and_torch_kernel_runs(monkeypatch, tmp_path):

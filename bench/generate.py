@@ -54,7 +54,7 @@ import torch
 
 from inference.formats.transformers import transformers_to_audiocraft_lm
 from lm import LMConfig, LMModel, cpu_kernels
-from lm.quant import quantize_lm, quantize_state
+from lm.quant import quantize_lm, quantize_state, stored_bytes
 
 SIZES = {
     "small": dict(dim=1024, num_heads=16, num_layers=24, ffn_dim=4096),
@@ -335,7 +335,7 @@ def main() -> None:
         for name, model in variants.items():
             condition, mask = make_condition(1, ours.config.dim, device, dtype)
             acc = accuracy(ours, model, condition, mask)
-            weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e6
+            weights = stored_bytes(model) / 1e6
             print(f"{label} {name} vs float32 (teacher-forced logits, 48 steps): "
                   + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()) + f"; LM weights {weights:.0f} MB")
         del reference, ours, low, variants, generator, runners

@@ -44,7 +44,7 @@ import torch
 
 from lm import LMModel, get_preset, cpu_kernels
 from lm.gptq import quantize_lm_calibrated
-from lm.quant import QuantizedWeight, is_quant_spec, quantize_int4, quantize_lm
+from lm.quant import QuantizedWeight, is_quant_spec, quantize_int4, quantize_lm, stored_bytes
 
 VARIANTS = ("bf16-weights", "int8", "int8+torch-kernel", "int4-g32", "int4-g32+torch-kernel", "int4-g32+min-max",
             "int4-g64", "int4-g128", "int4-g32+gptq", "int4-g128+gptq")
@@ -110,9 +110,7 @@ def _min_max_rounding(variant: LMModel, model: LMModel) -> None:
 
 def weight_megabytes(model: LMModel) -> float:
     """Bytes of the transformer's and heads' weights (what a decoding step reads), in MB."""
-    tensors = [*model.transformer.parameters(), *model.transformer.buffers(), *model.linears.parameters(),
-               *model.linears.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+    return (stored_bytes(model.transformer) + stored_bytes(model.linears)) / 1e6
 
 
 def logit_metrics(reference: torch.Tensor, got: torch.Tensor) -> dict[str, float]:

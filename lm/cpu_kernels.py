@@ -166,6 +166,21 @@ def int4_pack(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     return torch.cat([packed, per_block(scales), per_block(zeros)], dim=-1).contiguous()
 
 
+def int4_unpack(packed: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`int4_pack`'s inverse: the portable nibbles, scales and zeros, exactly."""
+    blocks, groups, G = packed.shape[0], packed.shape[1], group_size
+    N, K = blocks * BLOCK, groups * G
+    weights = packed[..., :8 * G].reshape(blocks, groups, G // 8, BLOCK, 4)
+    values = torch.stack([weights & 15, weights >> 4], dim=2)  # block, group, half, vector, output, input
+    values = values.permute(0, 4, 1, 2, 3, 5).reshape(N, K)
+
+    def per_row(part: torch.Tensor) -> torch.Tensor:
+        return part.contiguous().view(torch.bfloat16).transpose(1, 2).reshape(N, groups).contiguous()
+
+    return (values[:, 0::2] | (values[:, 1::2] << 4), per_row(packed[..., 8 * G:8 * G + 32]),
+            per_row(packed[..., 8 * G + 32:]))
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int) -> torch.Tensor:
     """``x (M, K)`` float32 contiguous @ the packed weight's ``(N, K)``.T -> ``(M, N)`` float32."""
     M, K = x.shape
@@ -219,6 +234,15 @@ def int8_pack(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torc
     sums = blocks.sum(dim=(3, 4), dtype=torch.int32).transpose(1, 2).contiguous()  # (blocks, groups, 16)
     packed = torch.cat([packed, sums.view(torch.uint8).reshape(N // BLOCK, K // G, 64)], dim=-1).contiguous()
     return packed, scales.float().contiguous()
+
+
+def int8_unpack(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`int8_pack`'s inverse: the ``(N, K)`` int8 matrix and bfloat16 scales, exactly."""
+    blocks, groups = packed.shape[:2]
+    G = (packed.shape[2] - 64) // 16
+    weights = packed[..., :16 * G].contiguous().view(torch.int8).reshape(blocks, groups, G // 4, BLOCK, 4)
+    q = weights.permute(0, 3, 1, 2, 4).reshape(blocks * BLOCK, groups * G).contiguous()
+    return q, scales.to(torch.bfloat16)
 
 
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

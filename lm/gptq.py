@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .transformer import RowSliced
-from .quant import (QuantConfig, QuantizedWeight, _check_unquantized, _fit_int4, _matrices, _pack_int4, _parse,
-                    _replace, _round_int4, _store_matrices, storage)
+from .quant import (QuantConfig, QuantizedWeight, _check_unquantized, _matrices, _parse, _replace, _store_matrices,
+                    storage)
+from .quant_rounding import _fit_int4, _pack_int4, _round_int4
 
 GPTQ_DAMPING = 0.01  # added to the inputs' second moments, as a fraction of their mean diagonal
 

@@ -15,14 +15,13 @@ at the same place in the module tree; :func:`lm.transformer.linear` calls its
   products.
 
 Scales and zeros are stored in bfloat16 (rounded before the weights are quantized against
-them), since torch's CPU kernels take them so. The kernels are ``aten._weight_int8pack_mm``
-and ``aten._weight_int4pack_mm_for_cpu`` (with ``_convert_weight_to_int4pack_for_cpu``);
-in this torch they are fast only for bfloat16 activations (float32 inputs take a scalar
-path ~40x slower), so activations are cast to bfloat16 for the product and the result back
-to the activations' dtype: the product rounds like the ``bf16-weights`` mode does. The
-int4 kernel's packed layout depends on the CPU (its row blocks), so files hold the portable
-nibble layout and each process packs on first use. Elsewhere (CUDA) the weight is
-dequantized to the activations' dtype and multiplied with ``F.linear``.
+them). On a CPU the products run on :mod:`lm.cpu_kernels` (int8 activations, VNNI) where it
+runs, else on torch's ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``
+(with ``_convert_weight_to_int4pack_for_cpu``), which are fast only for bfloat16 activations
+(float32 inputs take a scalar path ~40x slower): activations are then cast to bfloat16 for
+the product and the result back. Both kernels want their own packed layouts, so files hold
+the portable nibble layout and each process packs on first use. Elsewhere (CUDA) the weight
+is dequantized to the activations' dtype and multiplied with ``F.linear``.
 
 Shapes the int4 kernel cannot take (``K`` not a multiple of the group size, ``N`` not a
 multiple of 16) fall back to int8 for that matrix, with a warning naming them. The
@@ -46,6 +45,8 @@ from torch import nn
 from codec.config import DictConfig
 
 from . import cpu_kernels
+from .quant_rounding import (dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,  # noqa: F401
+                             unpack_int4)
 from .transformer import RowSliced
 
 QUANT_DTYPES = ("int8", "int4")
@@ -103,127 +104,15 @@ def is_quant_spec(value: object) -> bool:
     return True
 
 
-# -- the arithmetic --------------------------------------------------------------------------------
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight (N, K)`` -> ``q (N, K)`` int8 and per-row ``scales (N,)`` bfloat16."""
-    weight = weight.float()
-    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
-    q = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scales
-
-
-_MIN_SCALE = 1e-6
-INT4_FIT_STEPS = 6  # int4: least-squares refits per group; more change the logits' KL by less than noise
-_FIT_CHUNK = 1 << 18  # weights fitted at a time on a CPU: the fit's ~40 passes then stay in cache (1.5x faster)
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int,
-                  steps: int = INT4_FIT_STEPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``weight (N, K)`` -> nibbles ``(N, K/2)`` uint8, ``scales`` and ``zeros (N, K/group)`` bfloat16.
-
-    Asymmetric per group, ``w ~ (q - 8) * scale + zero`` with ``q`` in [0, 15]. Rounding onto
-    the group's min/max range is only the start: ``steps`` times, (scale, zero) become the
-    least-squares line through the points ``(q - 8, w)`` (rounded to bfloat16, as stored),
-    and the integers are rounded again onto that grid (not after the last fit). Each half
-    minimises the group's squared error given the other, so a rare large weight stops
-    stretching the grid for the rest, and the group's errors sum to about zero: min/max
-    rounding leaves them a common offset, which a layer whose inputs have a non-zero mean
-    (the feed-forward's second matrix, after GELU) multiplies by the group's summed input.
-    Per group the result is never worse than the start. On tokenwave-small and a
-    MusicGen-small-sized LM this halves the logits' KL of min/max rounding at groups of 32
-    (``bench/quant_accuracy.py``), for 13-16 s instead of ~3 s on the latter's 411 M matrix
-    weights on one thread; ``steps=0`` is min/max rounding.
-    """
-    N, K = weight.shape
-    rows = max(1, _FIT_CHUNK // K) if weight.device.type == "cpu" else N
-    parts = [_fit_int4(weight[i:i + rows].float().reshape(-1, K // group_size, group_size), steps)
-             for i in range(0, N, rows)]
-    q, scales, zeros = (torch.cat(tensors) for tensors in zip(*parts))
-    return _pack_int4(q.reshape(N, K)), scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
-
-
-def _fit_int4(groups: torch.Tensor, steps: int = INT4_FIT_STEPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`quantize_int4` on ``groups (..., group)`` float32: ``q`` as float32 integers,
-    ``scales`` and ``zeros (...)`` as float32 values that are exactly bfloat16."""
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = _bf16(((high - low) / 15).clamp(min=_MIN_SCALE))
-    zeros = _bf16(low + 8 * scales)
-    q = _round_int4(groups, scales, zeros)
-    if steps <= 0:
-        return q, scales, zeros
-    start = (q, scales, zeros)
-    mean_w = groups.mean(dim=-1)
-    for step in range(steps):
-        if step:
-            q = _round_int4(groups, scales, zeros)
-        scales, zeros = _fit_line(groups, q, mean_w, scales)
-    better = _int4_error(groups, q, scales, zeros) < _int4_error(groups, *start)
-    return (torch.where(better[..., None], q, start[0]), torch.where(better, scales, start[1]),
-            torch.where(better, zeros, start[2]))
-
-
-def _pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Values ``(N, K)`` in [0, 15] -> ``(N, K/2)`` uint8, the even column in the low nibble."""
-    q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
-
-
-def _bf16(values: torch.Tensor) -> torch.Tensor:
-    """The float32 values of ``values`` rounded to bfloat16 (what the kernels will read)."""
-    return values.to(torch.bfloat16).float()
-
-
-def _round_int4(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """The nearest ``q`` in [0, 15] to each weight (as float32) on the grid ``(q - 8) * scale + zero``."""
-    inverse = 1 / scales
-    q = groups * inverse[..., None]
-    q += (8 - zeros * inverse)[..., None]
-    return q.round_().clamp_(0, 15)
-
-
-def _fit_line(groups: torch.Tensor, q: torch.Tensor, mean_w: torch.Tensor,
-              scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares ``(scale, zero)`` of ``w ~ (q - 8) * scale + zero`` per group, in bfloat16
-    values; a group whose integers are all equal keeps its scale."""
-    n = groups.shape[-1]
-    mean_q = q.mean(dim=-1)
-    variance = torch.linalg.vecdot(q, q) - n * mean_q * mean_q
-    covariance = torch.linalg.vecdot(q, groups) - n * mean_q * mean_w
-    fitted = torch.where(variance > 0.5, covariance / variance.clamp(min=0.5), scales)
-    scales = _bf16(fitted.clamp(min=_MIN_SCALE))
-    return scales, _bf16(mean_w - scales * (mean_q - 8))
-
-
-def _int4_error(groups: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """Squared error of each group's dequantized weights."""
-    residual = (q - 8) * scales[..., None]
-    residual += zeros[..., None] - groups
-    return torch.linalg.vecdot(residual, residual)
-
-
-def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
-    """``(N, K/2)`` uint8 -> values ``(N, K)`` uint8 in [0, 15]."""
-    return torch.stack([nibbles & 15, nibbles >> 4], dim=-1).reshape(nibbles.shape[0], -1)
-
-
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return q.float() * scales.float()[:, None]
-
-
-def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    group_size: int) -> torch.Tensor:
-    N = nibbles.shape[0]
-    q = unpack_int4(nibbles).float().reshape(N, -1, group_size)
-    return ((q - 8) * scales.float()[..., None] + zeros.float()[..., None]).reshape(N, -1)
-
-
 # -- the module ----------------------------------------------------------------------------------
 class QuantizedWeight(RowSliced):
     """A weight ``(N, K)`` stored in int8 or int4; stands where the float weight stood.
 
     ``weight[a:b]`` is a view of rows ``a:b`` (the packed attention projections slice q, k, v)
-    and :meth:`linear` is ``F.linear`` with this weight. The int4 kernel's packed form is
-    built per row range on first use on a CPU and kept (not saved).
+    and :meth:`linear` is ``F.linear`` with this weight. On a CPU where :mod:`lm.cpu_kernels`
+    runs, the first product packs the whole weight into its layout, which then stands in for
+    the buffers (see ``_native_pack``); elsewhere torch's int4 layout is built per row range
+    and kept beside them. Neither is saved: ``state_dict`` gives the portable buffers.
     """
 
     kind = "a quantized weight"
@@ -237,7 +126,9 @@ class QuantizedWeight(RowSliced):
         self.register_buffer("scales", scales)
         if zeros is not None:
             self.register_buffer("zeros", zeros)
-        self._packs: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._packs: dict[tuple, tuple[torch.Tensor, ...]] = {}  # torch's int4 layout, per row range
+        self._native: tuple[torch.Tensor, ...] | None = None  # lm.cpu_kernels' layout, all rows; () if none
+        self._released: dict[str, tuple[torch.Size, torch.dtype]] = {}  # buffers held only in _native
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeight:
@@ -247,7 +138,7 @@ class QuantizedWeight(RowSliced):
 
     @property
     def shape(self) -> torch.Size:
-        N, packed = self._buffers["qweight"].shape
+        N, packed = self._released["qweight"][0] if self._released else self._buffers["qweight"].shape
         return torch.Size((N, packed * (2 if self.bits == 4 else 1)))
 
     @property
@@ -312,24 +203,83 @@ class QuantizedWeight(RowSliced):
         self._packs[(start, stop)] = (packed, scale_zeros, self.qweight)
         return packed, scale_zeros
 
+    # lm.cpu_kernels' layout. Built for all rows on the first product on a CPU; row ranges are views
+    # of its 16-row blocks. It then replaces the portable buffers (one copy of the weight in memory:
+    # a MusicGen-large-sized int8 LM would otherwise hold 3.2 GB twice); they come back, exactly,
+    # when read (state_dict, dequantize, torch's kernels, a device move).
     def _native_pack(self, start: int, stop: int) -> tuple[torch.Tensor, ...] | None:
-        """:mod:`lm.cpu_kernels`' packed rows ``start:stop`` (int4: the blocks; int8: blocks and
-        scales; None where its shapes do not fit), built once per range. Called per product: reads
-        the buffers dict, not module attributes."""
-        qweight = self._buffers["qweight"]
-        cached = self._packs.get(("native", start, stop))
-        if cached is not None and cached[1] is qweight:
-            return cached[0]
-        rows, packed = slice(start, stop), None
-        if self.bits == 4 and cpu_kernels.int4_fits(stop - start, qweight.shape[1] * 2, self.group_size):
-            packed = (cpu_kernels.int4_pack(qweight[rows], self.scales[rows], self.zeros[rows], self.group_size),)
-        elif self.bits == 8 and cpu_kernels.int8_fits(stop - start, qweight.shape[1]):
-            packed = cpu_kernels.int8_pack(qweight[rows], self.scales[rows])
-        self._packs[("native", start, stop)] = (packed, qweight)
-        return packed
+        """The kernel's rows ``start:stop`` (int4: blocks; int8: blocks and float32 scales), or
+        None where its shapes do not fit. Called per product: reads no module attributes."""
+        native = self._native if self._native is not None else self._build_native()
+        if not native or start % cpu_kernels.BLOCK or stop % cpu_kernels.BLOCK:
+            return None
+        blocks = native[0][start // cpu_kernels.BLOCK:stop // cpu_kernels.BLOCK]
+        return (blocks,) if self.bits == 4 else (blocks, native[1][start:stop])
+
+    def _build_native(self) -> tuple[torch.Tensor, ...]:
+        q, scales = self._buffers["qweight"], self._buffers["scales"]
+        N, K = self.shape
+        native = ()
+        if self.bits == 4 and cpu_kernels.int4_fits(N, K, self.group_size):
+            native = (cpu_kernels.int4_pack(q, scales, self._buffers["zeros"], self.group_size),)
+        elif self.bits == 8 and cpu_kernels.int8_fits(N, K):
+            native = cpu_kernels.int8_pack(q, scales)
+        self._native = native
+        if native:
+            self._released = {name: (t.shape, t.dtype) for name, t in self._buffers.items()}
+            for name, t in list(self._buffers.items()):
+                self._buffers[name] = t.new_empty(0)
+            del q, scales
+            release_freed_memory()  # int8's blocks are 3 % larger: the freed buffers' holes would not fit them
+        return native
+
+    def stored_bytes(self) -> int:
+        """Bytes of the portable buffers (what a file holds; the packed forms are as large or
+        up to 3 % larger), whether or not they are in memory now."""
+        if self._released:
+            return sum(shape.numel() * dtype.itemsize for shape, dtype in self._released.values())
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+    def _portable(self) -> dict[str, torch.Tensor]:
+        """The buffers' values rebuilt from the kernel's layout."""
+        if self.bits == 4:
+            values = cpu_kernels.int4_unpack(self._native[0], self.group_size)
+        else:
+            values = cpu_kernels.int8_unpack(*self._native)
+        return dict(zip(STATE_NAMES, values))
+
+    def _restore(self) -> None:
+        if self._released:
+            self._buffers.update(self._portable())
+            self._released = {}
+
+    def _invalidate(self) -> None:
+        self._restore()
+        self._packs.clear()
+        self._native = None
+
+    def __getattr__(self, name: str):
+        if name in STATE_NAMES and self.__dict__.get("_released"):
+            self._restore()
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in STATE_NAMES and "_native" in self.__dict__:
+            self._invalidate()  # new integers: the packed forms belong to the old ones
+        super().__setattr__(name, value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self._released:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, value in self._portable().items():  # not kept: the packed form stays the only copy
+            destination[prefix + name] = value
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._invalidate()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse: bool = True):
-        self._packs.clear()  # moved or converted: the packs belong to the old buffers
+        self._invalidate()  # moved or converted: the packs belong to the old buffers
         return super()._apply(fn, recurse)
 
 
@@ -435,6 +385,14 @@ def _store_matrices(model: nn.Module, config: QuantConfig, ready: dict[str, Quan
     model.quantization = config
 
 
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers, quantized matrices at their stored size."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    skip = {id(t) for m in quantized for t in m._buffers.values()}
+    plain = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in skip)
+    return plain + sum(m.stored_bytes() for m in quantized)
+
+
 def _replace(owner: nn.Module, attribute: str, value: nn.Module) -> None:
     delattr(owner, attribute)
     setattr(owner, attribute, value)
@@ -492,4 +450,5 @@ def release_freed_memory() -> None:
 
 __all__ = ["DEFAULT_GROUP_SIZE", "GROUP_SIZES", "QUANT_DTYPES", "QuantConfig", "QuantizedWeight",
            "dequantize_int4", "dequantize_int8", "int4_fits", "is_matrix_key", "is_quant_spec",
-           "is_quantized_key", "quantize_int4", "quantize_int8", "quantize_lm", "quantize_state", "storage"]
+           "is_quantized_key", "quantize_int4", "quantize_int8", "quantize_lm", "quantize_state", "storage",
+           "stored_bytes"]

@@ -177,3 +177,28 @@ def test_quantized_lm_decodes_with_a_bfloat16_cache_like_float32_attention():
         reference = model.generate(**kwargs)
     assert (native == reference).float().mean() > 0.9
 
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_one_copy_of_the_weight_after_packing_and_exact_state(bits):
+    torch.manual_seed(0)
+    weight = QuantizedWeight.from_float(torch.randn(96, 128) * 0.02, bits, 32)
+    original = {name: tensor.clone() for name, tensor in weight.state_dict().items()}
+    size = weight.stored_bytes()
+    x = torch.randn(2, 128)
+    first = weight[32:64].linear(x)  # a row view: the whole weight is packed once
+    assert all(t.numel() == 0 for t in weight._buffers.values())  # the portable buffers were dropped
+    assert weight.stored_bytes() == size == sum(t.numel() * t.element_size() for t in original.values())
+    assert weight.shape == (96, 128)
+    state = weight.state_dict()  # rebuilt from the packed form, exactly, without keeping them
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state)
+    assert all(t.numel() == 0 for t in weight._buffers.values())
+    assert torch.equal(weight.linear(x)[:, 32:64], first)
+    assert torch.equal(weight.qweight, original["qweight"])  # reading a buffer brings it back
+    assert torch.equal(weight.dequantize(), QuantizedWeight(*original.values(), group_size=32).dequantize()
+                       if bits == 4 else QuantizedWeight(*original.values()).dequantize())
+    # new integers replace the packed form
+    weight.load_state_dict({k: v.flip(0) for k, v in original.items()})
+    assert torch.equal(weight.linear(x), QuantizedWeight(*(v.flip(0) for v in original.values()),
+                                                         group_size=32 if bits == 4 else 0).linear(x))

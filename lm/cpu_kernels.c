@@ -1,8 +1,8 @@
 /* tokenwave's CPU kernels for decoding on x86-64 CPUs with AVX-512 (VNNI): int4- and int8-weight
  * x int8-activation matrix products, and one query's attention over a bfloat16 KV cache.
  *
- * Compiled on first use by lm/cpu_kernels.py (gcc or clang, -fopenmp, linked against the OpenMP
- * runtime torch has already loaded, so torch.set_num_threads sets its threads too).
+ * Compiled on first use by lm/cpu_kernels.py (gcc or clang, -fopenmp: the OpenMP runtime torch has
+ * already loaded, so both share one thread pool); each call gets torch's thread count.
  *
  * -- int4 product --
  * y (M, N) = x (M, K) @ w.T where w (N, K) is stored per group of G inputs as
@@ -135,7 +135,8 @@ int tw_int4_supported(void) {
 }
 
 /* y = x @ w.T. Returns 0, -1 for shapes it does not take, -2 when out of memory. */
-int tw_int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int G, float *y) {
+int tw_int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int G, float *y,
+                   int threads) {
     if (G % 16 || K % G || N % BLOCK || M <= 0) return -1;
     uint8_t *scratch = malloc(M * K + 12 * M * (K / G));
     if (!scratch) return -2;
@@ -145,7 +146,7 @@ int tw_int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64
     for (int64_t m = 0; m < M; m++)
         quantize_row(x + m * K, K, G, xq + m * K, sx + m * groups, xs + m * groups, c + m * groups);
     const int64_t blocks = N / BLOCK, block_bytes = (K / G) * (8 * (int64_t)G + 64);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *wb = w + b * block_bytes;
         int64_t m0 = 0;
@@ -206,7 +207,7 @@ static inline __attribute__((always_inline)) void block_rows8(
 
 /* y = x @ w.T (G a multiple of 16, K of G). Returns 0, -1 for shapes it does not take, -2 when out of memory. */
 int tw_int8_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scale, int64_t N, int G,
-                   float *y) {
+                   float *y, int threads) {
     if (G % 16 || G > 128 || K % G || N % BLOCK || M <= 0) return -1;
     const int64_t groups = K / G, R = 2 * M;  /* rows 2 m and 2 m + 1: the halves of row m */
     uint8_t *scratch = malloc(R * K + 4 * R * groups + 4 * R * N);
@@ -217,7 +218,7 @@ int tw_int8_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, const
         quantize_row2(x + m * K, K, G, xq + 2 * m * K, xq + (2 * m + 1) * K, sx + 2 * m * groups,
                       sx + (2 * m + 1) * groups);
     const int64_t blocks = N / BLOCK, block_bytes = groups * (16 * (int64_t)G + 64);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *wb = w + b * block_bytes;
         int64_t m0 = 0;
@@ -265,11 +266,11 @@ static inline __m512 load_bf16_masked(const uint16_t *p, __mmask16 m) {
 
 int tw_decode_attention(const float *q, int64_t B, int64_t H, int64_t D, const uint16_t *k, const uint16_t *v,
                         int64_t sb, int64_t sh, int64_t T, const uint8_t *mask, int64_t mask_sb, float scale,
-                        float *out) {
+                        float *out, int threads) {
     if (D <= 0 || D > 256 || T <= 0) return -1;
     float *scratch = malloc(sizeof(float) * B * H * T);
     if (!scratch) return -2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < B * H; i++) {
         const int64_t b = i / H, h = i % H, chunks = (D + 15) / 16;
         /* lanes of each 16-wide chunk of a row: all, but the last chunk's past D */

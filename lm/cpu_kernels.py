@@ -111,12 +111,12 @@ def _load() -> ctypes.CDLL:
         raise OSError("this CPU lacks AVX-512 VNNI")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.tw_int4_linear.restype = ctypes.c_int
-    library.tw_int4_linear.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int, ptr]
+    library.tw_int4_linear.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]
     library.tw_int8_linear.restype = ctypes.c_int
-    library.tw_int8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr]
+    library.tw_int8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]
     library.tw_decode_attention.restype = ctypes.c_int
     library.tw_decode_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ctypes.c_float,
-                                            ptr]
+                                            ptr, ctypes.c_int]
     return library
 
 
@@ -185,7 +185,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int) 
     """``x (M, K)`` float32 contiguous @ the packed weight's ``(N, K)``.T -> ``(M, N)`` float32."""
     M, K = x.shape
     out = torch.empty((M, N), dtype=torch.float32)
-    _check(_library.tw_int4_linear(x.data_ptr(), M, K, packed.data_ptr(), N, group_size, out.data_ptr()),
+    _check(_library.tw_int4_linear(x.data_ptr(), M, K, packed.data_ptr(), N, group_size, out.data_ptr(),
+                                   torch.get_num_threads()),
            f"int4_linear: x {tuple(x.shape)}, N={N}, group {group_size}")
     return out
 
@@ -251,7 +252,7 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
     N = scales.shape[0]
     out = torch.empty((M, N), dtype=torch.float32)
     _check(_library.tw_int8_linear(x.data_ptr(), M, K, packed.data_ptr(), scales.data_ptr(), N, int8_group(K),
-                                   out.data_ptr()), f"int8_linear: x {tuple(x.shape)}, N={N}")
+                                   out.data_ptr(), torch.get_num_threads()), f"int8_linear: x {tuple(x.shape)}, N={N}")
     return out
 
 
@@ -299,6 +300,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty((B, H, 1, D), dtype=torch.float32)
     _check(_library.tw_decode_attention(
         q.data_ptr(), B, H, D, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), T,
-        None if mask_bytes is None else mask_bytes.data_ptr(), mask_stride, D ** -0.5, out.data_ptr()),
+        None if mask_bytes is None else mask_bytes.data_ptr(), mask_stride, D ** -0.5, out.data_ptr(),
+        torch.get_num_threads()),
         f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}")
     return out

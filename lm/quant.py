@@ -143,7 +143,7 @@ class QuantizedWeight(RowSliced):
 
     @property
     def device(self) -> torch.device:
-        return self.qweight.device
+        return self._buffers["qweight"].device  # the placeholder of a packed weight is on it too
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""

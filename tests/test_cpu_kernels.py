@@ -190,7 +190,7 @@ def test_one_copy_of_the_weight_after_packing_and_exact_state(bits):
     first = weight[32:64].linear(x)  # a row view: the whole weight is packed once
     assert all(t.numel() == 0 for t in weight._buffers.values())  # the portable buffers were dropped
     assert weight.stored_bytes() == size == sum(t.numel() * t.element_size() for t in original.values())
-    assert weight.shape == (96, 128)
+    assert weight.shape == (96, 128) and weight.device.type == "cpu" and "int" in repr(weight)
     state = weight.state_dict()  # rebuilt from the packed form, exactly, without keeping them
     assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state)
     assert all(t.numel() == 0 for t in weight._buffers.values())

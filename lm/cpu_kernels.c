@@ -31,63 +31,55 @@ static inline __m512 load_bf16(const uint8_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* One group of G floats -> G int8, q ~ p / scale rounded half to even; returns the scale,
+ * max|p| / 127 (NaN for a group holding inf or NaN, so that its products are NaN, as a float
+ * product's would be); *qsum = sum(q). */
+static inline float quantize_group(const float *p, int G, int8_t *q, int32_t *qsum) {
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int i = 0; i < G; i += 16) {
+        __m512 v = _mm512_loadu_ps(p + i);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    float a = nan ? NAN : _mm512_reduce_max_ps(amax);  /* max_ps drops NaN */
+    __m512 inverse = _mm512_set1_ps(a > 0.0f && a <= FLT_MAX ? 127.0f / a : 0.0f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < G; i += 16) {
+        __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + i), inverse));
+        sum = _mm512_add_epi32(sum, r);
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(r));
+    }
+    *qsum = _mm512_reduce_add_epi32(sum);
+    return a <= FLT_MAX ? a / 127.0f : NAN;
+}
+
 /* Row m of x -> xq (K int8), and per group sx, sum(x) and -8 sx sum(xq). */
 static void quantize_row(const float *x, int64_t K, int G, int8_t *xq, float *sx, float *xs, float *c) {
     for (int64_t g = 0; g < K / G; g++) {
         const float *p = x + g * G;
-        __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-        for (int i = 0; i < G; i += 16) {
-            __m512 v = _mm512_loadu_ps(p + i);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-            sum = _mm512_add_ps(sum, v);
-        }
-        float a = _mm512_reduce_max_ps(amax);
-        float scale = a <= FLT_MAX ? a / 127.0f : NAN;  /* inf or NaN inputs give NaN, as a float product would */
-        __m512 inverse = _mm512_set1_ps(a > 0.0f && a <= FLT_MAX ? 127.0f / a : 0.0f);
-        __m512i qsum = _mm512_setzero_si512();
-        for (int i = 0; i < G; i += 16) {
-            __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + i), inverse));
-            qsum = _mm512_add_epi32(qsum, r);
-            _mm_storeu_si128((__m128i *)(xq + g * G + i), _mm512_cvtsepi32_epi8(r));
-        }
-        sx[g] = scale;
+        __m512 sum = _mm512_setzero_ps();
+        for (int i = 0; i < G; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(p + i));
+        int32_t qsum;
+        sx[g] = quantize_group(p, G, xq + g * G, &qsum);
         xs[g] = _mm512_reduce_add_ps(sum);
-        c[g] = -8.0f * scale * (float)_mm512_reduce_add_epi32(qsum);
+        c[g] = -8.0f * sx[g] * (float)qsum;
     }
 }
 
 /* Row x -> two int8 rows per group: x ~ sx xq + sr xr (xr: the rounding of the residual). */
 static void quantize_row2(const float *x, int64_t K, int G, int8_t *xq, int8_t *xr, float *sx, float *sr) {
+    float residual[128];
+    int32_t unused;
     for (int64_t g = 0; g < K / G; g++) {
         const float *p = x + g * G;
-        __m512 amax = _mm512_setzero_ps();
-        __mmask16 nan = 0;
+        sx[g] = quantize_group(p, G, xq + g * G, &unused);
+        __m512 s = _mm512_set1_ps(sx[g]);
         for (int i = 0; i < G; i += 16) {
-            __m512 v = _mm512_loadu_ps(p + i);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(xq + g * G + i))));
+            _mm512_storeu_ps(residual + i, _mm512_fnmadd_ps(q, s, _mm512_loadu_ps(p + i)));
         }
-        float a = nan ? NAN : _mm512_reduce_max_ps(amax);  /* max_ps drops NaN */
-        float scale = a <= FLT_MAX ? a / 127.0f : NAN;
-        __m512 inverse = _mm512_set1_ps(a > 0.0f && a <= FLT_MAX ? 127.0f / a : 0.0f), s = _mm512_set1_ps(scale);
-        __m512 rmax = _mm512_setzero_ps();
-        float residual[128];
-        for (int i = 0; i < G; i += 16) {
-            __m512 v = _mm512_loadu_ps(p + i);
-            __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse));
-            _mm_storeu_si128((__m128i *)(xq + g * G + i), _mm512_cvtsepi32_epi8(r));
-            __m512 rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(r), s, v);
-            _mm512_storeu_ps(residual + i, rest);
-            rmax = _mm512_max_ps(rmax, _mm512_abs_ps(rest));
-        }
-        float b = _mm512_reduce_max_ps(rmax);
-        __m512 rinverse = _mm512_set1_ps(b > 0.0f && b <= FLT_MAX ? 127.0f / b : 0.0f);
-        for (int i = 0; i < G; i += 16) {
-            __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(residual + i), rinverse));
-            _mm_storeu_si128((__m128i *)(xr + g * G + i), _mm512_cvtsepi32_epi8(r));
-        }
-        sx[g] = scale;
-        sr[g] = b <= FLT_MAX ? b / 127.0f : 0.0f;
+        sr[g] = quantize_group(residual, G, xr + g * G, &unused);
     }
 }
 

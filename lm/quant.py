@@ -165,19 +165,17 @@ class QuantizedWeight(RowSliced):
         if x.device.type != "cpu":
             out = F.linear(x, self.dequantize(start, stop).to(x.dtype), None)
         else:
-            packed = self._native_pack(start, stop) if cpu_kernels.available() else None
-            if packed is not None:  # lm.cpu_kernels: float32 rows in, float32 out
+            native = self._native_pack(start, stop) if cpu_kernels.available() else None
+            if native is not None:  # lm.cpu_kernels: float32 rows in, float32 out
                 rows = x.reshape(-1, K).float().contiguous()
-                out = (cpu_kernels.int4_linear(rows, packed[0], n, self.group_size) if self.bits == 4
-                       else cpu_kernels.int8_linear(rows, *packed))
-                out = out.reshape(*x.shape[:-1], n) if x.dtype == torch.float32 else out.to(x.dtype).reshape(
-                    *x.shape[:-1], n)
-                return out if bias is None else out + bias.to(out.dtype)
-            rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # torch's kernels' fast path
-            if self.bits == 8:
+                out = (cpu_kernels.int4_linear(rows, native[0], n, self.group_size) if self.bits == 4
+                       else cpu_kernels.int8_linear(rows, *native))
+            elif self.bits == 8:
                 self._align()
+                rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # torch's kernels' fast path
                 out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight[start:stop], self.scales[start:stop])
             else:
+                rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()
                 packed, scale_zeros = self._int4_pack(start, stop)
                 out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, scale_zeros)
             out = out.to(x.dtype).reshape(*x.shape[:-1], n)
@@ -192,15 +190,15 @@ class QuantizedWeight(RowSliced):
 
     def _int4_pack(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The CPU kernel's packed weight and ``(K/group, n, 2)`` scales-and-zeros for rows
-        ``start:stop``, built once per range (and again if the buffers were replaced)."""
+        ``start:stop``, built once per range (replacing the buffers drops them: ``_invalidate``)."""
         cached = self._packs.get((start, stop))
-        if cached is not None and cached[2] is self.qweight:
-            return cached[0], cached[1]
+        if cached is not None:
+            return cached
         values = unpack_int4(self.qweight[start:stop]).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
         scale_zeros = torch.stack([self.scales[start:stop], self.zeros[start:stop]], dim=-1)
         scale_zeros = scale_zeros.transpose(0, 1).contiguous()
-        self._packs[(start, stop)] = (packed, scale_zeros, self.qweight)
+        self._packs[(start, stop)] = (packed, scale_zeros)
         return packed, scale_zeros
 
     # lm.cpu_kernels' layout. Built for all rows on the first product on a CPU; row ranges are views

@@ -23,11 +23,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import cpu_kernels
 from .conv import StreamableConv1d, StreamableConvTranspose1d, pad1d
 from .kernels import cached, current_weight
 from .lstm import StreamableLSTM
@@ -140,15 +142,41 @@ def _onednn_weight(conv: nn.Module, kind: str) -> torch.Tensor:
     return cached(conv, f"_onednn_{kind}_weight", conv.weight, pack)
 
 
-def _group_norm_time_major(norm: nn.Module, y: torch.Tensor) -> torch.Tensor:
+@dataclass
+class _Affine:
+    """A value not yet written out: ``raw * scale + shift (+ add * add_scale)``, per (item,
+    channel), as a GroupNorm(1, C) output (plus a residual) is. Its consumer writes it in one
+    pass with what follows (an ELU, a padding); it is consumed once and may reuse ``raw``."""
+
+    raw: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    add: torch.Tensor | None = None
+    add_scale: torch.Tensor | None = None
+
+
+Value = torch.Tensor | _Affine
+
+
+def _group_norm_time_major(norm: nn.Module, y: torch.Tensor) -> Value:
     if isinstance(norm, nn.Identity):
         return y
     if not isinstance(norm, nn.GroupNorm) or norm.num_groups != 1:
         raise TypeError(f"time-major runner supports GroupNorm(1, C) only, got {norm}")
-    # GroupNorm(1, C) normalizes each item over (T, C): a layer norm of the (T, C) plane with
-    # the per-channel affine broadcast over time (one pass less than a separate affine;
-    # torch.var_mean is ~7x slower, the channels-last group_norm kernel loses ~1e-4).
     length, channels = y.shape[1:]
+    if y.dtype == torch.float32 and y.is_contiguous() and cpu_kernels.available():
+        # Statistics now, the affine (with whatever follows) in the consumer's pass.
+        total, squares = cpu_kernels.moments(y)
+        count = length * channels
+        mean = total / count
+        rstd = ((squares / count - mean * mean).clamp_min(0) + norm.eps).rsqrt()
+        weight = norm.weight.double() if norm.affine else torch.ones(channels, dtype=torch.float64)
+        bias = norm.bias.double() if norm.affine else torch.zeros(channels, dtype=torch.float64)
+        scale = weight[None] * rstd[:, None]
+        return _Affine(y, scale.float(), (bias[None] - mean[:, None] * scale).float())
+    # GroupNorm(1, C) normalizes each item over (T, C): a layer norm of the (T, C) plane with
+    # the per-channel affine broadcast over time (torch.var_mean is ~7x slower, the
+    # channels-last group_norm kernel loses ~1e-4).
     weight = bias = None
     if norm.affine:
         weight = norm.weight.expand(length, channels)
@@ -156,15 +184,39 @@ def _group_norm_time_major(norm: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(y, (length, channels), weight, bias, eps=norm.eps)
 
 
-def _elu_pad_time_major(x: torch.Tensor, left: int, right: int, mode: str, alpha: float
-                        ) -> torch.Tensor:
+def _write(x: Value, *, alpha: float | None = None, out: torch.Tensor | None = None,
+           owned: bool = False) -> torch.Tensor:
+    """``x`` as a tensor, with an ELU of ``alpha`` applied when given, into ``out`` if given
+    (else in place where ``x`` is ours to overwrite)."""
+    if isinstance(x, _Affine):
+        return cpu_kernels.affine_elu(x.raw, scale=x.scale, shift=x.shift, add=x.add, add_scale=x.add_scale,
+                                      alpha=alpha, out=x.raw if out is None else out)
+    if alpha is None:
+        return x if out is None else out.copy_(x)
+    if out is None and owned:
+        out = x
+    return cpu_kernels.affine_elu(x, alpha=alpha, out=out)
+
+
+def _add(x: Value, other: Value) -> Value:
+    """``x + other``; a normalized ``x`` takes ``other`` into its pending pass."""
+    if isinstance(x, _Affine) and x.add is None:
+        if isinstance(other, _Affine) and other.add is None:
+            return _Affine(x.raw, x.scale, x.shift + other.shift, other.raw, other.scale)
+        if isinstance(other, torch.Tensor):
+            return _Affine(x.raw, x.scale, x.shift, other)
+    return _write(x, owned=True).add_(_write(other))
+
+
+def _elu_pad_time_major(x: Value, left: int, right: int, mode: str, alpha: float) -> torch.Tensor:
     """``pad(elu(x))`` in one pass: ELU written into the middle of the padded buffer, the
     borders copied from its result (ELU is elementwise, so it commutes with the padding)."""
-    length = x.shape[1]
+    length = (x.raw if isinstance(x, _Affine) else x).shape[1]
     if mode not in ("reflect", "constant") or length <= max(left, right):
-        return F.elu_(pad_time_major(x, left, right, mode), alpha=alpha)
-    out = x.new_empty(x.shape[0], left + length + right, x.shape[2])
-    torch._C._nn.elu(x, alpha, 1.0, 1.0, out=out[:, left: left + length])
+        return F.elu_(pad_time_major(_write(x), left, right, mode), alpha=alpha)
+    like = x.raw if isinstance(x, _Affine) else x
+    out = like.new_empty(like.shape[0], left + length + right, like.shape[2])
+    _write(x, alpha=alpha, out=out[:, left: left + length])
     if mode == "reflect":
         if left:
             out[:, :left] = out[:, left + 1: 2 * left + 1].flip(1)
@@ -206,17 +258,17 @@ def _pointwise_time_major(layer: StreamableConv1d, x: torch.Tensor,
     return y.view(batch, length, -1)
 
 
-def _conv_time_major(layer: StreamableConv1d, x: torch.Tensor, *, elu: float | None,
-                     owned: bool) -> torch.Tensor:
+def _conv_time_major(layer: StreamableConv1d, x: Value, *, elu: float | None,
+                     owned: bool) -> Value:
     """``layer(elu(x))`` on ``(B, T, C)``; ``elu`` is the alpha of an ELU in front, or None."""
-    left, right = layer.paddings(x.shape[1])
+    left, right = layer.paddings((x.raw if isinstance(x, _Affine) else x).shape[1])
     if left or right:
         if elu is not None:
             x = _elu_pad_time_major(x, left, right, layer.pad_mode, elu)
         else:
-            x = pad_time_major(x, left, right, layer.pad_mode)
-    elif elu is not None:
-        x = F.elu_(x, alpha=elu) if owned else F.elu(x, alpha=elu)
+            x = pad_time_major(_write(x), left, right, layer.pad_mode)
+    else:
+        x = _write(x, alpha=elu, owned=owned)
     x = x.contiguous()
     if _is_pointwise(layer):
         return _pointwise_time_major(layer, x)
@@ -232,10 +284,9 @@ def _conv_time_major(layer: StreamableConv1d, x: torch.Tensor, *, elu: float | N
     return _group_norm_time_major(layer.conv.norm, y.squeeze(2).transpose(1, 2))
 
 
-def _conv_transpose_time_major(layer: StreamableConvTranspose1d, x: torch.Tensor, *,
-                               elu: float | None, owned: bool) -> torch.Tensor:
-    if elu is not None:
-        x = F.elu_(x, alpha=elu) if owned else F.elu(x, alpha=elu)
+def _conv_transpose_time_major(layer: StreamableConvTranspose1d, x: Value, *,
+                               elu: float | None, owned: bool) -> Value:
+    x = _write(x, alpha=elu, owned=owned)
     conv = layer.convtr.convtr
     x4 = x.contiguous().transpose(1, 2).unsqueeze(2)
     left, right = layer.trim
@@ -250,38 +301,34 @@ def _conv_transpose_time_major(layer: StreamableConvTranspose1d, x: torch.Tensor
         y = F.conv_transpose2d(x4, _channels_last_weight(conv), conv.bias,
                                stride=(1, conv.stride[0]), padding=(0, crop),
                                groups=conv.groups)
-    y = _group_norm_time_major(layer.convtr.norm, y.squeeze(2).transpose(1, 2))
+    y = _write(_group_norm_time_major(layer.convtr.norm, y.squeeze(2).transpose(1, 2)))
     left, right = left - crop, right - crop
     return y[:, left: y.shape[1] - right] if left or right else y
 
 
 def _lstm_time_major(layer: StreamableLSTM, x: torch.Tensor) -> torch.Tensor:
     xt = x.transpose(0, 1)  # (T, B, C): a view, contiguous when B == 1
-    y, _ = layer.lstm(xt)
+    if cpu_kernels.lstm_fits(layer.lstm, xt):
+        y = cpu_kernels.lstm(layer.lstm, xt.contiguous())
+    else:
+        y, _ = layer.lstm(xt)
     if layer.skip:
         y = y.add_(xt)
     return y.transpose(0, 1)
 
 
-def _resblock_time_major(block: SEANetResnetBlock, x: torch.Tensor) -> torch.Tensor:
+def _resblock_time_major(block: SEANetResnetBlock, x: Value) -> Value:
+    x = _write(x)  # read twice: by the shortcut and by the block
     shortcut = x if isinstance(block.shortcut, nn.Identity) else \
         _conv_time_major(block.shortcut, x, elu=None, owned=False)
     layers = list(block.block)
     if _is_pointwise(layers[-1]):  # the usual [ELU, conv k, ELU, conv 1x1]: fuse the sum
-        h = run_time_major(layers[:-1], x)
-        return _pointwise_time_major(layers[-1], h.contiguous(), add=shortcut)
-    return run_time_major(block.block, x).add_(shortcut)
+        h = _write(_run(layers[:-1], x, owned=False), owned=True)
+        return _pointwise_time_major(layers[-1], h.contiguous(), add=_write(shortcut))
+    return _add(_run(block.block, x, owned=False), shortcut)
 
 
-def run_time_major(seq: Iterable[nn.Module], x: torch.Tensor, *, owned: bool = False
-                   ) -> torch.Tensor:
-    """``seq`` (a Sequential's layers) on ``(B, T, C)`` input -> ``(B, T', C')``, with
-    channels-last convolutions.
-
-    Equal to ``seq(x.transpose(1, 2)).transpose(1, 2)`` up to float rounding (~1e-7 relative).
-    Call under ``torch.inference_mode()``.
-    """
-    layers = list(seq)
+def _run(layers: list[nn.Module], x: Value, *, owned: bool) -> Value:
     i = 0
     while i < len(layers):
         layer, before = layers[i], x
@@ -301,9 +348,9 @@ def run_time_major(seq: Iterable[nn.Module], x: torch.Tensor, *, owned: bool = F
             elif isinstance(layer, SEANetResnetBlock):
                 x = _resblock_time_major(layer, x)
             elif isinstance(layer, StreamableLSTM):
-                x = _lstm_time_major(layer, x)
+                x = _lstm_time_major(layer, _write(x))
             elif elu is not None:
-                x = F.elu_(x, alpha=elu) if owned else F.elu(x, alpha=elu)
+                x = _write(x, alpha=elu, owned=owned)
             elif isinstance(layer, nn.Identity):
                 pass
             else:
@@ -311,6 +358,17 @@ def run_time_major(seq: Iterable[nn.Module], x: torch.Tensor, *, owned: bool = F
             i += 1
         owned = owned or x is not before
     return x
+
+
+def run_time_major(seq: Iterable[nn.Module], x: torch.Tensor, *, owned: bool = False
+                   ) -> torch.Tensor:
+    """``seq`` (a Sequential's layers) on ``(B, T, C)`` input -> ``(B, T', C')``, with
+    channels-last convolutions and fused elementwise passes (:mod:`codec.cpu_kernels`).
+
+    Equal to ``seq(x.transpose(1, 2)).transpose(1, 2)`` up to float rounding (~1e-7 relative).
+    Call under ``torch.inference_mode()``.
+    """
+    return _write(_run(list(seq), x, owned=owned), owned=True)
 
 
 def tune_malloc(max_cached: int = 32 << 20) -> bool:

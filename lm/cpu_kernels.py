@@ -19,92 +19,27 @@
   :func:`decode_attention`: one query per (batch, head), float32 arithmetic on bfloat16 keys
   and values, half the bytes.
 
-They need an x86-64 CPU with AVX-512 VNNI and a C compiler (``$CC``, else ``cc``) at first
-use; the library is cached under ``$TOKENWAVE_KERNEL_CACHE`` (default
-``~/.cache/tokenwave-kernels``), named by a hash of the source and flags. Where either is
-missing, :func:`available` is False (with one warning saying why) and torch's kernels run.
-``TOKENWAVE_CPU_KERNELS=0`` (or :func:`set_enabled` / :func:`using`) turns them off.
+They need an x86-64 CPU with AVX-512 VNNI and a C compiler at first use (:mod:`codec.native`
+compiles and caches them); where either is missing, :func:`available` is False (with one
+warning saying why) and torch's kernels run. ``TOKENWAVE_CPU_KERNELS=0`` (or
+:func:`set_enabled` / :func:`using`) turns them off.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
-import threading
-import warnings
 from pathlib import Path
 
 import torch
+
+from codec import native
+from codec.native import set_enabled, using  # noqa: F401  (this module's switch is every kernel's)
 
 BLOCK = 16  # outputs per packed block
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma")
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
-_enabled = os.environ.get("TOKENWAVE_CPU_KERNELS", "1") != "0"
 
-
-def set_enabled(enabled: bool) -> None:
-    """Use the kernel where it is available (True, the default) or always torch's (False)."""
-    global _enabled
-    _enabled = bool(enabled)
-
-
-@contextlib.contextmanager
-def using(enabled: bool):
-    """Within the block, use the kernel (True) or torch's (False); for comparisons."""
-    global _enabled
-    before, _enabled = _enabled, bool(enabled)
-    try:
-        yield
-    finally:
-        _enabled = before
-
-
-def cache_dir() -> Path:
-    configured = os.environ.get("TOKENWAVE_KERNEL_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenwave-kernels"
-
-
-def _compiler() -> str:
-    return os.environ.get("CC") or "cc"
-
-
-def _build(target: Path) -> None:
-    """Compile the source to ``target`` through a temporary file (another process may race us)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        command = [_compiler(), *FLAGS, str(SOURCE), "-o", temporary]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if result.returncode:
-            raise OSError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _load() -> ctypes.CDLL:
-    import platform  # noqa: PLC0415
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise OSError(f"needs an x86-64 CPU (this is {platform.machine()})")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((_compiler(), *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_kernels-{digest}.so"
-    if not target.exists():
-        _build(target)
-    library = ctypes.CDLL(str(target))
-    if not library.tw_int4_supported():
-        raise OSError("this CPU lacks AVX-512 VNNI")
+def _declare(library: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.tw_int4_linear.restype = ctypes.c_int
     library.tw_int4_linear.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]
@@ -113,33 +48,19 @@ def _load() -> ctypes.CDLL:
     library.tw_decode_attention.restype = ctypes.c_int
     library.tw_decode_attention.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ctypes.c_float,
                                             ptr, ctypes.c_int]
-    return library
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (and a one-time warning saying why) where it cannot run."""
-    global _library, _failure
-    if _library is not None or _failure is not None:
-        return _library
-    with _lock:
-        if _library is None and _failure is None:
-            try:
-                _library = _load()
-            except (OSError, subprocess.SubprocessError) as error:
-                _failure = str(error)
-                warnings.warn(f"tokenwave's CPU kernels are unavailable ({_failure}); using torch's "
-                              "(slower)", RuntimeWarning, stacklevel=3)
-    return _library
+KERNELS = native.NativeKernels(SOURCE, FLAGS, supported="tw_int4_supported", requirement="AVX-512 VNNI",
+                               declare=_declare)
 
 
 def available() -> bool:
     """Whether the kernels run here (enabled, compiled and supported by this CPU)."""
-    return _enabled and library() is not None
+    return KERNELS.available()
 
 
 def unavailable_reason() -> str | None:
-    library()
-    return None if _library is not None else _failure
+    return KERNELS.unavailable_reason()
 
 
 # -- int4 product ---------------------------------------------------------------------------------
@@ -181,7 +102,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int) 
     """``x (M, K)`` float32 contiguous @ the packed weight's ``(N, K)``.T -> ``(M, N)`` float32."""
     M, K = x.shape
     out = torch.empty((M, N), dtype=torch.float32)
-    _check(_library.tw_int4_linear(x.data_ptr(), M, K, packed.data_ptr(), N, group_size, out.data_ptr(),
+    _check(KERNELS.library().tw_int4_linear(x.data_ptr(), M, K, packed.data_ptr(), N, group_size, out.data_ptr(),
                                    torch.get_num_threads()),
            f"int4_linear: x {tuple(x.shape)}, N={N}, group {group_size}")
     return out
@@ -247,7 +168,7 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
     M, K = x.shape
     N = scales.shape[0]
     out = torch.empty((M, N), dtype=torch.float32)
-    _check(_library.tw_int8_linear(x.data_ptr(), M, K, packed.data_ptr(), scales.data_ptr(), N, int8_group(K),
+    _check(KERNELS.library().tw_int8_linear(x.data_ptr(), M, K, packed.data_ptr(), scales.data_ptr(), N, int8_group(K),
                                    out.data_ptr(), torch.get_num_threads()), f"int8_linear: x {tuple(x.shape)}, N={N}")
     return out
 
@@ -294,7 +215,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask_stride = T if mask_bytes.shape[0] > 1 else 0
     q = q.contiguous()
     out = torch.empty((B, H, 1, D), dtype=torch.float32)
-    _check(_library.tw_decode_attention(
+    _check(KERNELS.library().tw_decode_attention(
         q.data_ptr(), B, H, D, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), T,
         None if mask_bytes is None else mask_bytes.data_ptr(), mask_stride, D ** -0.5, out.data_ptr(),
         torch.get_num_threads()),

@@ -96,8 +96,8 @@ def test_quantized_weight_uses_the_kernel_and_torch_when_told():
 
 
 def test_without_a_compiler_it_warns_once_and_torch_kernel_runs(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_library", None)
-    monkeypatch.setattr(cpu_kernels, "_failure", None)
+    monkeypatch.setattr(cpu_kernels.KERNELS, "_library", None)
+    monkeypatch.setattr(cpu_kernels.KERNELS, "_failure", None)
     monkeypatch.setenv("TOKENWAVE_KERNEL_CACHE", str(tmp_path / "kernels"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="CPU kernels are unavailable"):
@@ -116,11 +116,11 @@ def test_without_a_compiler_it_warns_once_and_torch_kernel_runs(monkeypatch, tmp
 
 @needs_kernel
 def test_compiles_into_the_cache_folder(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_library", None)
-    monkeypatch.setattr(cpu_kernels, "_failure", None)
+    monkeypatch.setattr(cpu_kernels.KERNELS, "_library", None)
+    monkeypatch.setattr(cpu_kernels.KERNELS, "_failure", None)
     monkeypatch.setenv("TOKENWAVE_KERNEL_CACHE", str(tmp_path))
     assert cpu_kernels.available()
-    built = list(tmp_path.glob("cpu_kernels-*.so"))
+    built = list(tmp_path.glob("lm_cpu_kernels-*.so"))
     assert len(built) == 1 and list(tmp_path.iterdir()) == built  # the temporary file was renamed
 
 

@@ -15,7 +15,12 @@ Both walk the very modules whose ``forward`` defines the model (``encoder.model`
   within ~1e-7 relative of the reference's, so codes can flip at near-ties; the exact encoder
   does not use it.
 
-The LSTM runs as ``nn.LSTM`` in both. :func:`tune_malloc` is an opt-in, process-wide
+  On CPUs with AVX-512 the passes between convolutions are fused (:mod:`codec.cpu_kernels`):
+  a GroupNorm output stays pending (statistics taken, affine not applied) until its consumer
+  writes it in one pass with the residual sum and the ELU that follow, into the next
+  convolution's padded buffer; the LSTM's recurrence runs on a packed copy of ``W_hh``.
+
+The exact runner's LSTM is ``nn.LSTM``. :func:`tune_malloc` is an opt-in, process-wide
 allocator setting that removes the page-fault cost of large short-lived tensors.
 """
 from __future__ import annotations

@@ -14,8 +14,10 @@ Run from the repo root:
 
 Rows: ``tokenwave`` is ``prepare_for_inference()`` (codes bitwise the reference's, time-major
 decoder); ``tokenwave-fast`` is ``prepare_for_inference(exact_codes=False)`` (time-major
-encoder too, batched chunks). ``--tune-malloc`` makes glibc keep freed memory, for every
-implementation alike (see :func:`codec.runners.tune_malloc`).
+encoder too, batched chunks); ``tokenwave-fast-torch`` is the same with tokenwave's fused CPU
+kernels off (torch's operations between the convolutions, :mod:`codec.cpu_kernels`).
+``--tune-malloc`` makes glibc keep freed memory, for every implementation alike (see
+:func:`codec.runners.tune_malloc`).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ except ImportError:
 
 from codec import PRESETS as PRESET_CONFIGS  # noqa: E402
 from codec import EncodecModel  # noqa: E402
+from codec import cpu_kernels, native  # noqa: E402
 from codec.runners import tune_malloc  # noqa: E402
 from codec.formats import transformers_key  # noqa: E402
 from oracles import import_encodec  # noqa: E402
@@ -146,11 +149,21 @@ def runners(preset: str, device: str, seed: int, bandwidth: float) -> list[Runne
     base = tokenwave_models(preset, seed)
     state = base.state_dict()
     out = []
-    for name, exact in (("tokenwave", True), ("tokenwave-fast", False)):
+    for name, exact, kernels in (("tokenwave", True, True), ("tokenwave-fast", False, True),
+                                 ("tokenwave-fast-torch", False, False)):
+        if name.endswith("-torch") and (device != "cpu" or not cpu_kernels.available()):
+            continue
         ours = copy.deepcopy(base).prepare_for_inference(device, exact_codes=exact)
-        out.append(Runner(name, lambda w, m=ours: m.encode(w, bandwidth=bandwidth),
-                          lambda f, m=ours: m.decode(f),
-                          lambda f: [frame.codes for frame in f], reference=False))
+
+        def encode(w, m=ours, kernels=kernels):
+            with native.using(kernels):
+                return m.encode(w, bandwidth=bandwidth)
+
+        def decode(f, m=ours, kernels=kernels):
+            with native.using(kernels):
+                return m.decode(f)
+
+        out.append(Runner(name, encode, decode, lambda f: [frame.codes for frame in f], reference=False))
     ref = encodec_package_model(preset, state, bandwidth)
     if ref is not None:
         ref.to(device)
@@ -234,7 +247,7 @@ def bench_preset(preset: str, device: str, seconds: float, repeats: int, seed: i
 
 # -- report -----------------------------------------------------------------------------------
 def table(rows: list[Row]) -> str:
-    lines = [f"{'preset':<14} {'device':<6} {'implementation':<15} {'encode x':>9} "
+    lines = [f"{'preset':<14} {'device':<6} {'implementation':<20} {'encode x':>9} "
              f"{'decode x':>9} {'enc/ref':>8} {'dec/ref':>8}  codes  max|err|"]
     for (preset, device) in dict.fromkeys((r.preset, r.device) for r in rows):
         group = [r for r in rows if (r.preset, r.device) == (preset, device)]
@@ -244,7 +257,7 @@ def table(rows: list[Row]) -> str:
         for r in group:
             ratio = ("" if r in refs else
                      f"{r.encode_x / best_enc:8.2f} {r.decode_x / best_dec:8.2f}")
-            lines.append(f"{r.preset:<14} {r.device:<6} {r.implementation:<15} "
+            lines.append(f"{r.preset:<14} {r.device:<6} {r.implementation:<20} "
                          f"{r.encode_x:9.1f} {r.decode_x:9.1f} {ratio:>17}  "
                          f"{'same' if r.codes_identical else 'DIFF':>5}  {r.audio_max_err:.1e}")
     return "\n".join(lines)

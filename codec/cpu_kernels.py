@@ -137,8 +137,10 @@ def lstm(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
         gin = torch.addmm(bias, x.reshape(steps * batch, -1), w_ih.t())
         out = torch.empty(steps, batch, hidden)
         state.zero_()
-        KERNELS.library().tw_lstm_layer(gin.data_ptr(), steps, batch, hidden, w_hh.data_ptr(), state[0].data_ptr(),
-                                        state[1].data_ptr(), state[2].data_ptr(), out.data_ptr(),
-                                        threads)
+        status = KERNELS.library().tw_lstm_layer(gin.data_ptr(), steps, batch, hidden, w_hh.data_ptr(),
+                                                 state[0].data_ptr(), state[1].data_ptr(), state[2].data_ptr(),
+                                                 out.data_ptr(), threads)
+        if status:
+            raise ValueError(f"codec lstm: hidden size {hidden} is not a multiple of 16")
         x = out
     return x

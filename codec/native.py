@@ -32,10 +32,6 @@ def set_enabled(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 @contextlib.contextmanager
 def using(enabled: bool):
     """Within the block, use tokenwave's kernels (True) or torch's (False); for comparisons."""

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .base import Condition
+from .instrument import InstrumentConditioner, lead_instrument
 
 MIN_BPM, MAX_BPM = 20.0, 400.0
 PITCH_CLASSES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
@@ -147,23 +148,33 @@ class KeyConditioner(nn.Module):
 
 
 def musical_value(name: str, meta) -> float | str | None:
-    """The ``bpm``/``key`` attribute of a track's metadata (:class:`lm.corpus.TrackMeta`), or None."""
+    """The ``bpm``/``key``/``instrument`` attribute of a track's metadata (:class:`lm.corpus.TrackMeta`),
+    or None."""
+    if name == "instrument":
+        return lead_instrument(meta)
     if name == "bpm":
         return meta.bpm if meta.bpm is not None and MIN_BPM <= meta.bpm <= MAX_BPM else None
     if name == "key":
         return key_name(meta.key)
-    raise KeyError(f"no musical attribute {name!r}; expected 'bpm' or 'key'")
+    raise KeyError(f"no musical attribute {name!r}; expected 'bpm', 'key' or 'instrument'")
 
 
-def caption_attributes(texts: Sequence[str | None]) -> dict[str, list]:
-    """The tempo and key each caption states: ``{"bpm": [...], "key": [...]}`` (None where absent)."""
-    return {"bpm": [parse_tempo(t) for t in texts], "key": [parse_key(t) for t in texts]}
+def caption_attributes(texts: Sequence[str | None], provider=None) -> dict[str, list]:
+    """The tempo and key each caption states: ``{"bpm": [...], "key": [...]}`` (None where absent),
+    and ``"instrument"`` when ``provider`` has an :class:`~conditioning.instrument.InstrumentConditioner`
+    (the first instrument of its vocabulary each caption names)."""
+    attributes = {"bpm": [parse_tempo(t) for t in texts], "key": [parse_key(t) for t in texts]}
+    conditioners = {} if provider is None else provider.conditioners
+    instrument = conditioners["instrument"] if "instrument" in conditioners else None
+    if isinstance(instrument, InstrumentConditioner):
+        attributes["instrument"] = [instrument.parse(t) for t in texts]
+    return attributes
 
 
 def summed_input(provider, fuser, attributes: Mapping[str, Sequence], *, steps: int,
                  start_frames: int | Sequence[int] = 0) -> torch.Tensor | None:
     """The LM's per-step ``frame_input (B, steps, D)``: the provider's conditioners the fuser routes to
-    ``sum`` (the beat clock from ``start_frames``, the key), summed; None when the model has none.
+    ``sum`` (the beat clock from ``start_frames``, the key, the instrument), summed; None when the model has none.
     Attributes the batch lacks are null."""
     batch = len(next(iter(attributes.values())))
     conditions = {}

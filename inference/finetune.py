@@ -28,6 +28,7 @@ Besides the run folder of :mod:`lm.run`::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,8 +38,8 @@ from torch import nn
 from codec import audio as audio_io
 from codec.model import EncodecModel, InterleavedStereo
 from codec.pretrained import load_codec
-from conditioning import (BeatConditioner, ConditionFuser, ConditionProvider, KeyConditioner, LUTConditioner,
-                          T5Conditioner)
+from conditioning import (BeatConditioner, ConditionFuser, ConditionProvider, InstrumentConditioner, KeyConditioner,
+                          LUTConditioner, T5Conditioner, instrument_vocabulary)
 from lm.corpus import caption_vocabulary
 from lm.finetune import BuildContext, FinetuneConfig, FinetuneResult, train
 from lm.lora import add_lora, has_lora, merge_lora
@@ -174,13 +175,32 @@ def add_tempo_key(generator: MusicGen) -> None:
     has them; they start at zero, so the generator's output is unchanged until they are trained."""
     if {"bpm", "key"} <= set(generator.fuser.config.sum):
         return
-    if generator.fuser.config.sum:
+    if {"bpm", "key"} & set(generator.fuser.config.sum):
         raise ValueError(f"the model already sums {list(generator.fuser.config.sum)} into its input")
     dim, device = generator.lm.config.dim, generator.device
     conditioners = generator.condition_provider.conditioners
     conditioners["bpm"] = BeatConditioner(dim=dim, frame_rate=generator.frame_rate).to(device)
     conditioners["key"] = KeyConditioner(dim=dim).to(device)
-    generator.fuser = ConditionFuser(replace(generator.fuser.config, sum=("bpm", "key")))
+    generator.fuser = ConditionFuser(replace(generator.fuser.config, sum=("bpm", "key", *generator.fuser.config.sum)))
+    generator._check()
+
+
+def add_instrument(generator: MusicGen, vocabulary: Sequence[str]) -> None:
+    """Give ``generator`` a lead-instrument conditioner over ``vocabulary`` (summed into the LM input,
+    zero at first), unless it has one; a model that has one keeps its own vocabulary."""
+    if "instrument" in generator.fuser.config.sum:
+        return
+    if not vocabulary:
+        raise ValueError("no instrument is named as the lead by enough training items (the first name of "
+                         "their 'instrument' metadata); lower --instrument-min-items or add that metadata")
+    if generator.lm.config.pattern != "delay":
+        raise ValueError(f"instrument conditioning needs one LM step per frame (the delay pattern), "
+                         f"not {generator.lm.config.pattern!r}")
+    conditioners = generator.condition_provider.conditioners
+    conditioners["instrument"] = InstrumentConditioner(dim=generator.lm.config.dim,
+                                                       vocabulary=vocabulary).to(generator.device)
+    generator.fuser = ConditionFuser(replace(generator.fuser.config,
+                                             sum=(*generator.fuser.config.sum, "instrument")))
     generator._check()
 
 
@@ -197,6 +217,9 @@ def build_target(config: FinetuneConfig, context: BuildContext) -> GeneratorTarg
     _check_generator(generator, context.cache)
     if config.tempo_key:
         add_tempo_key(generator)
+    if config.instrument:
+        metas = [context.cache.items[i].meta for i in context.train_indices]
+        add_instrument(generator, instrument_vocabulary(metas, min_items=config.instrument_min_items))
     lora = config.lora_config()
     if has_lora(generator.lm):  # a base that is itself an adapter folder: train over the merged model
         merge_lora(generator.lm)

@@ -39,6 +39,7 @@ from .prompts import (BatchAudio, batch_texts, check_audio_prompt, condition_tex
 from .registry import DEFAULT_MODEL
 from .results import GeneratedAudio, GeneratedAudioTokens, LMConditions
 
+SUMMED = ("bpm", "key", "instrument")  # the conditioners the generator can sum into the LM input
 DECODE_BLOCK_SECONDS = 60.0  # longer outputs are decoded block by block (memory ~ the output)
 
 
@@ -78,9 +79,9 @@ class MusicGen(nn.Module):
         if "description" not in self.condition_provider.conditioners:
             raise ValueError("the condition provider needs a 'description' (text) conditioner, found "
                              f"{self.condition_provider.attributes}")
-        unsupported = [*fuser.input_interpolate, *(n for n in fuser.sum if n not in ("bpm", "key"))]
+        unsupported = [*fuser.input_interpolate, *(n for n in fuser.sum if n not in SUMMED)]
         if unsupported:
-            raise ValueError(f"the generator sums only the tempo and key ('bpm', 'key') into the LM input; "
+            raise ValueError(f"the generator sums only the tempo, key and instrument {SUMMED} into the LM input; "
                              f"fuser modes 'sum'/'input_interpolate' route {unsupported}")
         if fuser.sum and lm_config.pattern != "delay":
             raise ValueError(f"tempo/key conditioning needs one LM step per frame (the delay pattern), "
@@ -419,9 +420,9 @@ class MusicGen(nn.Module):
                 if self.fuser.config.sum:  # the beat clock runs on from the window's first frame
                     rows = texts + [None] * len(texts) if conditions.guided else texts
                     steps = self.lm.pattern_provider.get_pattern(window_plan.length).num_steps
+                    attributes = caption_attributes(rows, self.condition_provider)
                     conditions = conditions._replace(frame_input=summed_input(
-                        self.condition_provider, self.fuser, caption_attributes(rows), steps=steps,
-                        start_frames=window_plan.offset))
+                        self.condition_provider, self.fuser, attributes, steps=steps, start_frames=window_plan.offset))
                 pieces, seen = [], 0
                 skip = window_plan.prompt if index else 0  # an audio prompt is part of the output
                 for piece in self.lm.generate_iter(

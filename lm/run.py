@@ -73,7 +73,9 @@ class FinetuneConfig(DictConfig):
     ``start_weight_frames``; :func:`lm.training.start_weights`), where the caption is all the LM has.
     ``tempo_key``: add the beat-clock and key conditioners (:mod:`conditioning.musical`) to a base
     that lacks them, fed from the metadata's ``bpm``/``key``; each is also dropped alone with
-    probability ``tempo_key_dropout`` (so captions without them still work).
+    probability ``tempo_key_dropout`` (so captions without them still work). ``instrument``: add the
+    lead-instrument conditioner (:mod:`conditioning.instrument`; its vocabulary: the lead instruments
+    of at least ``instrument_min_items`` training items), dropped alone in the same way.
     ``save_dtype`` is the storage type of the exported LM and T5 weights. ``lora``: train only
     rank-``lora`` adapters on ``lora_targets`` (scale ``lora_alpha / lora``; :mod:`lm.lora`)
     and export them alone.
@@ -115,6 +117,8 @@ class FinetuneConfig(DictConfig):
     start_weight_frames: float = 10.0
     tempo_key: bool = False
     tempo_key_dropout: float = 0.2
+    instrument: bool = False
+    instrument_min_items: int = 5
     valid_fraction: float = 0.05
     eval_every: int = 250
     sample_every: int = 0
@@ -167,8 +171,10 @@ class FinetuneConfig(DictConfig):
                              f"found {self.mixed_precision!r}")
         if self.log_with not in ("auto", "jsonl", "tensorboard"):
             raise ValueError(f"log_with must be auto, jsonl or tensorboard, found {self.log_with!r}")
-        if self.tempo_key and self.lora is not None:
-            raise ValueError("tempo_key adds new conditioners, which a LoRA run would leave untrained; "
+        if int(self.instrument_min_items) < 1:
+            raise ValueError(f"instrument_min_items must be >= 1, found {self.instrument_min_items}")
+        if (self.tempo_key or self.instrument) and self.lora is not None:
+            raise ValueError("tempo_key/instrument add new conditioners, which a LoRA run would leave untrained; "
                              "train them in a full fine-tune first, then add adapters")
         if not self.start_weight >= 0 or not self.start_weight_frames > 0:
             raise ValueError(f"start_weight must be >= 0 and start_weight_frames positive, found "

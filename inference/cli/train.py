@@ -305,8 +305,15 @@ def register(commands) -> None:
     sub.add_argument("--tempo-key", action="store_true", default=sup,
                      help="add tempo (beat clock) and key conditioners, fed from the metadata's bpm/key and, "
                           "when generating, from the prompt's 'N bpm' and '<tonic> major|minor'")
+    sub.add_argument("--instrument", action="store_true", default=sup,
+                     help="add a lead-instrument conditioner (one embedding per lead instrument of the corpus), "
+                          "fed from the metadata's first 'instrument' and, when generating, from the first "
+                          "instrument the prompt names")
+    sub.add_argument("--instrument-min-items", type=int, default=sup, metavar="N",
+                     help="instruments leading fewer training items are left out of its vocabulary (default 5)")
     sub.add_argument("--tempo-key-dropout", type=float, default=sup, metavar="P",
-                     help="probability of dropping the tempo or the key alone in training (default 0.2)")
+                     help="probability of dropping the tempo, the key or the instrument alone in training "
+                          "(default 0.2)")
     sub.add_argument("--valid-fraction", type=float, default=sup,
                      help="share of items held out (default 0.05)")
     sub.add_argument("--eval-every", type=int, default=sup,

@@ -25,7 +25,7 @@ from torch import nn
 from codec.files import atomic_write
 from codec.formats import CheckpointError, read_json_file, save_model
 from conditioning import (BeatConditioner, ChromaConditioner, ChromaConfig, ConditionFuser, ConditionProvider,
-                          FuserConfig, KeyConditioner, LUTConditioner, T5Conditioner)
+                          FuserConfig, InstrumentConditioner, KeyConditioner, LUTConditioner, T5Conditioner)
 from conditioning.text import quiet_transformers
 from lm import LMConfig
 from lm.quant import is_matrix_key, is_quantized_key
@@ -119,6 +119,8 @@ def _conditioner_spec(conditioner: nn.Module) -> dict:
                 "harmonics": list(conditioner.harmonics)}
     if isinstance(conditioner, KeyConditioner):
         return {"kind": "key", "dim": conditioner.dim}
+    if isinstance(conditioner, InstrumentConditioner):
+        return {"kind": "instrument", "dim": conditioner.dim, "vocabulary": list(conditioner.vocabulary)}
     raise ValueError(f"tokenwave's format cannot store a {type(conditioner).__name__} conditioner")
 
 
@@ -146,10 +148,15 @@ def _conditioner_from_spec(name: str, spec: dict, folder: Path, target: LoadTarg
         if kind == "chroma":
             return ChromaConditioner(output_dim=spec["output_dim"], config=ChromaConfig(**spec["chroma"]),
                                      match_length=spec["match_length"])
-        if kind in ("beat", "key"):
+        if kind in ("beat", "key", "instrument"):
             try:
                 if kind == "key":
                     return KeyConditioner(dim=spec["dim"])
+                if kind == "instrument":
+                    vocabulary = spec["vocabulary"]
+                    if not isinstance(vocabulary, list):
+                        raise TypeError(f"vocabulary must be a list of names, found {type(vocabulary).__name__}")
+                    return InstrumentConditioner(dim=spec["dim"], vocabulary=vocabulary)
                 return BeatConditioner(dim=spec["dim"], frame_rate=spec["frame_rate"], harmonics=spec["harmonics"])
             except (TypeError, ValueError) as error:
                 raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} ({kind}) has invalid "
@@ -157,7 +164,7 @@ def _conditioner_from_spec(name: str, spec: dict, folder: Path, target: LoadTarg
     except KeyError as error:
         raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} lacks {error}") from None
     raise CheckpointError(f"{folder / CONFIG_NAME}: conditioner {name!r} has unknown kind {kind!r} "
-                          f"(expected t5, lut, chroma, beat or key)")
+                          f"(expected t5, lut, chroma, beat, key or instrument)")
 
 
 def load_tokenwave(folder: Path, target: LoadTarget) -> GeneratorParts:

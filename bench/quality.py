@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-clips", type=int, default=None, help="train clips for the classifier (default all)")
     parser.add_argument("--min-family-clips", type=int, default=10,
                         help="leave out families featured in fewer train clips (default 10)")
+    parser.add_argument("--codec-classifier", action="store_true",
+                        help="also train a family classifier on codec round trips of the train clips and "
+                             "report how it reads the generations (a diagnostic next to the real-clip one)")
     parser.add_argument("--per-prompt", type=int, default=2, help="generations per prompt (default 2)")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per generation (default 8)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per generate() call (default 8)")
@@ -357,7 +360,7 @@ def _adherence_section(args, report: dict) -> None:
 
     settings = adherence.AdherenceSettings(
         train_clips=args.train_clips, min_family_clips=args.min_family_clips, per_prompt=args.per_prompt,
-        batch=args.batch, seed=args.seed, tempos=tuple(args.tempos))
+        batch=args.batch, seed=args.seed, tempos=tuple(args.tempos), codec_classifier=args.codec_classifier)
     generate = roundtrip = None
     if args.generator:
         from inference import MusicGen

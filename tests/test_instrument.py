@@ -188,3 +188,10 @@ def test_cli_finetune_instrument_then_generate(instrument_setup, tmp_path, capsy
     assert main(["generate", "calm piano", "-o", str(out), "--model", str(tmp_path / "run2" / "model"),
                  "--duration", "0.05", "--seed", "0", "-q"]) == 0
     assert out.is_file()
+
+
+def test_the_readme_block_runs(capsys):
+    from test_readme_examples import blocks
+    (block,) = blocks("The lead instrument: an instrument embedding", "python")
+    exec(block, {})
+    assert capsys.readouterr().out.strip() == "alto sax"

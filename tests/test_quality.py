@@ -316,6 +316,8 @@ def test_adherence_run_end_to_end(corpus):
 
     deaf = adherence.run_adherence(corpus / "train", corpus / "valid", ignore_prompt, settings, log=lambda _: None)
     assert deaf["generated"]["family"]["accuracy"] == 0.5
+    assert deaf["generated"]["family"]["confusion"] == {"brass": {"keys": 2}, "keys": {"keys": 2}}
+    assert generated["family"]["confusion"] == {"brass": {"brass": 2}, "keys": {"keys": 2}}
     medians = [t["median_bpm"] for t in deaf["generated"]["tempo"]["per_tempo"].values()]
     assert medians == pytest.approx([100] * 3, rel=0.02)
 
@@ -346,6 +348,15 @@ def test_measures_through_a_codec_round_trip(corpus, tiny_codec):
     assert coded["tempo"] == result["tempo"]["valid"] and coded["key"] == result["key"]["valid"]
     assert coded["lines_db"] == pytest.approx(result["lines_db"]["valid"])
     assert "| valid, codec round trip | 4 | 100 % |" in adherence.adherence_tables(result)
+    assert "codec_classifier" not in coded
+
+    # a classifier trained on round trips reads the generations too (here the exact round trip: the same)
+    both = adherence.run_adherence(corpus / "train", corpus / "valid", follow_prompt,
+                                   replace(settings, codec_classifier=True, per_prompt=2, batch=5),
+                                   log=lambda _: None, roundtrip=exact)
+    assert both["roundtrip"]["codec_classifier"]["accuracy"] == 1.0
+    assert both["generated"]["family_codec"]["accuracy"] == both["generated"]["family"]["accuracy"] == 1.0
+    assert "Through the codec: **100 %**" in adherence.adherence_tables(both)
 
     def noise(wav, rate):
         seconds = wav.shape[-1] / rate

@@ -104,6 +104,30 @@ def test_decoder_only_training_keeps_the_codes(tmp_path, accelerator, corpus_dir
         assert torch.equal(model.eval().encode_to_codes(batch), codes_before)
 
 
+def test_mel_statistics_loss_sees_flattened_dynamics_that_mean_losses_miss():
+    """A band envelope flattened to its mean keeps the average spectrum, not the std over time."""
+    from codec.training.losses import MelStatisticsLoss
+    torch.manual_seed(0)
+    rate = 16_000
+    t = torch.arange(rate) / rate
+    envelope = 0.55 + 0.45 * torch.sign(torch.sin(2 * math.pi * 4 * t))  # 4 Hz on/off notes
+    tone = torch.sin(2 * math.pi * 440 * t)
+    real = (envelope * tone)[None, None]
+    flat = (envelope.pow(2).mean().sqrt() * tone)[None, None]  # same energy, no dynamics
+    loss = MelStatisticsLoss(sample_rate=rate)
+    assert loss(real, real).item() == 0.0
+    assert loss(flat, real).item() > 10 * loss(real * 0.9, real).item()  # a gain change hardly counts
+    with pytest.raises(ValueError, match="same shape"):
+        loss(flat[..., :100], real)
+
+
+def test_the_timbre_preset_trains_the_decoder_with_the_statistics_loss(tmp_path, accelerator, corpus_dir):  # noqa: F811
+    trainer = _trainer(tmp_path, accelerator, corpus_dir, replace(FAST, train_parts="decoder", loss_weights="timbre"))
+    data = clips(corpus_dir)
+    history = [trainer.train_step(torch.stack([data[i] for i in range(4)])) for _ in range(2)]
+    assert all("stats" in h and "stft" in h and "disc" not in h for h in history)
+
+
 def test_decoder_only_needs_a_trained_codec(tmp_path, capsys, corpus_dir):  # noqa: F811
     code, _, err = run(capsys, "train-codec", corpus_dir, "--out", tmp_path / "r", "--train-parts", "decoder",
                        "--cpu", *TINY_SETS)

@@ -46,6 +46,7 @@ from .discriminator import DEFAULT_WINDOWS, MultiScaleSTFTDiscriminator
 from .loop import LoopConfig, TrainingLoop, codebook_choices
 from .losses import (
     MelDistance,
+    MelStatisticsLoss,
     MultiResolutionSTFTLoss,
     MultiScaleMelLoss,
     feature_matching_loss,
@@ -68,6 +69,9 @@ LOSS_WEIGHTS: dict[str, dict[str, float]] = {
     # narrow lines of a frame-rate buzz that mel bands average away, and the error's frame-locked part
     # (frame_periodic_loss), the buzz itself in the time domain; no discriminator (CPU budget).
     "spectral": {"l1": 0.1, "mel": 1.0, "stft": 1.0, "frame": 1.0},
+    # Spectral plus the log-mel band statistics (MelStatisticsLoss: each band's std over time and
+    # frame-to-frame change), against the flattened dynamics regression losses leave (no discriminator).
+    "timbre": {"l1": 0.1, "mel": 1.0, "stft": 1.0, "frame": 1.0, "stats": 1.0},
 }
 
 @dataclass(frozen=True)
@@ -113,9 +117,9 @@ class CodecTrainConfig(LoopConfig):
             weights = LOSS_WEIGHTS[self.loss_weights]
         else:
             weights = dict(self.loss_weights)
-        unknown = set(weights) - {"l1", "mel", "stft", "frame", "adv", "feat"}
+        unknown = set(weights) - {"l1", "mel", "stft", "frame", "stats", "adv", "feat"}
         if unknown:
-            raise ValueError(f"unknown losses {sorted(unknown)}; expected l1, mel, stft, frame, adv, feat")
+            raise ValueError(f"unknown losses {sorted(unknown)}; expected l1, mel, stft, frame, stats, adv, feat")
         weights = {k: float(v) for k, v in weights.items() if v}
         if not weights:
             raise ValueError("all loss weights are zero")
@@ -229,6 +233,7 @@ class CodecTrainer(TrainingLoop):
                                           scales=config.mel_scales).to(device)
         self.mel_distance = MelDistance(model.sample_rate).to(device)
         self.stft_loss = MultiResolutionSTFTLoss().to(device)
+        self.stats_loss = MelStatisticsLoss(sample_rate=model.sample_rate).to(device)
         self.choices = codebook_choices(model)
         self.dead_code_threshold = set_dead_code_threshold(
             model, config.dead_code_threshold,
@@ -300,6 +305,8 @@ class CodecTrainer(TrainingLoop):
             losses["mel"] = self.mel_loss(decoded, wav)
         if "stft" in weights:
             losses["stft"] = self.stft_loss(decoded, wav)
+        if "stats" in weights:
+            losses["stats"] = self.stats_loss(decoded, wav)
         if "frame" in weights:
             losses["frame"] = frame_periodic_loss(decoded, wav, hop_length=self.model.config.hop_length,
                                                   frames=min(10, max(2, wav.shape[-1] // self.model.config.hop_length)))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-train the model the repository ships, assets/models/tokenwave-small (v4), end to end:
+# Re-train the model the repository ships, assets/models/tokenwave-small (v4.1), end to end:
 #
 #   1. corpus: 20 h rendered with fluidsynth (32 kHz mono, seed 0, recipe version 2): procedural
 #      songs in 14 styles and excerpts of music21's scores (Bach chorales, Ryan's Mammoth tunes;
@@ -12,6 +12,8 @@
 #         --loss-weights spectral`): removes v1's buzz at multiples of 50 Hz, codes unchanged
 #         (v2's decoder: 600 steps from v1's; v3's: 2,400 more from v2's, a second run with a fresh
 #         optimizer; DECODER_STEPS=3000 does both in one run, not bitwise the same)
+#      c. the decoder again, 1,800 steps with the log-mel band statistics added (`--loss-weights
+#         timbre`: against the flattened band dynamics that move an instrument classifier; v4.1's)
 #   3. text encoder: sentencepiece vocabulary from the captions + a 3-layer T5 (d_model 128)
 #   4. tokens: the corpus encoded by the codec (2a's encoder), 10 s items
 #   5. LM: the `tokenwave_small` preset (dim 256, 4 layers), trained from scratch together with
@@ -23,8 +25,8 @@
 #   6. copy into assets/models/tokenwave-small (with --install)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
-# are the ones used (CODEC_STEPS / DECODER_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
-# Steps 2b and 4-5 are independent (2b leaves the codes alone) and may run side by side.
+# are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
+# Steps 2b-2c and 4-5 are independent (2b and 2c leave the codes alone) and may run side by side.
 # A finished step is skipped on a re-run; an interrupted one resumes.
 #
 # Usage, from the repository root with tokenwave installed (or its venv active):
@@ -35,6 +37,7 @@ HOURS=${HOURS:-20}
 CODEC_FROM=${CODEC_FROM:-tokenwave-small}
 CODEC_STEPS=${CODEC_STEPS:-4000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
+TIMBRE_STEPS=${TIMBRE_STEPS:-1800}
 LM_STEPS=${LM_STEPS:-2200}
 START_STEPS=${START_STEPS:-800}
 TEMPO_STEPS=${TEMPO_STEPS:-1200}
@@ -77,8 +80,19 @@ if [[ ! -e "$OUT/decoder/.done" ]]; then
         "${ARGS[@]}" --train-parts decoder --loss-weights spectral --batch-size 16 --segment-seconds 1 \
         --lr 3e-4 --steps "$DECODER_STEPS" --valid-every 200 --valid-clips 8 --checkpoint-every 200 \
         --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
-    rm -rf "$OUT/codec_final" && cp -r "$OUT/decoder/tokenwave-small" "$OUT/codec_final"
     touch "$OUT/decoder/.done"
+fi
+
+if [[ ! -e "$OUT/decoder_timbre/.done" ]]; then
+    ARGS=(--from "$OUT/decoder/tokenwave-small" --name tokenwave-small)
+    [[ -d "$OUT/decoder_timbre/checkpoints" ]] && ARGS=(--resume)
+    stamp "2c/6 decoder, band dynamics: $TIMBRE_STEPS steps"
+    $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/decoder_timbre" \
+        "${ARGS[@]}" --train-parts decoder --loss-weights timbre --batch-size 16 --segment-seconds 1 \
+        --lr 3e-4 --steps "$TIMBRE_STEPS" --valid-every 300 --valid-clips 8 --checkpoint-every 100 \
+        --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
+    rm -rf "$OUT/codec_final" && cp -r "$OUT/decoder_timbre/tokenwave-small" "$OUT/codec_final"
+    touch "$OUT/decoder_timbre/.done"
 fi
 
 if [[ ! -e "$OUT/t5/config.json" ]]; then

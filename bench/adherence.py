@@ -514,18 +514,23 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def score_generations(prompts: Sequence[Prompt], wavs: Sequence[torch.Tensor], *, classifier: FamilyClassifier,
-                      families: Sequence[str], min_bpm: float = 50.0, max_bpm: float = 200.0) -> dict:
+                      families: Sequence[str], min_bpm: float = 50.0, max_bpm: float = 200.0,
+                      codec_classifier: FamilyClassifier | None = None) -> dict:
     """Adherence of generated clips (mono ``(T,)`` at :data:`ANALYSIS_RATE`, one per prompt) to the
-    attribute each prompt's sweep varies: recognized family, estimated tempo, mode on the
-    prompted tonic."""
+    attribute each prompt's sweep varies: recognized family (also by ``codec_classifier``, as
+    ``"family_codec"``, when given), estimated tempo, mode on the prompted tonic."""
     if len(prompts) != len(wavs):
         raise ValueError(f"need one clip per prompt, got {len(wavs)} clips for {len(prompts)} prompts")
     result: dict = {}
     sweep = [(p, w) for p, w in zip(prompts, wavs) if p.attribute == "family"]
     if sweep:
-        predicted = classifier.predict([timbre_features(w) for _, w in sweep])
-        result["family"] = accuracy_report(predicted, [families.index(p.family) for p, _ in sweep], families)
-        result["family"]["chance"] = 1 / len(families)  # every family is prompted equally often
+        features = [timbre_features(w) for _, w in sweep]
+        truth = [families.index(p.family) for p, _ in sweep]
+        readers = {"family": classifier, "family_codec": codec_classifier}
+        for name, reader in readers.items():
+            if reader is not None:
+                result[name] = accuracy_report(reader.predict(features), truth, families)
+                result[name]["chance"] = 1 / len(families)  # every family is prompted equally often
     sweep = [(p, w) for p, w in zip(prompts, wavs) if p.attribute == "tempo"]
     if sweep:
         estimates = [estimate_tempo(w, min_bpm=min_bpm, max_bpm=max_bpm) for _, w in sweep]
@@ -659,12 +664,7 @@ def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: Genera
     wavs = generate_clips(generate, [p.text for p in prompts], batch=settings.batch, seed=settings.seed)
     log(f"generated in {time.perf_counter() - started:.1f} s")
     scores = score_generations(prompts, wavs, classifier=classifier, families=families,
-                               min_bpm=settings.min_bpm, max_bpm=settings.max_bpm)
-    if codec_classifier is not None and "family" in scores:
-        sweep = [(p, w) for p, w in zip(prompts, wavs) if p.attribute == "family"]
-        scores["family_codec"] = accuracy_report(codec_classifier.predict([timbre_features(w) for _, w in sweep]),
-                                                 [families.index(p.family) for p, _ in sweep], families)
-        scores["family_codec"]["chance"] = 1 / len(families)
+                               min_bpm=settings.min_bpm, max_bpm=settings.max_bpm, codec_classifier=codec_classifier)
     mode_validity = results["key"]["valid"]["mode_given_tonic"]
     if "mode" in scores:
         scores["mode"]["trusted"] = mode_validity >= MODE_TRUST

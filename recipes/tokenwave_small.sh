@@ -72,27 +72,24 @@ fi
 CODEC_A=$OUT/codec/tokenwave-small
 [[ "$CODEC_FROM" != scratch ]] && CODEC_A=$CODEC_FROM
 
-if [[ ! -e "$OUT/decoder/.done" ]]; then
-    ARGS=(--from "$CODEC_A" --name tokenwave-small)
-    [[ -d "$OUT/decoder/checkpoints" ]] && ARGS=(--resume)
-    stamp "2b/6 decoder: $DECODER_STEPS steps"
-    $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/decoder" \
-        "${ARGS[@]}" --train-parts decoder --loss-weights spectral --batch-size 16 --segment-seconds 1 \
-        --lr 3e-4 --steps "$DECODER_STEPS" --valid-every 200 --valid-clips 8 --checkpoint-every 200 \
-        --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
-    touch "$OUT/decoder/.done"
-fi
-
+# decoder_stage DIR FROM LOSS_WEIGHTS STEPS VALID_EVERY CHECKPOINT_EVERY LABEL: the decoder alone, codes kept
+decoder_stage() {
+    local dir=$1 from=$2 weights=$3 steps=$4 valid_every=$5 checkpoint_every=$6 label=$7
+    [[ -e "$dir/.done" ]] && return 0
+    local args=(--from "$from" --name tokenwave-small)
+    [[ -d "$dir/checkpoints" ]] && args=(--resume)
+    stamp "$label: $steps steps"
+    $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$dir" \
+        "${args[@]}" --train-parts decoder --loss-weights "$weights" --batch-size 16 --segment-seconds 1 \
+        --lr 3e-4 --steps "$steps" --valid-every "$valid_every" --valid-clips 8 \
+        --checkpoint-every "$checkpoint_every" --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
+    touch "$dir/.done"
+}
+decoder_stage "$OUT/decoder" "$CODEC_A" spectral "$DECODER_STEPS" 200 200 "2b/6 decoder"
 if [[ ! -e "$OUT/decoder_timbre/.done" ]]; then
-    ARGS=(--from "$OUT/decoder/tokenwave-small" --name tokenwave-small)
-    [[ -d "$OUT/decoder_timbre/checkpoints" ]] && ARGS=(--resume)
-    stamp "2c/6 decoder, band dynamics: $TIMBRE_STEPS steps"
-    $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/decoder_timbre" \
-        "${ARGS[@]}" --train-parts decoder --loss-weights timbre --batch-size 16 --segment-seconds 1 \
-        --lr 3e-4 --steps "$TIMBRE_STEPS" --valid-every 300 --valid-clips 8 --checkpoint-every 100 \
-        --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
+    decoder_stage "$OUT/decoder_timbre" "$OUT/decoder/tokenwave-small" timbre "$TIMBRE_STEPS" 300 100 \
+        "2c/6 decoder, band dynamics"
     rm -rf "$OUT/codec_final" && cp -r "$OUT/decoder_timbre/tokenwave-small" "$OUT/codec_final"
-    touch "$OUT/decoder_timbre/.done"
 fi
 
 if [[ ! -e "$OUT/t5/config.json" ]]; then

@@ -6,9 +6,11 @@ only then applied to generated audio:
 - **instrument family**: a small classifier on log-mel statistics (:class:`FamilyClassifier`),
   trained on the corpus train split with the featured part's family as the label. Its held-out
   accuracy on the valid split says how far its verdict on generations can be trusted.
-- **tempo**: :func:`estimate_tempo`, spectral flux onset strength + autocorrelation within a
-  plausible bpm range. Validated by its median error and the share of clips within 8 % (and
-  within 8 % of half, double, a third or three times it: octave errors) of the MIDI tempo.
+- **tempo**: a :class:`~bench.tempo.TempoReader`, a small network on the periodicity of onsets
+  trained on the train split's notated tempi (the measure of record), and the fixed
+  autocorrelation estimator :func:`~bench.tempo.estimate_tempo` next to it (``tempo_acf``).
+  Validated by the median error, the share of clips within 8 % (and within 8 % of half, double, a
+  third or three times it: octave errors) of the MIDI tempo, and the rank correlation with it.
 - **mode**: :func:`estimate_mode`, whether the chroma profile correlates better with the
   Krumhansl-Kessler major or minor profile on the prompted tonic (validated with the corpus's
   true tonic; the free 24-key estimate :func:`estimate_key` is reported too, and is weak). Its
@@ -22,7 +24,6 @@ onsets and pitch, half the cost of 32 kHz.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from collections import Counter
@@ -34,20 +35,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bench.analysis import ANALYSIS_RATE, FRAME_RATE, NUM_MELS, as_analysis_audio, load_mono, log_mel
+from bench.tempo import (TempoReader, estimate_tempo, spearman, tempo_report,
+                         train_tempo_reader)
 from codec import audio as audio_io
-from codec.training.losses import MelSpectrogram
 from conditioning.melody import chroma_filter_bank
 
-ANALYSIS_RATE = 16_000
-HOP = 160  # 100 frames per second: 1 % tempo resolution near 100 bpm before interpolation
-FRAME_RATE = ANALYSIS_RATE / HOP
-NUM_MELS = 64
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 # Krumhansl & Kessler's probe-tone ratings (1982), tonic first.
 MAJOR_PROFILE = (6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88)
 MINOR_PROFILE = (6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17)
-TEMPO_TOLERANCE = 0.08
-PRIOR_BPM, PRIOR_OCTAVES, HARMONICS = 120.0, 1.0, 4
 MODE_TRUST = 0.7  # corpus mode accuracy below which generated clips get no mode verdict
 
 
@@ -95,31 +92,7 @@ def read_corpus(folder: str | Path, *, limit: int | None = None) -> list[CorpusC
     return clips
 
 
-def load_mono(path: str | Path) -> torch.Tensor:
-    """A file as mono float32 ``(T,)`` at :data:`ANALYSIS_RATE`."""
-    wav, rate = audio_io.read_audio(path)
-    return as_analysis_audio(wav, rate)
-
-
-def as_analysis_audio(wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """``(C, T)`` or ``(T,)`` audio at ``sample_rate`` -> mono ``(T',)`` at :data:`ANALYSIS_RATE`."""
-    wav = wav.float()
-    if wav.dim() == 2:
-        wav = wav.mean(0)
-    if wav.dim() != 1:
-        raise ValueError(f"expected audio shaped (C, T) or (T,), got {tuple(wav.shape)}")
-    return audio_io.resample(wav, sample_rate, ANALYSIS_RATE)
-
-
 # -- features -----------------------------------------------------------------------------------
-_MEL = MelSpectrogram(sample_rate=ANALYSIS_RATE, n_fft=1024, hop_length=HOP, num_mels=NUM_MELS)
-
-
-def log_mel(wav: torch.Tensor) -> torch.Tensor:
-    """Mono ``(T,)`` at :data:`ANALYSIS_RATE` -> log10 mel energies ``(NUM_MELS, frames)``."""
-    with torch.no_grad():
-        return torch.log10(1e-6 + _MEL(wav.reshape(1, 1, -1))[0, 0])
-
 
 def timbre_features(wav: torch.Tensor, *, window_seconds: float = 2.5) -> torch.Tensor:
     """Per window of ``window_seconds``: the mean, standard deviation and mean absolute frame-to-frame
@@ -198,92 +171,6 @@ def train_classifier(clips: Sequence[torch.Tensor], labels: Sequence[int], num_c
     return model.eval()
 
 
-# -- tempo ----------------------------------------------------------------------------------------
-def onset_strength(wav: torch.Tensor) -> torch.Tensor:
-    """Spectral flux ``(frames - 1,)`` at :data:`FRAME_RATE`: the mean over mel bands of the
-    rectified rise in log energy, minus its 1 s moving average (so that a louder passage does not
-    read as a long onset)."""
-    mel = log_mel(wav)
-    flux = (mel[:, 1:] - mel[:, :-1]).clamp(min=0).mean(0)
-    width = int(FRAME_RATE) | 1
-    local = F.avg_pool1d(flux.view(1, 1, -1), width, stride=1, padding=width // 2,
-                         count_include_pad=False).view(-1)[: flux.shape[0]]
-    return (flux - local).clamp(min=0)
-
-
-def autocorrelation(envelope: torch.Tensor) -> torch.Tensor:
-    """Unbiased autocorrelation ``(n,)`` of a mean-removed envelope ``(n,)``, 1 at lag 0."""
-    env = envelope.double() - envelope.double().mean()
-    n = env.shape[0]
-    acf = torch.fft.irfft(torch.fft.rfft(env, 2 * n).abs().pow(2), 2 * n)[:n]
-    return acf / (acf[0] + 1e-12) * n / (n - torch.arange(n, dtype=torch.float64))
-
-
-def tempo_scores(envelope: torch.Tensor, *, min_bpm: float, max_bpm: float, prior_bpm: float = PRIOR_BPM,
-                 prior_octaves: float = PRIOR_OCTAVES, harmonics: int = HARMONICS
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score of every beat period in the bpm range: ``(lags, scores)``, lags in onset frames.
-
-    A period's score is the onset autocorrelation at the period and its multiples (``k`` weighted
-    ``1 / k``, up to ``harmonics``: a beat repeats at every multiple, a half-beat pattern does
-    not), clipped at 0, times a log-normal tempo prior (``prior_bpm``, ``prior_octaves`` wide).
-    The autocorrelation alone prefers the bar or half-bar (repeated drum and chord patterns): on
-    the corpus it lands on half the tempo for about a third of clips; the prior (a common choice
-    in beat trackers, 120 bpm and one octave) and the harmonics bring that to about a tenth.
-    """
-    if not 0 < min_bpm < max_bpm:
-        raise ValueError(f"need 0 < min_bpm < max_bpm, got {min_bpm} and {max_bpm}")
-    acf = autocorrelation(envelope)
-    n = acf.shape[0]
-    low = max(1, math.floor(60 * FRAME_RATE / max_bpm))
-    high = min(n - 2, math.ceil(60 * FRAME_RATE / min_bpm))
-    if high <= low:
-        raise ValueError(f"audio too short for tempo estimation between {min_bpm} and {max_bpm} bpm "
-                         f"({n} onset frames)")
-    lags = torch.arange(low, high + 1)
-    # Multiples past half the envelope rest on too few frame pairs; those used are averaged with
-    # their weights, so a long period (fewer usable multiples) is not penalized for it.
-    total = torch.zeros(lags.shape, dtype=torch.float64)
-    weight = torch.zeros(lags.shape, dtype=torch.float64)
-    for k in range(1, harmonics + 1):
-        multiple = lags * k
-        usable = (multiple <= n // 2) | (k == 1)
-        total += torch.where(usable, acf[multiple.clamp(max=n - 1)], 0.0) / k
-        weight += usable.double() / k
-    scores = total / weight
-    bpm = 60 * FRAME_RATE / lags.double()
-    prior = torch.exp(-0.5 * (torch.log2(bpm / prior_bpm) / prior_octaves) ** 2)
-    return lags, (scores.clamp(min=0) * prior).float()
-
-
-def estimate_tempo(wav: torch.Tensor, *, min_bpm: float = 50.0, max_bpm: float = 200.0) -> float:
-    """Tempo in bpm of mono audio ``(T,)`` at :data:`ANALYSIS_RATE`.
-
-    The best-scoring beat period (:func:`tempo_scores`), refined by a parabola through its
-    neighbours. It can still land on half or double the notated tempo (the corpus validation
-    reports how often).
-    """
-    lags, scores = tempo_scores(onset_strength(wav), min_bpm=min_bpm, max_bpm=max_bpm)
-    best = int(scores.argmax())
-    lag = float(lags[best])
-    if 0 < best < len(scores) - 1:
-        left, mid, right = (float(s) for s in scores[best - 1: best + 2])
-        curvature = left - 2 * mid + right
-        if curvature < 0:
-            lag += 0.5 * (left - right) / curvature
-    return 60.0 * FRAME_RATE / lag
-
-
-def tempo_error_kind(estimate: float, truth: float, tolerance: float = TEMPO_TOLERANCE) -> str:
-    """``"exact"`` within ``tolerance`` (relative) of ``truth``, ``"octave"`` within it of half,
-    double, a third or three times the truth, else ``"wrong"``."""
-    if abs(estimate - truth) <= tolerance * truth:
-        return "exact"
-    if any(abs(estimate - truth * f) <= tolerance * truth * f for f in (0.5, 2.0, 1 / 3, 3.0)):
-        return "octave"
-    return "wrong"
-
-
 # -- key and mode ---------------------------------------------------------------------------------
 _CHROMA_FFT = 4096
 # librosa's chroma weights centred on octave 4 (440 Hz), two octaves wide: the melody and chord
@@ -345,18 +232,6 @@ def estimate_mode(wav: torch.Tensor, tonic: int) -> str:
 
 
 # -- validation on the corpus ---------------------------------------------------------------------
-def tempo_report(estimates: Sequence[float], truths: Sequence[float]) -> dict:
-    """Median absolute error (bpm), the shares of exact / octave / wrong estimates and the rank
-    correlation with the truth (on real clips: the most a generator's tempo Spearman can show)."""
-    if len(estimates) != len(truths) or not estimates:
-        raise ValueError(f"need as many estimates as truths (and some), got {len(estimates)} and {len(truths)}")
-    kinds = Counter(tempo_error_kind(e, t) for e, t in zip(estimates, truths))
-    n = len(estimates)
-    return {"clips": n, "median_abs_error_bpm": statistics.median(abs(e - t) for e, t in zip(estimates, truths)),
-            "within_8pct": kinds["exact"] / n, "octave_errors": kinds["octave"] / n, "wrong": kinds["wrong"] / n,
-            "spearman": spearman(truths, estimates) if n > 1 else float("nan")}
-
-
 def key_report(wavs: Sequence[torch.Tensor], clips: Sequence[CorpusClip]) -> dict:
     """Free key estimation (mode, key, relative-key confusions) and mode given the true tonic."""
     n = len(clips)
@@ -488,37 +363,14 @@ def generate_clips(generate: GenerateFn, texts: Sequence[str], *, batch: int, se
     return out
 
 
-def _ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, ties given their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for i in order[start:end + 1]:
-            ranks[i] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson's on average ranks); NaN when either side is constant."""
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"need two equally long sequences of 2+ values, got {len(x)} and {len(y)}")
-    rx, ry = torch.tensor(_ranks(x), dtype=torch.float64), torch.tensor(_ranks(y), dtype=torch.float64)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = float(rx.norm() * ry.norm())
-    return float(rx @ ry) / denominator if denominator > 0 else float("nan")
-
-
 def score_generations(prompts: Sequence[Prompt], wavs: Sequence[torch.Tensor], *, classifier: FamilyClassifier,
                       families: Sequence[str], min_bpm: float = 50.0, max_bpm: float = 200.0,
-                      codec_classifier: FamilyClassifier | None = None) -> dict:
+                      codec_classifier: FamilyClassifier | None = None,
+                      tempo_reader: TempoReader | None = None) -> dict:
     """Adherence of generated clips (mono ``(T,)`` at :data:`ANALYSIS_RATE`, one per prompt) to the
     attribute each prompt's sweep varies: recognized family (also by ``codec_classifier``, as
-    ``"family_codec"``, when given), estimated tempo, mode on the prompted tonic."""
+    ``"family_codec"``, when given), estimated tempo (by ``tempo_reader`` when given, and then by the
+    autocorrelation estimator too, as ``"tempo_acf"``), mode on the prompted tonic."""
     if len(prompts) != len(wavs):
         raise ValueError(f"need one clip per prompt, got {len(wavs)} clips for {len(prompts)} prompts")
     result: dict = {}
@@ -533,15 +385,13 @@ def score_generations(prompts: Sequence[Prompt], wavs: Sequence[torch.Tensor], *
                 result[name]["chance"] = 1 / len(families)  # every family is prompted equally often
     sweep = [(p, w) for p, w in zip(prompts, wavs) if p.attribute == "tempo"]
     if sweep:
-        estimates = [estimate_tempo(w, min_bpm=min_bpm, max_bpm=max_bpm) for _, w in sweep]
         prompted = [p.tempo for p, _ in sweep]
-        per_tempo = {}
-        for bpm in sorted(set(prompted)):
-            mine = [e for e, t in zip(estimates, prompted) if t == bpm]
-            report = {k: v for k, v in tempo_report(mine, [bpm] * len(mine)).items() if k != "spearman"}
-            per_tempo[bpm] = {**report, "median_bpm": statistics.median(mine)}
-        result["tempo"] = {"clips": len(sweep), "per_tempo": per_tempo, "estimates": estimates,
-                           "spearman": spearman(prompted, estimates) if len(set(prompted)) > 1 else float("nan")}
+        acf = [estimate_tempo(w, min_bpm=min_bpm, max_bpm=max_bpm) for _, w in sweep]
+        if tempo_reader is not None:
+            result["tempo"] = _tempo_sweep([tempo_reader.read(w) for _, w in sweep], prompted)
+            result["tempo_acf"] = _tempo_sweep(acf, prompted)
+        else:
+            result["tempo"] = _tempo_sweep(acf, prompted)
     sweep = [(p, w) for p, w in zip(prompts, wavs) if p.attribute == "mode"]
     if sweep:
         hits = {}
@@ -550,6 +400,16 @@ def score_generations(prompts: Sequence[Prompt], wavs: Sequence[torch.Tensor], *
         result["mode"] = {"clips": len(sweep), "accuracy": sum(map(sum, hits.values())) / len(sweep),
                           "per_mode": {mode: sum(h) / len(h) for mode, h in hits.items()}}
     return result
+
+
+def _tempo_sweep(estimates: Sequence[float], prompted: Sequence[int]) -> dict:
+    per_tempo = {}
+    for bpm in sorted(set(prompted)):
+        mine = [e for e, t in zip(estimates, prompted) if t == bpm]
+        report = {k: v for k, v in tempo_report(mine, [bpm] * len(mine)).items() if k != "spearman"}
+        per_tempo[bpm] = {**report, "median_bpm": statistics.median(mine)}
+    return {"clips": len(estimates), "per_tempo": per_tempo, "estimates": list(estimates),
+            "spearman": spearman(prompted, estimates) if len(set(prompted)) > 1 else float("nan")}
 
 
 # -- the whole run --------------------------------------------------------------------------------
@@ -567,6 +427,7 @@ class AdherenceSettings:
     max_bpm: float = 200.0
     frame_rate: float = 50.0  # the codec's: line prominence at its multiples measures a frame-rate buzz
     codec_classifier: bool = False  # with a round trip: also a classifier trained on round-tripped train clips
+    tempo_reader: bool = True  # tempo read by a TempoReader trained on the train clips (False: autocorrelation only)
 
 
 TONICS = (0, 7, 2, 9, 5)  # C G D A F: names without accidentals, so the prompt's spelling is the corpus's
@@ -588,7 +449,10 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
     held-out clips): the real-clip classifier reads a codec's timbre shift as another family, this
     one asks only whether the family survives in the codec's own rendering (a diagnostic; the
     measure of record stays the real-clip classifier).
-    Returns ``(results, classifier, families, vocabulary, codec_classifier or None)``.
+    With ``settings.tempo_reader`` a :class:`~bench.tempo.TempoReader` is trained on the train
+    clips' tempi and reads tempo (``results["tempo"]``); the autocorrelation estimator's reports
+    move to ``results["tempo_acf"]``.
+    Returns ``(results, classifier, families, vocabulary, codec_classifier or None, tempo_reader or None)``.
     """
     train = read_corpus(train_dir, limit=settings.train_clips)
     valid = read_corpus(valid_dir)
@@ -613,7 +477,16 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
     results["classifier"] = (accuracy_report(classifier.predict([x for x, _ in held_out]),
                                              [y for _, y in held_out], families) if held_out else None)
     tempo_args = dict(min_bpm=settings.min_bpm, max_bpm=settings.max_bpm)
-    results["tempo"] = {
+    acf_key, tempo_reader = "tempo", None
+    if settings.tempo_reader:
+        started = time.perf_counter()
+        tempo_reader = train_tempo_reader(train_wavs, [c.tempo for c in train], seed=settings.seed)
+        log(f"tempo reader trained on {len(train)} clips in {time.perf_counter() - started:.1f} s")
+        results["tempo"] = {  # "train" is its fit, not a validation
+            split: tempo_report([tempo_reader.read(w) for w in wavs], [c.tempo for c in clips])
+            for split, wavs, clips in (("valid", valid_wavs, valid), ("train", train_wavs, train))}
+        acf_key = "tempo_acf"
+    results[acf_key] = {
         split: tempo_report([estimate_tempo(w, **tempo_args) for w in wavs], [c.tempo for c in clips])
         for split, wavs, clips in (("valid", valid_wavs, valid), ("train", train_wavs, train))}
     results["key"] = {split: key_report(wavs, clips)
@@ -628,9 +501,12 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
         results["roundtrip"] = {
             "classifier": (accuracy_report(classifier.predict([x for x, _ in labelled]), [y for _, y in labelled],
                                            families) if labelled else None),
-            "tempo": tempo_report([estimate_tempo(w, **tempo_args) for w in coded], [c.tempo for c in valid]),
+            acf_key: tempo_report([estimate_tempo(w, **tempo_args) for w in coded], [c.tempo for c in valid]),
             "key": key_report(coded, valid),
             "lines_db": mean_line_prominence(coded, settings.frame_rate)}
+        if tempo_reader is not None:
+            results["roundtrip"]["tempo"] = tempo_report([tempo_reader.read(w) for w in coded],
+                                                         [c.tempo for c in valid])
     codec_classifier = None
     if roundtrip is not None and settings.codec_classifier:
         started = time.perf_counter()
@@ -642,7 +518,7 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
         results["roundtrip"]["codec_classifier"] = (accuracy_report(
             codec_classifier.predict([x for x, _ in labelled]), [y for _, y in labelled], families)
             if labelled else None)
-    return results, classifier, families, Vocabulary.from_corpus(train), codec_classifier
+    return results, classifier, families, Vocabulary.from_corpus(train), codec_classifier, tempo_reader
 
 
 def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: GenerateFn | None = None,
@@ -651,7 +527,7 @@ def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: Genera
     """Validate the measures on the corpus (and through ``roundtrip``, see :func:`validate_measures`),
     then (with ``generate``) score generations of prompts that vary one attribute at a time.
     Returns a JSON-ready dict; see :func:`adherence_tables`."""
-    results, classifier, families, vocabulary, codec_classifier = validate_measures(
+    results, classifier, families, vocabulary, codec_classifier, tempo_reader = validate_measures(
         train_dir, valid_dir, settings, log, roundtrip)
     if generate is None:
         return results
@@ -664,7 +540,8 @@ def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: Genera
     wavs = generate_clips(generate, [p.text for p in prompts], batch=settings.batch, seed=settings.seed)
     log(f"generated in {time.perf_counter() - started:.1f} s")
     scores = score_generations(prompts, wavs, classifier=classifier, families=families,
-                               min_bpm=settings.min_bpm, max_bpm=settings.max_bpm, codec_classifier=codec_classifier)
+                               min_bpm=settings.min_bpm, max_bpm=settings.max_bpm, codec_classifier=codec_classifier,
+                               tempo_reader=tempo_reader)
     mode_validity = results["key"]["valid"]["mode_given_tonic"]
     if "mode" in scores:
         scores["mode"]["trusted"] = mode_validity >= MODE_TRUST
@@ -706,13 +583,19 @@ def adherence_tables(result: dict) -> str:
         r = coded["classifier"]
         lines.append(f"| valid, codec round trip | {r['clips']} | {_pct(r['accuracy'])} | "
                      f"{_pct(r['balanced_accuracy'])} | {_pct(r['chance'])} |")
-    lines += ["", "Tempo estimator (spectral flux + autocorrelation) against the MIDI tempo:", "",
-              "| split | clips | median abs error (bpm) | within 8 % | x1/2, x2, x1/3, x3 (within 8 %) | wrong "
-              "| Spearman |", "|---|---|---|---|---|---|---|"]
-    tempo_rows = dict(result["tempo"], **({"valid, codec round trip": coded["tempo"]} if coded else {}))
-    for split, r in tempo_rows.items():
-        lines.append(f"| {split} | {r['clips']} | {r['median_abs_error_bpm']:.1f} | {_pct(r['within_8pct'])} | "
-                     f"{_pct(r['octave_errors'])} | {_pct(r['wrong'])} | {r.get('spearman', float('nan')):.2f} |")
+    lines += ["", "Tempo against the MIDI tempo:", "",
+              "| reader | split | clips | median abs error (bpm) | within 8 % | x1/2, x2, x1/3, x3 (within 8 %) "
+              "| wrong | Spearman |", "|---|---|---|---|---|---|---|---|"]
+    names = {"tempo": "trained reader" if "tempo_acf" in result else "autocorrelation",
+             "tempo_acf": "autocorrelation"}
+    for key, name in names.items():
+        if key not in result:
+            continue
+        rows = dict(result[key], **({"valid, codec round trip": coded[key]} if coded else {}))
+        for split, r in rows.items():
+            lines.append(f"| {name} | {split} | {r['clips']} | {r['median_abs_error_bpm']:.1f} | "
+                         f"{_pct(r['within_8pct'])} | {_pct(r['octave_errors'])} | {_pct(r['wrong'])} | "
+                         f"{r.get('spearman', float('nan')):.2f} |")
     lines += ["", "Mode (chroma + Krumhansl-Kessler profiles):", "",
               "| split | clips | mode, tonic given | mode, free | key, free | relative-key confusions | major share |",
               "|---|---|---|---|---|---|---|"]
@@ -742,11 +625,14 @@ def adherence_tables(result: dict) -> str:
             lines += ["| family | recognized |", "|---|---|"]
             lines += [f"| {family} | {_pct(acc)} |" for family, acc in r["per_class"].items()]
     if "tempo" in generated:
-        r = generated["tempo"]
-        lines += ["", f"Tempo ({r['clips']} clips): Spearman rank correlation prompted vs estimated "
+        r, acf = generated["tempo"], generated.get("tempo_acf")
+        reader = "trained reader" if acf else "autocorrelation"
+        lines += ["", f"Tempo ({r['clips']} clips, {reader}): Spearman rank correlation prompted vs estimated "
                   f"**{r['spearman']:.2f}**" if r["spearman"] == r["spearman"] else
-                  f"Tempo ({r['clips']} clips): rank correlation n/a", "",
-                  "| prompted bpm | median estimate | within 8 % | x1/2, x2, x1/3, x3 |", "|---|---|---|---|"]
+                  f"Tempo ({r['clips']} clips, {reader}): rank correlation n/a"]
+        if acf:
+            lines[-1] += f" (autocorrelation estimator: {acf['spearman']:.2f})"
+        lines += ["", "| prompted bpm | median estimate | within 8 % | x1/2, x2, x1/3, x3 |", "|---|---|---|---|"]
         lines += [f"| {bpm} | {t['median_bpm']:.1f} | {_pct(t['within_8pct'])} | {_pct(t['octave_errors'])} |"
                   for bpm, t in r["per_tempo"].items()]
     if "mode" in generated:

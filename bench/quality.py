@@ -28,9 +28,10 @@ leaves the decoded waveform 1-3 samples (at 32 kHz) off, the phase of SILK's own
 is left as Opus delivers it: a search for the best lag would favour Opus over the codec, and
 SI-SNR at those rates is near or below 0 dB with or without it (about 2 dB apart on the corpus).
 
-**Text adherence** (:mod:`bench.adherence`): the instrument-family classifier, tempo and mode
-estimators are validated on the corpus (train split ``--train``, default beside ``--data``)
-and, with ``--generator``, applied to generations of prompts that vary one attribute at a time.
+**Text adherence** (:mod:`bench.adherence`): the instrument-family classifier, the tempo reader
+(both trained on the train split ``--train``, default beside ``--data``) and the mode estimator
+are validated on the corpus and, with ``--generator``, applied to generations of prompts that vary
+one attribute at a time.
 """
 from __future__ import annotations
 
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--codec-classifier", action="store_true",
                         help="also train a family classifier on codec round trips of the train clips and "
                              "report how it reads the generations (a diagnostic next to the real-clip one)")
+    parser.add_argument("--no-tempo-reader", action="store_true",
+                        help="read tempo with the autocorrelation estimator only (the measure before the "
+                             "reader trained on the corpus's train clips)")
     parser.add_argument("--per-prompt", type=int, default=2, help="generations per prompt (default 2)")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per generation (default 8)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per generate() call (default 8)")
@@ -360,7 +364,8 @@ def _adherence_section(args, report: dict) -> None:
 
     settings = adherence.AdherenceSettings(
         train_clips=args.train_clips, min_family_clips=args.min_family_clips, per_prompt=args.per_prompt,
-        batch=args.batch, seed=args.seed, tempos=tuple(args.tempos), codec_classifier=args.codec_classifier)
+        batch=args.batch, seed=args.seed, tempos=tuple(args.tempos), codec_classifier=args.codec_classifier,
+        tempo_reader=not args.no_tempo_reader)
     generate = roundtrip = None
     if args.generator:
         from inference import MusicGen

@@ -121,11 +121,20 @@ def test_mel_statistics_loss_sees_flattened_dynamics_that_mean_losses_miss():
         loss(flat[..., :100], real)
 
 
-def test_the_timbre_preset_trains_the_decoder_with_the_statistics_loss(tmp_path, accelerator, corpus_dir):  # noqa: F811
-    trainer = _trainer(tmp_path, accelerator, corpus_dir, replace(FAST, train_parts="decoder", loss_weights="timbre"))
+@pytest.mark.parametrize("preset, adversarial", [("timbre", False), ("timbre_gan", True)])
+def test_the_timbre_presets_train_the_decoder_with_the_statistics_loss(tmp_path, accelerator, corpus_dir,  # noqa: F811
+                                                                      preset, adversarial):
+    trainer = _trainer(tmp_path, accelerator, corpus_dir, replace(FAST, train_parts="decoder", loss_weights=preset,
+                                                                  disc_update_prob=1.0))
     data = clips(corpus_dir)
-    history = [trainer.train_step(torch.stack([data[i] for i in range(4)])) for _ in range(2)]
-    assert all("stats" in h and "stft" in h and "disc" not in h for h in history)
+    batch = torch.stack([data[i] for i in range(4)])
+    with torch.no_grad():
+        codes_before = trainer.generator.model.encode_to_codes(batch)  # frozen parts: always in eval
+    history = [trainer.train_step(batch) for _ in range(2)]
+    assert all("stats" in h and "stft" in h and ("disc" in h) == adversarial for h in history)
+    assert all(("adv" in h and "feat" in h) == adversarial for h in history)
+    with torch.no_grad():  # the codes stay those of the start: an LM trained on them stays valid
+        assert torch.equal(trainer.generator.model.encode_to_codes(batch), codes_before)
 
 
 def test_decoder_only_needs_a_trained_codec(tmp_path, capsys, corpus_dir):  # noqa: F811

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from bench import adherence, quality
+from bench import adherence, quality, tempo
 from codec import audio as audio_io
 from codec.model import PRESETS
 from codec.training.buzz import buzz_db
@@ -143,23 +143,23 @@ def test_scorer_gives_identical_audio_a_perfect_score():
 # -- tempo ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bpm", [70, 100, 140, 175])
 def test_tempo_of_a_click_track(bpm):
-    assert adherence.estimate_tempo(click_track(bpm, 8.0)) == pytest.approx(bpm, rel=0.02)
+    assert tempo.estimate_tempo(click_track(bpm, 8.0)) == pytest.approx(bpm, rel=0.02)
 
 
 def test_tempo_resists_the_bar_accent():
     """A loud first beat of every 4 makes the bar period a strong autocorrelation peak too."""
-    assert adherence.estimate_tempo(click_track(96, 8.0, accent_every=4)) == pytest.approx(96, rel=0.02)
+    assert tempo.estimate_tempo(click_track(96, 8.0, accent_every=4)) == pytest.approx(96, rel=0.02)
 
 
 def test_tempo_error_kinds_and_bad_ranges():
-    assert adherence.tempo_error_kind(103, 100) == "exact"
-    assert adherence.tempo_error_kind(51, 100) == "octave"
-    assert adherence.tempo_error_kind(190, 95) == "octave"
-    assert adherence.tempo_error_kind(130, 100) == "wrong"
+    assert tempo.tempo_error_kind(103, 100) == "exact"
+    assert tempo.tempo_error_kind(51, 100) == "octave"
+    assert tempo.tempo_error_kind(190, 95) == "octave"
+    assert tempo.tempo_error_kind(130, 100) == "wrong"
     with pytest.raises(ValueError, match="min_bpm"):
-        adherence.estimate_tempo(click_track(100, 2.0), min_bpm=200, max_bpm=100)
+        tempo.estimate_tempo(click_track(100, 2.0), min_bpm=200, max_bpm=100)
     with pytest.raises(ValueError, match="too short"):
-        adherence.estimate_tempo(torch.zeros(RATE // 4))
+        tempo.estimate_tempo(torch.zeros(RATE // 4))
 
 
 def test_spearman_with_ties():

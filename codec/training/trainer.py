@@ -72,6 +72,10 @@ LOSS_WEIGHTS: dict[str, dict[str, float]] = {
     # Spectral plus the log-mel band statistics (MelStatisticsLoss: each band's std over time and
     # frame-to-frame change), against the flattened dynamics regression losses leave (no discriminator).
     "timbre": {"l1": 0.1, "mel": 1.0, "stft": 1.0, "frame": 1.0, "stats": 1.0},
+    # Timbre plus the MS-STFT discriminator (hinge 1, feature matching 2): fine-tuning a decoder
+    # trained without one, the regression losses keep it near its start while the discriminator
+    # learns; ~2x slower per step than timbre.
+    "timbre_gan": {"l1": 0.1, "mel": 1.0, "stft": 1.0, "frame": 1.0, "stats": 1.0, "adv": 1.0, "feat": 2.0},
 }
 
 @dataclass(frozen=True)

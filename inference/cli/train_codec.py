@@ -277,12 +277,14 @@ def register(subparsers) -> None:
     sub.add_argument("--segment-seconds", type=float,
                      help="clip length (codec 1 s as the paper, LM 5 s)")
     sub.add_argument("--lr", type=float, help="learning rate (codec 3e-4, LM 5e-4)")
-    sub.add_argument("--loss-weights", choices=("paper", "audiocraft", "reconstruction", "spectral", "timbre"),
+    sub.add_argument("--loss-weights", choices=("paper", "audiocraft", "reconstruction", "spectral", "timbre",
+                                                "timbre_gan"),
                      help="paper: l1 0.1, mel 1, adv 3, feat 3 (default); audiocraft: 0.1, 2, 4, "
                           "4; reconstruction: l1 0.1, mel 1, no discriminator (~2x faster); spectral: "
                           "reconstruction + linear-frequency STFT 1 + frame-periodic error 1 (against a "
                           "frame-rate buzz; no discriminator); timbre: spectral + log-mel band statistics 1 "
-                          "(each band's std over time and frame-to-frame change, against flattened dynamics)")
+                          "(each band's std over time and frame-to-frame change, against flattened dynamics); "
+                          "timbre_gan: timbre + adv 1 + feat 2 (a decoder fine-tuned with the discriminator)")
     sub.add_argument("--dead-code-threshold", type=float,
                      help="EMA uses per step under which a code is re-seeded (default: 2.0 as "
                           "the paper at its 4.7 latents per code per step, scaled down for "

@@ -168,3 +168,28 @@ def test_cli_decoder_fine_tune_end_to_end(tmp_path, capsys, corpus_dir):  # noqa
                        "--cpu", "-q")
     assert code == 0, err
     assert torch.equal(load_model(tmp_path / "run" / "tuned").encode_to_codes(wav), base.encode_to_codes(wav))
+
+
+def test_cli_adversarial_decoder_fine_tune_with_fewer_discriminator_scales(tmp_path, capsys, corpus_dir):  # noqa: F811
+    """--loss-weights timbre_gan --disc-windows: the discriminator has the scales asked for (what
+    makes it affordable on a CPU), the codes stay the base codec's; bad windows are refused."""
+    from codec.training.loop import CheckpointManager
+    from codec.training.trainer import CodecTrainer
+
+    base = build_codec(replace(TINY, name="base"), seed=0)
+    base.save_pretrained(tmp_path / "base")
+    args = ["train-codec", corpus_dir, "--out", tmp_path / "run", "--from", tmp_path / "base", "--name", "gan",
+            "--train-parts", "decoder", "--loss-weights", "timbre_gan", "--disc-filters", "4", "--steps", "2",
+            "--batch-size", "2", "--segment-seconds", "0.2", "--valid-clips", "0", "--num-workers", "0",
+            "--checkpoint-every", "2", "--cpu", "-q"]
+    code, _, err = run(capsys, *args, "--disc-windows", "512,300")
+    assert code == 2 and "powers of two" in err and not (tmp_path / "run").exists()
+    code, _, err = run(capsys, *args, "--disc-windows", "256,128")
+    assert code == 0, err
+    state = CheckpointManager.load(CheckpointManager(tmp_path / "run" / "checkpoints").latest(), CodecTrainer.kind)
+    assert tuple(state["train_config"]["disc_windows"]) == (256, 128)
+    scales = {key.split(".")[1] for key in state["discriminator"] if key.startswith("discriminators.")}
+    assert len(scales) == 2
+    wav = clips(corpus_dir)[0][None]
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "run" / "gan").encode_to_codes(wav), base.eval().encode_to_codes(wav))

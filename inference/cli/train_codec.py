@@ -31,7 +31,8 @@ DEFAULT_PRESET = "encodec_24khz"
 # Flags that set a LoopConfig / CodecTrainConfig field of the same name.
 _LOOP_FLAGS = ("steps", "batch_size", "segment_seconds", "lr", "seed", "log_every", "valid_every",
                "valid_clips", "checkpoint_every", "keep_last", "num_workers")
-_CODEC_FLAGS = ("loss_weights", "disc_update_prob", "disc_filters", "dead_code_threshold", "train_parts")
+_CODEC_FLAGS = ("loss_weights", "disc_update_prob", "disc_filters", "disc_windows", "dead_code_threshold",
+                "train_parts")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -83,6 +84,17 @@ def _model_name(args) -> str:
         raise CliError(f"model name {name!r} is a public codec's: .ecdc files name their codec, so "
                        f"give the trained one its own name with --name")
     return name
+
+
+def _window_list(text: str) -> tuple[int, ...]:
+    try:
+        windows = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated window sizes such as 2048,1024,512, "
+                                         f"got {text!r}") from None
+    if not windows or any(w < 16 or w & (w - 1) for w in windows):
+        raise argparse.ArgumentTypeError(f"discriminator windows must be powers of two of 16 or more, got {text!r}")
+    return windows
 
 
 def _loop_values(args, names: tuple[str, ...]) -> dict:
@@ -294,6 +306,9 @@ def register(subparsers) -> None:
     sub.add_argument("--disc-filters", type=int,
                      help="discriminator width (default 32 as the paper; less is cheaper, "
                           "e.g. 8 for trials on CPU)")
+    sub.add_argument("--disc-windows", type=_window_list, metavar="N,N,...",
+                     help="STFT windows of the discriminator's scales (default 1024,2048,512,256,128 as the "
+                          "paper; each scale costs about the same, so fewer is cheaper, e.g. 2048,1024,512 on CPU)")
     sub.add_argument("--train-parts", choices=("all", "decoder"),
                      help="decoder: freeze the encoder and codebooks of --from's codec and train its decoder "
                           "only, so its tokens stay exactly the same (token caches and LMs made with it stay "

@@ -131,15 +131,17 @@ def _generate_callback(folder: Path):
 
 
 def on_model(model, path):
-    """Outputs: the model's summary, and the duration slider's note naming its window."""
+    """Outputs: the model's summary, the duration slider's note naming its window, and the guidance
+    slider set to the model's own coefficient."""
     import gradio as gr
 
     try:
         summary = model_summary(model, path)
-        window = load_generator(model, path).max_duration
+        generator = load_generator(model, path)
     except Exception as error:
-        return f"Cannot use this model: {one_line(error)}", gr.skip()
-    return summary, gr.update(info=duration_info(window))
+        return f"Cannot use this model: {one_line(error)}", gr.skip(), gr.skip()
+    return (summary, gr.update(info=duration_info(generator.max_duration)),
+            gr.update(value=generator.default_sampling.cfg_coef))
 
 
 def on_codec_change(codec):
@@ -211,7 +213,8 @@ def _generate_inputs(gr):
 
 
 def _generate_tab(gr, choices: list[ModelChoice], default: str, folder: Path):
-    """The Generate tab; returns the model dropdown, the folder box, the summary and the slider."""
+    """The Generate tab; returns the model dropdown, the folder box, the summary and the duration
+    and guidance sliders."""
     with gr.Row():
         with gr.Column(scale=3):
             w = _generate_inputs(gr)
@@ -236,9 +239,9 @@ def _generate_tab(gr, choices: list[ModelChoice], default: str, folder: Path):
     w["generate"].click(_generate_callback(folder),
                         inputs=[*inputs, model, model_path, w["audio_prompt"], w["melody"], w["stream"]],
                         outputs=[*outputs, live, files, info])
-    model.change(on_model, [model, model_path], [model_info, w["duration"]])
-    model_path.submit(on_model, [model, model_path], [model_info, w["duration"]])
-    return model, model_path, model_info, w["duration"]
+    model.change(on_model, [model, model_path], [model_info, w["duration"], w["cfg_coef"]])
+    model_path.submit(on_model, [model, model_path], [model_info, w["duration"], w["cfg_coef"]])
+    return model, model_path, model_info, w["duration"], w["cfg_coef"]
 
 
 def _codec_tab(gr, codecs: list[ModelChoice], folder: Path):
@@ -276,10 +279,10 @@ def build_app(model_path: str | os.PathLike | None = None, *, models_dir: str | 
     with gr.Blocks(title="tokenwave", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         with gr.Tab("Generate"):
-            model, model_path_box, model_info, duration = _generate_tab(gr, choices, default, folder)
+            model, model_path_box, model_info, duration, guidance = _generate_tab(gr, choices, default, folder)
         with gr.Tab("Codec"):
             codec, bitrate, use_lm = _codec_tab(gr, codecs, folder)
-        demo.load(on_model, [model, model_path_box], [model_info, duration])
+        demo.load(on_model, [model, model_path_box], [model_info, duration, guidance])
         demo.load(on_codec_change, codec, [bitrate, use_lm])
     demo.queue(default_concurrency_limit=max(1, int(concurrency)))
     return demo

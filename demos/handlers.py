@@ -175,8 +175,9 @@ def _prepare_request(prompts, duration, top_k, top_p, temperature, cfg_coef, see
     duration = _number(duration, "Duration (seconds)", 0.1, MAX_DURATION)
     options = dict(duration=duration, top_k=_number(top_k, "top-k", 0, 1_000_000, integer=True),
                    top_p=_number(top_p, "top-p", 0.0, 1.0),
-                   temperature=_number(temperature, "Temperature", 0.01, 10.0),
-                   cfg_coef=_number(cfg_coef, "Guidance", 0.0, 30.0))
+                   temperature=_number(temperature, "Temperature", 0.01, 10.0))
+    if cfg_coef is not None:  # None: the model's own guidance (MusicGen.default_sampling)
+        options["cfg_coef"] = _number(cfg_coef, "Guidance", 0.0, 30.0)
     seed = -1 if seed is None or seed == "" else _number(seed, "Seed", -1, 2**63 - 1, integer=True)
     seed = seed if seed >= 0 else secrets.randbelow(2**31)
     report = progress or (lambda fraction, text: None)
@@ -219,7 +220,7 @@ def _finish(request: _Request, wav: torch.Tensor, sample_rate: int, elapsed: flo
 
 def generate_music(prompts: str | None, duration: float = DEFAULT_DURATION, top_k: int = SAMPLING.top_k,
                    top_p: float = SAMPLING.top_p, temperature: float = SAMPLING.temperature,
-                   cfg_coef: float = SAMPLING.cfg_coef, seed: int | None = -1,
+                   cfg_coef: float | None = None, seed: int | None = -1,
                    model: str | None = RANDOM_MODEL, model_path: str | None = "",
                    audio_prompt: str | None = None, melody: str | None = None, *,
                    workdir: str | os.PathLike | None = None,
@@ -227,6 +228,7 @@ def generate_music(prompts: str | None, duration: float = DEFAULT_DURATION, top_
     """Generate one clip per prompt line; writes ``tokenwave-<id>-<i>.wav`` files into ``workdir``.
 
     ``seed`` < 0 (or None) draws one (reported in ``info``); ``top_k`` 0 turns top-k off;
+    ``cfg_coef`` None is the model's own guidance (:attr:`MusicGen.default_sampling`);
     ``audio_prompt``/``melody`` are audio file paths; ``progress(fraction, text)`` is called
     while loading and after LM steps.
     """
@@ -243,7 +245,7 @@ def generate_music(prompts: str | None, duration: float = DEFAULT_DURATION, top_
 
 def generate_music_stream(prompts: str | None, duration: float = DEFAULT_DURATION,
                           top_k: int = SAMPLING.top_k, top_p: float = SAMPLING.top_p,
-                          temperature: float = SAMPLING.temperature, cfg_coef: float = SAMPLING.cfg_coef,
+                          temperature: float = SAMPLING.temperature, cfg_coef: float | None = None,
                           seed: int | None = -1, model: str | None = RANDOM_MODEL,
                           model_path: str | None = "", audio_prompt: str | None = None,
                           melody: str | None = None, *, workdir: str | os.PathLike | None = None,

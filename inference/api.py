@@ -31,12 +31,11 @@ _CACHE: dict[tuple, MusicGen] = {}
 
 
 def _check_first(duration: float, options: dict) -> dict:
-    """Bad arguments fail before the model is loaded; the sampling options are folded into one
-    :class:`~lm.sampling.SamplingConfig` (``sampling=``), the others passed on as they are."""
-    sampling = {name: options.pop(name) for name in SAMPLING_OPTIONS if name in options}
-    options["sampling"] = check_generation(duration=duration, seed=options.get("seed"),
-                                           extend_stride=options.get("extend_stride"),
-                                           sampling=options.get("sampling"), **sampling)
+    """Bad arguments fail before the model is loaded; all options are passed on as they are (the
+    sampling options the caller left out take the model's defaults: its guidance coefficient)."""
+    sampling = {name: options[name] for name in SAMPLING_OPTIONS if name in options}
+    check_generation(duration=duration, seed=options.get("seed"), extend_stride=options.get("extend_stride"),
+                     sampling=options.get("sampling"), **sampling)
     return options
 
 

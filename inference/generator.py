@@ -222,6 +222,13 @@ class MusicGen(nn.Module):
             return torch.cat([*pieces, stream.flush()], dim=-1)
 
     # -- generation ----------------------------------------------------------------------------
+    @property
+    def default_sampling(self) -> SamplingConfig:
+        """:class:`lm.sampling.SamplingConfig`'s defaults with this model's own guidance coefficient
+        (its LM config's ``cfg_coef``: 3 for MusicGen and audiocraft checkpoints, what its recipe
+        measured best for tokenwave's own models), as transformers keeps a ``guidance_scale`` per model."""
+        return SamplingConfig(cfg_coef=self.lm.config.cfg_coef)
+
     def generate(self, prompts: str | Sequence[str | None] | None, duration: float = DEFAULT_DURATION, *,
                  sampling: SamplingConfig | None = None, seed: int | None = None, progress: Progress = False,
                  return_tokens: bool = False, audio_prompt: tuple[torch.Tensor, int] | None = None,
@@ -236,10 +243,11 @@ class MusicGen(nn.Module):
                 unconditional, batch size from ``audio_prompt``/``melody`` or 1.
             duration: seconds of output, an audio prompt included (default 10, at most
                 :data:`MAX_DURATION`, 1 hour).
-            sampling: how tokens are picked (default: :class:`lm.sampling.SamplingConfig`'s defaults).
+            sampling: how tokens are picked (default: :attr:`default_sampling`, the sampling
+                defaults with the model's own guidance coefficient).
             **options: fields of ``sampling`` replaced by name: ``top_k``, ``top_p`` (wins over
                 top_k when > 0), ``temperature``, ``use_sampling`` (False: greedy), ``cfg_coef``
-                (1 = no guidance), ``two_step_cfg``.
+                (1 = no guidance; default the model's), ``two_step_cfg``.
             seed: makes sampling reproducible (None: torch's global generator).
             progress: True shows a tqdm bar; a callable is called as ``progress(step, total)``
                 after every LM step (steps of all windows counted together).
@@ -261,7 +269,7 @@ class MusicGen(nn.Module):
             any work, for what :func:`inference.config.check_generation` refuses.
         """
         sampling = check_generation(duration=duration, seed=seed, extend_stride=extend_stride,
-                                    sampling=sampling, **options)
+                                    sampling=self.default_sampling if sampling is None else sampling, **options)
         texts, prompt_codes, melody_wavs = self._prepare_inputs(prompts, audio_prompt, melody)
         tokens = torch.cat(list(self._token_pieces(texts, duration, sampling, prompt_codes, melody_wavs, seed,
                                                    progress, extend_stride, fast)), dim=-1)
@@ -300,7 +308,7 @@ class MusicGen(nn.Module):
             raise ValueError(f"first_chunk_frames and chunk_frames must be at least 1, got "
                              f"{first_chunk_frames} and {chunk_frames}")
         sampling = check_generation(duration=duration, seed=seed, extend_stride=extend_stride,
-                                    sampling=sampling, **options)
+                                    sampling=self.default_sampling if sampling is None else sampling, **options)
         texts, prompt_codes, melody_wavs = self._prepare_inputs(prompts, audio_prompt, melody)
         codes = self._token_pieces(texts, duration, sampling, prompt_codes, melody_wavs, seed, progress,
                                    extend_stride, fast)
@@ -383,7 +391,7 @@ class MusicGen(nn.Module):
         window takes as its prompt were yielded by the window before and are not repeated.
         """
         sampling = check_generation(duration=duration, seed=seed, extend_stride=extend_stride,
-                                    sampling=sampling, **options)
+                                    sampling=self.default_sampling if sampling is None else sampling, **options)
         yield from self._token_pieces(list(prompts), duration, sampling, prompt_codes, melodies, seed,
                                       progress, extend_stride, fast)
 

@@ -19,8 +19,9 @@ SLIDERS = ("top_k", "top_p", "temperature", "cfg_coef")
 def test_cli_generate_defaults_are_the_sampling_config():
     args = build_parser().parse_args(["generate", "a prompt", "-o", "out.wav"])
     parsed = SamplingConfig(use_sampling=not args.greedy, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, cfg_coef=args.cfg_coef, two_step_cfg=args.two_step_cfg)
+                            top_p=args.top_p, two_step_cfg=args.two_step_cfg)
     assert parsed == DEFAULTS
+    assert args.cfg_coef is None  # the model's own (tests/test_model_guidance.py)
 
 
 def test_cli_generate_help_states_the_sampling_config_defaults():
@@ -30,14 +31,14 @@ def test_cli_generate_help_states_the_sampling_config_defaults():
     assert f"default {DEFAULTS.top_k}" in helps["top_k"]
     assert f"default {DEFAULTS.top_p:g}" in helps["top_p"]
     assert f"default {DEFAULTS.temperature:g}" in helps["temperature"]
-    assert f"default {DEFAULTS.cfg_coef:g}" in helps["cfg_coef"]
+    assert f"default: the model's, {DEFAULTS.cfg_coef:g} for MusicGen" in helps["cfg_coef"]
 
 
 @pytest.mark.parametrize("function", [handlers.generate_music, handlers.generate_music_stream])
 def test_demo_function_defaults_are_the_sampling_config(function):
     parameters = inspect.signature(function).parameters
-    assert {name: parameters[name].default for name in SLIDERS} == {name: getattr(DEFAULTS, name)
-                                                                     for name in SLIDERS}
+    assert {name: parameters[name].default for name in SLIDERS} == {
+        **{name: getattr(DEFAULTS, name) for name in SLIDERS}, "cfg_coef": None}  # None: the model's
     assert parameters["duration"].default == DEFAULT_DURATION
 
 

@@ -140,7 +140,12 @@ def check_generate_options(args) -> None:
         raise CliError(f"--chunk-frames must be at least 1, got {args.chunk_frames}")
     check_generation(duration=args.duration, seed=args.seed, extend_stride=args.extend_stride,
                      use_sampling=not args.greedy, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, cfg_coef=args.cfg_coef)
+                     top_p=args.top_p, **_guidance(args))
+
+
+def _guidance(args) -> dict:
+    """``cfg_coef`` when given (else the model's own, :attr:`MusicGen.default_sampling`)."""
+    return {} if args.cfg_coef is None else {"cfg_coef": args.cfg_coef}
 
 
 @option_errors
@@ -161,8 +166,8 @@ def cmd_generate(args) -> int:
     conditioning = _conditioning(args)
     if targets:
         targets[0].parent.mkdir(parents=True, exist_ok=True)
-    options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                   cfg_coef=args.cfg_coef, two_step_cfg=args.two_step_cfg, use_sampling=not args.greedy,
+    options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, **_guidance(args),
+                   two_step_cfg=args.two_step_cfg, use_sampling=not args.greedy,
                    progress=not args.quiet, extend_stride=args.extend_stride, fast=args.fast)
     if streaming:
         extra = {key: (wav[None], sr) for key, (wav, sr) in conditioning.items()}
@@ -253,8 +258,8 @@ def register(commands) -> None:
         description="Generate audio from text prompts. One prompt writes OUT; several write OUT_0, "
                     "OUT_1, ... "
                     "(same extension). --stdout / --play stream one prompt while it is generated. "
-                    f"Defaults are MusicGen's: sampling with top-k {SAMPLING_DEFAULTS.top_k}, "
-                    f"guidance {SAMPLING_DEFAULTS.cfg_coef:g}.")
+                    f"Defaults are MusicGen's: sampling with top-k {SAMPLING_DEFAULTS.top_k}; guidance "
+                    f"the model's own ({SAMPLING_DEFAULTS.cfg_coef:g} for MusicGen).")
     sub.add_argument("prompts", nargs="*", metavar="PROMPT", help='text prompts ("" for no text)')
     sub.add_argument("-o", "--output", metavar="OUT",
                      help="output .wav or .flac (optional with --stdout/--play)")
@@ -287,8 +292,8 @@ def register(commands) -> None:
     sub.add_argument("--temperature", type=float, default=d.temperature,
                      help=f"sampling temperature, > 0 (default {d.temperature:g}); "
                           "for argmax decoding use --greedy")
-    sub.add_argument("--cfg-coef", type=float, default=d.cfg_coef,
-                     help=f"classifier-free guidance (default {d.cfg_coef:g}; 1 = off)")
+    sub.add_argument("--cfg-coef", type=float, default=None,
+                     help=f"classifier-free guidance (default: the model's, {d.cfg_coef:g} for MusicGen; 1 = off)")
     sub.add_argument("--two-step-cfg", action="store_true", default=d.two_step_cfg,
                      help="guidance as two passes, not one batch")
     sub.add_argument("--greedy", action="store_true", default=not d.use_sampling,

@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=8, help="prompts per generate() call (default 8)")
     parser.add_argument("--tempos", type=lambda t: _numbers(t, int), default=[70, 100, 140],
                         help="prompted tempos (default 70,100,140)")
-    parser.add_argument("--cfg-coef", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    parser.add_argument("--cfg-coef", type=float, default=None,
+                        help="classifier-free guidance (default: the generator's own, 3 for MusicGen)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -371,13 +372,16 @@ def _adherence_section(args, report: dict) -> None:
         from inference import MusicGen
 
         generator = MusicGen.from_pretrained(args.generator, device=args.device)
-        generate = adherence.musicgen_generate_fn(generator, args.duration, cfg_coef=args.cfg_coef)
+        guidance = {} if args.cfg_coef is None else {"cfg_coef": args.cfg_coef}
+        generate = adherence.musicgen_generate_fn(generator, args.duration, **guidance)
         roundtrip = codec_roundtrip(generator.codec)
         report["generator"] = args.generator
+        report["cfg_coef"] = generator.default_sampling.cfg_coef if args.cfg_coef is None else args.cfg_coef
     train = args.train or str(Path(args.data).parent / "train")
     result = adherence.run_adherence(train, args.data, generate, settings, log=_log, roundtrip=roundtrip)
     report["adherence"] = result
-    print(f"## Text adherence ({args.generator or 'no generator: measures only'})\n")
+    guided = f", guidance {report['cfg_coef']:g}" if args.generator else ""
+    print(f"## Text adherence ({args.generator or 'no generator: measures only'}{guided})\n")
     print(adherence.adherence_tables(result) + "\n")
 
 

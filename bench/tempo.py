@@ -1,19 +1,18 @@
-"""A tempo reader trained on the corpus's real clips: onset periodicity in, bpm out.
+"""Tempo of a clip, two ways: a fixed autocorrelation estimator and a reader trained on the corpus.
 
-The autocorrelation estimator (:func:`estimate_tempo`) takes the strongest beat
-period under a fixed 120 bpm prior. On the corpus it ranks held-out clips' tempi at a Spearman of
-only about 0.5: a third of its misses are octave slips (half or double the notated tempo) and the
-rest land on bar or half-bar periods, so a generator's tempo Spearman measured with it cannot show
-0.8 even for perfect generations. Which of the candidate periods a corpus calls "the beat" is a
-convention (a chorale's half notes, a jig's dotted quarters); :class:`TempoReader` learns it from the
-train clips, the way the family classifier learns instrument families.
+:func:`estimate_tempo` takes the strongest beat period of the onset autocorrelation under a fixed
+120 bpm prior. On the corpus it ranks held-out clips' tempi at a Spearman of only about 0.5: a third
+of its misses are octave slips (half or double the notated tempo), the rest land on bar or half-bar
+periods, so a generator's tempo Spearman measured with it cannot show 0.8 even for perfect
+generations. Which of the candidate periods a corpus calls "the beat" is a convention (a chorale's
+half notes, a jig's dotted quarters): :class:`TempoReader` learns it from the train clips, the way
+the family classifier learns instrument families, and is the adherence bench's tempo measure.
 
-It sees only rhythm: the autocorrelation of onset strength in three frequency bands (drums and
-bass, middle, top) and overall, sampled at log-spaced beat periods (:func:`periodicity_features`),
-nothing of timbre or pitch. Each train clip is also shown time-stretched (its onset envelope
-resampled by 0.8-1.25x, the label with it), so that tempo cannot be read from which style a
-rhythm belongs to, only from its period. Its held-out accuracy and rank correlation are reported
-next to the autocorrelation estimator's; its verdict on generations is the tempo measure of record.
+The reader sees only rhythm: the autocorrelation of onset strength in three frequency bands (drums
+and bass, middle, top) and overall, sampled at log-spaced beat periods
+(:func:`periodicity_features`), nothing of timbre or pitch. Each train clip is also shown
+time-stretched (its onset envelope resampled by 0.8-1.25x, the label with it), so that tempo is read
+from the period of a rhythm, not from which style the rhythm belongs to.
 """
 from __future__ import annotations
 

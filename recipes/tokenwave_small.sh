@@ -22,7 +22,8 @@
 #         (`--start-fraction 1 --start-weight 10`: the LM learns to read its caption; v3's LM)
 #      c. tempo and key conditioners added (`--tempo-key`: a beat clock and a key embedding fed
 #         from the metadata), 1,200 steps on 6 s windows, 1,800 on 8 s, then 1,000 on 10 s (v4's LM)
-#   6. copy into assets/models/tokenwave-small (with --install)
+#   6. copy into assets/models/tokenwave-small (with --install), its guidance coefficient set to
+#      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
 # are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
@@ -43,6 +44,7 @@ START_STEPS=${START_STEPS:-800}
 TEMPO_STEPS=${TEMPO_STEPS:-1200}
 TEMPO2_STEPS=${TEMPO2_STEPS:-1800}
 TEMPO3_STEPS=${TEMPO3_STEPS:-1000}
+GUIDANCE=${GUIDANCE:-6}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -149,6 +151,15 @@ if [[ "${1:-}" == "--install" ]]; then
     cp -r "$OUT/lm_tempo3/model" "$ROOT/assets/models/tokenwave-small.new"
     rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2b's decoder (the same codes as 2a's)
     cp -r "$OUT/codec_final" "$ROOT/assets/models/tokenwave-small.new/codec"
+    # The model's own guidance coefficient (the default of generate(), the CLI and the demo):
+    # 6 measured best for this LM (tempo and mode followed, less buzz; see the README's model card).
+    python - "$ROOT/assets/models/tokenwave-small.new/config.json" "$GUIDANCE" <<'PY'
+import json, sys
+path, guidance = sys.argv[1], float(sys.argv[2])
+config = json.load(open(path))
+config["lm"]["cfg_coef"] = guidance
+open(path, "w").write(json.dumps(config, indent=2) + "\n")
+PY
     rm -rf "$ROOT/assets/models/tokenwave-small"
     mv "$ROOT/assets/models/tokenwave-small.new" "$ROOT/assets/models/tokenwave-small"
 fi

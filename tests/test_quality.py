@@ -349,6 +349,14 @@ def test_measures_through_a_codec_round_trip(corpus, tiny_codec):
     assert coded["lines_db"] == pytest.approx(result["lines_db"]["valid"])
     assert "| valid, codec round trip | 4 | 100 % |" in adherence.adherence_tables(result)
     assert "codec_classifier" not in coded
+    # the trained tempo reader is the measure; the autocorrelation estimator is reported beside it,
+    # and alone with tempo_reader=False
+    assert coded["tempo_acf"] == result["tempo_acf"]["valid"]
+    assert "| trained reader | valid | 4 |" in adherence.adherence_tables(result)
+    plain = adherence.run_adherence(corpus / "train", corpus / "valid", None, replace(settings, tempo_reader=False),
+                                    log=lambda _: None, roundtrip=exact)
+    assert "tempo_acf" not in plain and plain["tempo"] == result["tempo_acf"]
+    assert "| autocorrelation | valid | 4 |" in adherence.adherence_tables(plain)
 
     # a classifier trained on round trips reads the generations too (here the exact round trip: the same)
     both = adherence.run_adherence(corpus / "train", corpus / "valid", follow_prompt,

@@ -36,10 +36,17 @@ def onset_strength(wav: torch.Tensor) -> torch.Tensor:
     rectified rise in log energy, minus its 1 s moving average (so that a louder passage does not
     read as a long onset)."""
     mel = log_mel(wav)
-    flux = (mel[:, 1:] - mel[:, :-1]).clamp(min=0).mean(0)
+    return _band_flux(mel, ((0, mel.shape[0]),))[0]
+
+
+def _band_flux(mel: torch.Tensor, groups: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Log-mel ``(bands, frames)`` -> per group of bands ``[a, b)``, the mean rectified rise in log
+    energy minus its 1 s moving average, ``(len(groups), frames - 1)``."""
+    rise = (mel[:, 1:] - mel[:, :-1]).clamp(min=0)
+    flux = torch.stack([rise[a:b].mean(0) for a, b in groups])
     width = int(FRAME_RATE) | 1
-    local = F.avg_pool1d(flux.view(1, 1, -1), width, stride=1, padding=width // 2,
-                         count_include_pad=False).view(-1)[: flux.shape[0]]
+    local = F.avg_pool1d(flux.unsqueeze(1), width, stride=1, padding=width // 2,
+                         count_include_pad=False).squeeze(1)[:, : flux.shape[1]]
     return (flux - local).clamp(min=0)
 
 
@@ -175,12 +182,7 @@ def band_onsets(wav: torch.Tensor) -> torch.Tensor:
     mel = log_mel(wav)
     if mel.shape[1] < 5:
         raise ValueError(f"audio too short for tempo reading ({wav.shape[-1]} samples); give it a few seconds")
-    rise = (mel[:, 1:] - mel[:, :-1]).clamp(min=0)
-    flux = torch.stack([rise[a:b].mean(0) for a, b in BAND_GROUPS])
-    width = int(FRAME_RATE) | 1
-    local = F.avg_pool1d(flux.unsqueeze(1), width, stride=1, padding=width // 2,
-                         count_include_pad=False).squeeze(1)[:, : flux.shape[1]]
-    return (flux - local).clamp(min=0)
+    return _band_flux(mel, BAND_GROUPS)
 
 
 def _grid(low: float, high: float) -> torch.Tensor:

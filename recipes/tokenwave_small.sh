@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-train the model the repository ships, assets/models/tokenwave-small (v4.1), end to end:
+# Re-train the model the repository ships, assets/models/tokenwave-small (v4.3), end to end:
 #
 #   1. corpus: 20 h rendered with fluidsynth (32 kHz mono, seed 0, recipe version 2): procedural
 #      songs in 14 styles and excerpts of music21's scores (Bach chorales, Ryan's Mammoth tunes;
@@ -14,6 +14,10 @@
 #         optimizer; DECODER_STEPS=3000 does both in one run, not bitwise the same)
 #      c. the decoder again, 1,800 steps with the log-mel band statistics added (`--loss-weights
 #         timbre`: against the flattened band dynamics that move an instrument classifier; v4.1's)
+#      d. the decoder against a multi-scale STFT discriminator (`--loss-weights timbre_gan`: hinge
+#         and feature matching through the balancer), 6,500 steps of 8 x 0.5 s, three scales of 16
+#         filters (the paper's five of 32 and batch 16 x 1 s took >30 s a step on 2 cores; v4.3's:
+#         2,250 steps on the first 2,014 train clips of a partial re-render, resumed to 6,500)
 #   3. text encoder: sentencepiece vocabulary from the captions + a 3-layer T5 (d_model 128)
 #   4. tokens: the corpus encoded by the codec (2a's encoder), 10 s items
 #   5. LM: the `tokenwave_small` preset (dim 256, 4 layers), trained from scratch together with
@@ -23,11 +27,11 @@
 #      c. tempo and key conditioners added (`--tempo-key`: a beat clock and a key embedding fed
 #         from the metadata), 1,200 steps on 6 s windows, 1,800 on 8 s, then 1,000 on 10 s (v4's LM)
 #   6. copy into assets/models/tokenwave-small (with --install), its guidance coefficient set to
-#      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's)
+#      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's and v4.3's)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
-# are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
-# Steps 2b-2c and 4-5 are independent (2b and 2c leave the codes alone) and may run side by side.
+# are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / GAN_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
+# Steps 2b-2d and 4-5 are independent (2b-2d leave the codes alone) and may run side by side.
 # A finished step is skipped on a re-run; an interrupted one resumes.
 #
 # Usage, from the repository root with tokenwave installed (or its venv active):
@@ -39,6 +43,9 @@ CODEC_FROM=${CODEC_FROM:-tokenwave-small}
 CODEC_STEPS=${CODEC_STEPS:-4000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
 TIMBRE_STEPS=${TIMBRE_STEPS:-1800}
+GAN_STEPS=${GAN_STEPS:-6500}
+DISC_WINDOWS=${DISC_WINDOWS:-2048,1024,512}  # the paper's five scales on a GPU: 2048,1024,512,256,128
+DISC_FILTERS=${DISC_FILTERS:-16}             # the paper's: 32
 LM_STEPS=${LM_STEPS:-2200}
 START_STEPS=${START_STEPS:-800}
 TEMPO_STEPS=${TEMPO_STEPS:-1200}
@@ -74,9 +81,11 @@ fi
 CODEC_A=$OUT/codec/tokenwave-small
 [[ "$CODEC_FROM" != scratch ]] && CODEC_A=$CODEC_FROM
 
-# decoder_stage DIR FROM LOSS_WEIGHTS STEPS VALID_EVERY CHECKPOINT_EVERY LABEL: the decoder alone, codes kept
+# decoder_stage DIR FROM LOSS_WEIGHTS STEPS VALID_EVERY CHECKPOINT_EVERY LABEL [FLAG...]: the decoder
+# alone, codes kept; the trailing flags override the defaults before them
 decoder_stage() {
     local dir=$1 from=$2 weights=$3 steps=$4 valid_every=$5 checkpoint_every=$6 label=$7
+    shift 7
     [[ -e "$dir/.done" ]] && return 0
     local args=(--from "$from" --name tokenwave-small)
     [[ -d "$dir/checkpoints" ]] && args=(--resume)
@@ -84,14 +93,17 @@ decoder_stage() {
     $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$dir" \
         "${args[@]}" --train-parts decoder --loss-weights "$weights" --batch-size 16 --segment-seconds 1 \
         --lr 3e-4 --steps "$steps" --valid-every "$valid_every" --valid-clips 8 \
-        --checkpoint-every "$checkpoint_every" --log-every 25 --num-workers 1 "${CPU_FLAG[@]}"
+        --checkpoint-every "$checkpoint_every" --log-every 25 --num-workers 1 "${CPU_FLAG[@]}" "$@"
     touch "$dir/.done"
 }
 decoder_stage "$OUT/decoder" "$CODEC_A" spectral "$DECODER_STEPS" 200 200 "2b/6 decoder"
-if [[ ! -e "$OUT/decoder_timbre/.done" ]]; then
-    decoder_stage "$OUT/decoder_timbre" "$OUT/decoder/tokenwave-small" timbre "$TIMBRE_STEPS" 300 100 \
-        "2c/6 decoder, band dynamics"
-    rm -rf "$OUT/codec_final" && cp -r "$OUT/decoder_timbre/tokenwave-small" "$OUT/codec_final"
+decoder_stage "$OUT/decoder_timbre" "$OUT/decoder/tokenwave-small" timbre "$TIMBRE_STEPS" 300 100 \
+    "2c/6 decoder, band dynamics"
+if [[ ! -e "$OUT/decoder_gan/.done" ]]; then
+    decoder_stage "$OUT/decoder_gan" "$OUT/decoder_timbre/tokenwave-small" timbre_gan "$GAN_STEPS" 500 250 \
+        "2d/6 decoder against the MS-STFT discriminator" --batch-size 8 --segment-seconds 0.5 \
+        --disc-windows "$DISC_WINDOWS" --disc-filters "$DISC_FILTERS"
+    rm -rf "$OUT/codec_final" && cp -r "$OUT/decoder_gan/tokenwave-small" "$OUT/codec_final"
 fi
 
 if [[ ! -e "$OUT/t5/config.json" ]]; then
@@ -149,7 +161,7 @@ if [[ "${1:-}" == "--install" ]]; then
     stamp "6/6 install -> assets/models/tokenwave-small"
     rm -rf "$ROOT/assets/models/tokenwave-small.new"
     cp -r "$OUT/lm_tempo3/model" "$ROOT/assets/models/tokenwave-small.new"
-    rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2b's decoder (the same codes as 2a's)
+    rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2d's decoder (the same codes as 2a's)
     cp -r "$OUT/codec_final" "$ROOT/assets/models/tokenwave-small.new/codec"
     # The model's own guidance coefficient (the default of generate(), the CLI and the demo):
     # 6 measured best for this LM (tempo and mode followed, less buzz; see the README's model card).

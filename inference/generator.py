@@ -229,6 +229,12 @@ class MusicGen(nn.Module):
         measured best for tokenwave's own models), as transformers keeps a ``guidance_scale`` per model."""
         return SamplingConfig(cfg_coef=self.lm.config.cfg_coef)
 
+    def _checked_sampling(self, duration: float, seed: int | None, extend_stride: float | None,
+                           sampling: SamplingConfig | None, options: dict) -> SamplingConfig:
+        """:func:`inference.config.check_generation` over :attr:`default_sampling` unless ``sampling`` is given."""
+        return check_generation(duration=duration, seed=seed, extend_stride=extend_stride,
+                                sampling=self.default_sampling if sampling is None else sampling, **options)
+
     def generate(self, prompts: str | Sequence[str | None] | None, duration: float = DEFAULT_DURATION, *,
                  sampling: SamplingConfig | None = None, seed: int | None = None, progress: Progress = False,
                  return_tokens: bool = False, audio_prompt: tuple[torch.Tensor, int] | None = None,
@@ -268,8 +274,7 @@ class MusicGen(nn.Module):
             ValueError (:class:`~lm.sampling.GenerationArgumentError`, naming the argument) before
             any work, for what :func:`inference.config.check_generation` refuses.
         """
-        sampling = check_generation(duration=duration, seed=seed, extend_stride=extend_stride,
-                                    sampling=self.default_sampling if sampling is None else sampling, **options)
+        sampling = self._checked_sampling(duration, seed, extend_stride, sampling, options)
         texts, prompt_codes, melody_wavs = self._prepare_inputs(prompts, audio_prompt, melody)
         tokens = torch.cat(list(self._token_pieces(texts, duration, sampling, prompt_codes, melody_wavs, seed,
                                                    progress, extend_stride, fast)), dim=-1)
@@ -307,8 +312,7 @@ class MusicGen(nn.Module):
         if first_chunk_frames < 1 or chunk_frames < 1:
             raise ValueError(f"first_chunk_frames and chunk_frames must be at least 1, got "
                              f"{first_chunk_frames} and {chunk_frames}")
-        sampling = check_generation(duration=duration, seed=seed, extend_stride=extend_stride,
-                                    sampling=self.default_sampling if sampling is None else sampling, **options)
+        sampling = self._checked_sampling(duration, seed, extend_stride, sampling, options)
         texts, prompt_codes, melody_wavs = self._prepare_inputs(prompts, audio_prompt, melody)
         codes = self._token_pieces(texts, duration, sampling, prompt_codes, melody_wavs, seed, progress,
                                    extend_stride, fast)
@@ -390,8 +394,7 @@ class MusicGen(nn.Module):
         Over a sliding window, each window's frames stream as it generates them; the frames a
         window takes as its prompt were yielded by the window before and are not repeated.
         """
-        sampling = check_generation(duration=duration, seed=seed, extend_stride=extend_stride,
-                                    sampling=self.default_sampling if sampling is None else sampling, **options)
+        sampling = self._checked_sampling(duration, seed, extend_stride, sampling, options)
         yield from self._token_pieces(list(prompts), duration, sampling, prompt_codes, melodies, seed,
                                       progress, extend_stride, fast)
 

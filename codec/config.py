@@ -8,7 +8,7 @@ lowest layer, so every layer above can use it."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, TypeVar
 
 from .seanet import SEANetConfig
@@ -87,10 +87,29 @@ class EncodecConfig(DictConfig):
     segment: float | None = None  # chunk duration in seconds; None = whole file at once
     overlap: float = 0.01
     target_bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)
+    # The decoder's base width when it is not the encoder's (None: n_filters): a decoder widened to
+    # render more detail from the same codes (codec.training.widen), which only tokenwave's own
+    # format stores. Left out of to_dict when None, so every other config is stored as before.
+    decoder_filters: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("ratios", "target_bandwidths"):  # JSON gives lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.decoder_filters is not None and (self.decoder_filters < self.compress
+                                                 or self.decoder_filters % self.compress):
+            raise ValueError(f"decoder_filters must be a positive multiple of compress ({self.compress}), "
+                             f"got {self.decoder_filters}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if data["decoder_filters"] is None:
+            del data["decoder_filters"]
+        return data
+
+    @property
+    def decoder_width(self) -> int:
+        """The decoder's base width (``n_filters`` unless ``decoder_filters`` widens it)."""
+        return self.n_filters if self.decoder_filters is None else self.decoder_filters
 
     @property
     def hop_length(self) -> int:
@@ -123,8 +142,12 @@ class EncodecConfig(DictConfig):
         return self.bits_per_codebook * self.frame_rate / 1000
 
     def seanet(self) -> SEANetConfig:
+        """The encoder's SEANet config (the decoder's: :meth:`decoder_seanet`)."""
         names = {f.name for f in fields(SEANetConfig)}
         return SEANetConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def decoder_seanet(self) -> SEANetConfig:
+        return replace(self.seanet(), n_filters=self.decoder_width)
 
 
 

@@ -123,9 +123,8 @@ class EncodecModel(nn.Module):
     def __init__(self, config: EncodecConfig) -> None:
         super().__init__()
         self.config = config
-        seanet = config.seanet()
-        self.encoder = SEANetEncoder(seanet)
-        self.decoder = SEANetDecoder(seanet)
+        self.encoder = SEANetEncoder(config.seanet())
+        self.decoder = SEANetDecoder(config.decoder_seanet())
         self.quantizer = ResidualVectorQuantizer(
             dimension=config.dimension, num_codebooks=config.num_codebooks,
             codebook_size=config.codebook_size)

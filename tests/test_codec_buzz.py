@@ -193,3 +193,33 @@ def test_cli_adversarial_decoder_fine_tune_with_fewer_discriminator_scales(tmp_p
     wav = clips(corpus_dir)[0][None]
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "run" / "gan").encode_to_codes(wav), base.eval().encode_to_codes(wav))
+
+
+def test_cli_loss_weight_overrides_one_weight_of_the_preset_and_of_a_resumed_run(tmp_path, capsys, corpus_dir):  # noqa: F811
+    """--loss-weight NAME=VALUE changes one weight of --loss-weights (0 drops the loss), also on
+    --resume over the checkpoint's recipe; unknown names and bad values are refused before training."""
+    from codec.training.loop import CheckpointManager
+    from codec.training.trainer import CodecTrainer
+
+    base = build_codec(replace(TINY, name="base"), seed=0)
+    base.save_pretrained(tmp_path / "base")
+    args = ["train-codec", corpus_dir, "--out", tmp_path / "run", "--from", tmp_path / "base", "--name", "w",
+            "--train-parts", "decoder", "--loss-weights", "timbre", "--steps", "1", "--batch-size", "2",
+            "--segment-seconds", "0.2", "--valid-clips", "0", "--num-workers", "0", "--checkpoint-every", "1",
+            "--cpu", "-q"]
+    for bad, message in (("stat=3", "NAME one of"), ("stats=x", "not a number"), ("stats=-1", "0 or more"),
+                         ("stats", "NAME=VALUE")):
+        code, _, err = run(capsys, *args, "--loss-weight", bad)
+        assert code == 1 and message in err and not (tmp_path / "run").exists(), (bad, err)
+    code, _, err = run(capsys, *args, "--loss-weight", "stats=3", "--loss-weight", "frame=0")
+    assert code == 0, err
+
+    def weights():
+        state = CheckpointManager.load(CheckpointManager(tmp_path / "run" / "checkpoints").latest(), CodecTrainer.kind)
+        return dict(state["train_config"]["loss_weights"])
+
+    assert weights() == {"l1": 0.1, "mel": 1.0, "stft": 1.0, "frame": 0.0, "stats": 3.0}
+    code, _, err = run(capsys, "train-codec", corpus_dir, "--out", tmp_path / "run", "--resume", "--steps", "2",
+                       "--loss-weight", "mel=2", "--cpu", "-q")
+    assert code == 0, err
+    assert weights() == {"l1": 0.1, "mel": 2.0, "stft": 1.0, "frame": 0.0, "stats": 3.0}

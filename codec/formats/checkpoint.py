@@ -106,7 +106,7 @@ def key_names(config: EncodecConfig, path: Path) -> list[str]:
     count), never on widths. (Meta tensors would avoid building, but the first arithmetic on
     one imports torch._dynamo, which costs seconds.)
     """
-    twin = replace(config, n_filters=config.compress, dimension=1, codebook_size=2)
+    twin = replace(config, n_filters=config.compress, decoder_filters=None, dimension=1, codebook_size=2)
     return list(build_model(twin, path).state_dict())
 
 

@@ -78,6 +78,19 @@ LOSS_WEIGHTS: dict[str, dict[str, float]] = {
     "timbre_gan": {"l1": 0.1, "mel": 1.0, "stft": 1.0, "frame": 1.0, "stats": 1.0, "adv": 1.0, "feat": 2.0},
 }
 
+LOSS_NAMES = ("l1", "mel", "stft", "frame", "stats", "adv", "feat")
+
+
+def resolve_weights(loss_weights: str | Mapping[str, float]) -> dict[str, float]:
+    """A preset's name or a mapping -> the mapping (unchecked; see :meth:`CodecTrainConfig.weights`)."""
+    if isinstance(loss_weights, str):
+        if loss_weights not in LOSS_WEIGHTS:
+            raise ValueError(f"unknown loss_weights {loss_weights!r}; expected one of {sorted(LOSS_WEIGHTS)} "
+                             f"or a mapping")
+        return dict(LOSS_WEIGHTS[loss_weights])
+    return dict(loss_weights)
+
+
 @dataclass(frozen=True)
 class CodecTrainConfig(LoopConfig):
     """The EnCodec recipe; defaults are the paper's 24 kHz settings (batch per process)."""
@@ -114,16 +127,10 @@ class CodecTrainConfig(LoopConfig):
 
     def weights(self) -> dict[str, float]:
         """The balanced losses' weights, zero weights left out."""
-        if isinstance(self.loss_weights, str):
-            if self.loss_weights not in LOSS_WEIGHTS:
-                raise ValueError(f"unknown loss_weights {self.loss_weights!r}; expected one of "
-                                 f"{sorted(LOSS_WEIGHTS)} or a mapping")
-            weights = LOSS_WEIGHTS[self.loss_weights]
-        else:
-            weights = dict(self.loss_weights)
-        unknown = set(weights) - {"l1", "mel", "stft", "frame", "stats", "adv", "feat"}
+        weights = resolve_weights(self.loss_weights)
+        unknown = set(weights) - set(LOSS_NAMES)
         if unknown:
-            raise ValueError(f"unknown losses {sorted(unknown)}; expected l1, mel, stft, frame, stats, adv, feat")
+            raise ValueError(f"unknown losses {sorted(unknown)}; expected {', '.join(LOSS_NAMES)}")
         weights = {k: float(v) for k, v in weights.items() if v}
         if not weights:
             raise ValueError("all loss weights are zero")

@@ -97,6 +97,25 @@ def _window_list(text: str) -> tuple[int, ...]:
     return windows
 
 
+def _weight_overrides(items: list[str] | None) -> dict[str, float]:
+    """``["stats=3", "adv=0"]`` -> ``{"stats": 3.0, "adv": 0.0}`` (0 drops a loss)."""
+    from codec.training.trainer import LOSS_NAMES
+
+    out = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in LOSS_NAMES:
+            raise CliError(f"--loss-weight expects NAME=VALUE with NAME one of {', '.join(LOSS_NAMES)}; got {item!r}")
+        try:
+            out[key] = float(text)
+        except ValueError:
+            raise CliError(f"--loss-weight {key}: {text.strip()!r} is not a number") from None
+        if not out[key] >= 0:
+            raise CliError(f"--loss-weight {key}: weights are 0 or more, got {text.strip()!r}")
+    return out
+
+
 def _loop_values(args, names: tuple[str, ...]) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
@@ -153,7 +172,7 @@ def cmd_train_codec(args) -> int:
 
     from codec.training.loop import CheckpointManager
     from codec.training.trainer import (CodecTrainConfig, CodecTrainer, build_codec,
-                                        load_codec_for_training)
+                                        load_codec_for_training, resolve_weights)
 
     out = Path(args.out)
     checkpoints = CheckpointManager(out / CodecTrainer.checkpoint_dir)
@@ -164,19 +183,26 @@ def cmd_train_codec(args) -> int:
                        f"continue it or choose another --out")
     if args.resume:
         latest, state = _newest_intact(checkpoints, CodecTrainer.kind)
-        if args.preset or args.set or args.from_checkpoint or args.name:
+        if args.preset or args.set or args.from_checkpoint or args.name or args.widen_decoder:
             raise CliError("--resume continues the checkpoint's codec: leave out --preset, "
-                           "--set, --from and --name")
+                           "--set, --from, --name and --widen-decoder")
         model = build_codec(EncodecConfig.from_dict(state["codec_config"]))
-        config = CodecTrainConfig(**{**state["train_config"], **values})
+        values = {**state["train_config"], **values}
     else:
         name = _model_name(args)
+        if args.widen_decoder and (not args.from_checkpoint or values.get("train_parts") != "decoder"):
+            raise CliError("--widen-decoder widens the decoder of a trained codec to fine-tune it alone: pass "
+                           "--from CODEC --train-parts decoder")
         if args.from_checkpoint:
             if args.set or args.preset:
                 raise CliError("--from takes the codec's config from the checkpoint: leave out "
                                "--preset and --set")
             try:
                 model = load_codec_for_training(args.from_checkpoint, name=name)
+                if args.widen_decoder:
+                    from codec.training.widen import widen_decoder
+
+                    model = widen_decoder(model, args.widen_decoder, seed=values.get("seed", 0))
             except (FileNotFoundError, ValueError) as error:
                 raise CliError(str(error)) from None
         else:
@@ -190,7 +216,13 @@ def cmd_train_codec(args) -> int:
             except (TypeError, ValueError) as error:
                 raise CliError(f"--set: {error}") from None
             model = build_codec(codec_config, seed=values.get("seed", 0))
+    overrides = _weight_overrides(args.loss_weight)
+    if overrides:
+        values["loss_weights"] = {**resolve_weights(values.get("loss_weights", "paper")), **overrides}
+    try:
         config = CodecTrainConfig(**values)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     corpus, valid = _corpora(args)
     accelerator = _accelerator(args)
     trainer = CodecTrainer(model, out, config, accelerator=accelerator,
@@ -297,6 +329,9 @@ def register(subparsers) -> None:
                           "frame-rate buzz; no discriminator); timbre: spectral + log-mel band statistics 1 "
                           "(each band's std over time and frame-to-frame change, against flattened dynamics); "
                           "timbre_gan: timbre + adv 1 + feat 2 (a decoder fine-tuned with the discriminator)")
+    sub.add_argument("--loss-weight", action="append", metavar="NAME=VALUE",
+                     help="change one weight of --loss-weights (or of the resumed run's), e.g. --loss-weight "
+                          "stats=3; 0 drops that loss; NAME: l1, mel, stft, frame, stats, adv, feat (repeatable)")
     sub.add_argument("--dead-code-threshold", type=float,
                      help="EMA uses per step under which a code is re-seeded (default: 2.0 as "
                           "the paper at its 4.7 latents per code per step, scaled down for "
@@ -313,6 +348,10 @@ def register(subparsers) -> None:
                      help="decoder: freeze the encoder and codebooks of --from's codec and train its decoder "
                           "only, so its tokens stay exactly the same (token caches and LMs made with it stay "
                           "valid); default all")
+    sub.add_argument("--widen-decoder", type=int, metavar="FILTERS",
+                     help="with --from and --train-parts decoder: first widen the decoder to this base width, "
+                          "its output unchanged (new channels start disconnected), so training can use the "
+                          "extra width; the model is then stored in tokenwave's format only")
     sub.add_argument("--valid", metavar="DIR", help="validation folder (default: other random "
                      "clips of DATA, so not held out)")
     sub.add_argument("--valid-clips", type=int, help="validation clips (default 16; 0 = none)")

@@ -1,0 +1,83 @@
+"""Widen a trained codec's decoder without changing what it outputs, to fine-tune the extra width.
+
+Why: a small codec's decoder can be the bottleneck of its sound (tokenwave-small's renders every
+instrument a little like strings: the codes keep the family, the 12-filter decoder does not), while
+its codes are what a language model was trained on. Widening the decoder alone keeps the codes, and
+starting from exactly the trained decoder's function keeps everything it learned.
+
+How: every channel the wider decoder adds gets random incoming weights and zero weights into the
+channels the trained decoder had, so the old channels compute exactly what they did and the new
+ones start feeding them only once training moves those zeros. (Copying units, Net2Net's way, would
+also preserve the function, but copies get equal updates under Adam and never diverge.) Weight
+norm stays well defined: every output channel of a convolution, and every input channel of a
+transposed one (its norm's axis), keeps a non-zero weight.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from ..conv import WeightNormConv1d, WeightNormConvTranspose1d
+from ..model import EncodecModel
+
+
+def _convs(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
+
+
+def _weight(conv: nn.Module) -> torch.Tensor:
+    return (conv.current_weight() if hasattr(conv, "current_weight") else conv.weight).detach()
+
+
+def _set_weight(conv: nn.Module, weight: torch.Tensor) -> None:
+    if isinstance(conv, (WeightNormConv1d, WeightNormConvTranspose1d)):
+        conv.weight_v.data.copy_(weight)
+        conv.weight_g.data.copy_(torch.linalg.vector_norm(weight, dim=(1, 2), keepdim=True))
+    else:
+        conv.weight.data.copy_(weight)
+
+
+def widen_decoder(model: EncodecModel, filters: int, *, init_scale: float = 1.0, seed: int = 0) -> EncodecModel:
+    """A copy of ``model`` whose decoder has base width ``filters`` (more than it has), with the
+    same encoder and codebooks (the same codes) and, up to float rounding, the same decoded audio.
+
+    ``init_scale`` scales the new channels' random incoming weights relative to PyTorch's default
+    initialization; ``seed`` makes them reproducible.
+    """
+    if not isinstance(model, EncodecModel):
+        raise TypeError(f"widen_decoder expects an EncodecModel, got {type(model).__name__}")
+    old_width = model.config.decoder_width
+    if filters <= old_width:
+        raise ValueError(f"the decoder already has {old_width} filters; widen it to more, not {filters}")
+    if model.config.lstm or model.config.norm not in ("weight_norm", "none"):
+        raise ValueError(f"widen_decoder widens convolutions with weight norm or none; this codec has "
+                         f"lstm={model.config.lstm}, norm={model.config.norm!r}")
+    config = replace(model.config, decoder_filters=filters)  # validates the width
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wide = EncodecModel(config)
+    wide.encoder = copy.deepcopy(model.encoder)  # as they are (weight norm folded or not)
+    wide.quantizer = copy.deepcopy(model.quantizer)
+    wide.to(next(model.parameters()).device)
+    old_convs, new_convs = _convs(model.decoder), _convs(wide.decoder)
+    if len(old_convs) != len(new_convs):
+        raise ValueError("the two decoders have different layouts")  # same config but the width: cannot happen
+    with torch.no_grad():
+        for old, new in zip(old_convs, new_convs):
+            w_old, w_new = _weight(old), _weight(new).clone() * init_scale
+            transposed = isinstance(old, nn.ConvTranspose1d)
+            in_old, out_old = (w_old.shape[0], w_old.shape[1]) if transposed else (w_old.shape[1], w_old.shape[0])
+            if transposed:  # (in, out, kernel)
+                w_new[:in_old, :out_old] = w_old
+                w_new[in_old:, :out_old] = 0  # new inputs never reach old outputs
+            else:  # (out, in, kernel)
+                w_new[:out_old, :in_old] = w_old
+                w_new[:out_old, in_old:] = 0
+            _set_weight(new, w_new)
+            if old.bias is not None:
+                new.bias.data.zero_()
+                new.bias.data[:out_old] = old.bias.detach()
+    return wide.train(model.training)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-train the model the repository ships, assets/models/tokenwave-small (v4.3), end to end:
+# Re-train the model the repository ships, assets/models/tokenwave-small (v4.4), end to end:
 #
 #   1. corpus: 20 h rendered with fluidsynth (32 kHz mono, seed 0, recipe version 2): procedural
 #      songs in 14 styles and excerpts of music21's scores (Bach chorales, Ryan's Mammoth tunes;
@@ -18,6 +18,10 @@
 #         and feature matching through the balancer), 6,500 steps of 8 x 0.5 s, three scales of 16
 #         filters (the paper's five of 32 and batch 16 x 1 s took >30 s a step on 2 cores; v4.3's:
 #         2,250 steps on the first 2,014 train clips of a partial re-render, resumed to 6,500)
+#      e. the same adversarial run resumed to 9,500 steps (GAN2_STEPS) on 2 x 2 s clips with the band
+#         statistics weighted 3 (`--resume --segment-seconds 2 --batch-size 2 --loss-weight stats=3`:
+#         each band's spread over seconds, not half a second, which is what an instrument classifier
+#         reads; v4.4's, on the same 2,014 clips)
 #   3. text encoder: sentencepiece vocabulary from the captions + a 3-layer T5 (d_model 128)
 #   4. tokens: the corpus encoded by the codec (2a's encoder), 10 s items
 #   5. LM: the `tokenwave_small` preset (dim 256, 4 layers), trained from scratch together with
@@ -30,7 +34,7 @@
 #      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's and v4.3's)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
-# are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / GAN_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
+# are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / GAN_STEPS / GAN2_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
 # Steps 2b-2d and 4-5 are independent (2b-2d leave the codes alone) and may run side by side.
 # A finished step is skipped on a re-run; an interrupted one resumes.
 #
@@ -44,6 +48,7 @@ CODEC_STEPS=${CODEC_STEPS:-4000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
 TIMBRE_STEPS=${TIMBRE_STEPS:-1800}
 GAN_STEPS=${GAN_STEPS:-6500}
+GAN2_STEPS=${GAN2_STEPS:-9500}
 DISC_WINDOWS=${DISC_WINDOWS:-2048,1024,512}  # the five scales of the default (the paper's): 1024,2048,512,256,128
 DISC_FILTERS=${DISC_FILTERS:-16}             # the paper's: 32
 LM_STEPS=${LM_STEPS:-2200}
@@ -103,6 +108,12 @@ if [[ ! -e "$OUT/decoder_gan/.done" ]]; then
     decoder_stage "$OUT/decoder_gan" "$OUT/decoder_timbre/tokenwave-small" timbre_gan "$GAN_STEPS" 500 250 \
         "2d/6 decoder against the MS-STFT discriminator" --batch-size 8 --segment-seconds 0.5 \
         --disc-windows "$DISC_WINDOWS" --disc-filters "$DISC_FILTERS"
+fi
+if [[ ! -e "$OUT/decoder_gan/.done_stats" ]]; then  # 2e: the run above, resumed with its recipe changed
+    stamp "2e/6 decoder, band statistics over 2 s clips: $GAN2_STEPS steps"
+    $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/decoder_gan" --resume \
+        --steps "$GAN2_STEPS" --batch-size 2 --segment-seconds 2 --loss-weight stats=3 "${CPU_FLAG[@]}"
+    touch "$OUT/decoder_gan/.done_stats"
     rm -rf "$OUT/codec_final" && cp -r "$OUT/decoder_gan/tokenwave-small" "$OUT/codec_final"
 fi
 

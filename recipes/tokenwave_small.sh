@@ -31,11 +31,11 @@
 #      c. tempo and key conditioners added (`--tempo-key`: a beat clock and a key embedding fed
 #         from the metadata), 1,200 steps on 6 s windows, 1,800 on 8 s, then 1,000 on 10 s (v4's LM)
 #   6. copy into assets/models/tokenwave-small (with --install), its guidance coefficient set to
-#      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's and v4.3's)
+#      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's to v4.4's)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
 # are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / GAN_STEPS / GAN2_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
-# Steps 2b-2d and 4-5 are independent (2b-2d leave the codes alone) and may run side by side.
+# Steps 2b-2e and 4-5 are independent (2b-2e leave the codes alone) and may run side by side.
 # A finished step is skipped on a re-run; an interrupted one resumes.
 #
 # Usage, from the repository root with tokenwave installed (or its venv active):
@@ -104,11 +104,9 @@ decoder_stage() {
 decoder_stage "$OUT/decoder" "$CODEC_A" spectral "$DECODER_STEPS" 200 200 "2b/6 decoder"
 decoder_stage "$OUT/decoder_timbre" "$OUT/decoder/tokenwave-small" timbre "$TIMBRE_STEPS" 300 100 \
     "2c/6 decoder, band dynamics"
-if [[ ! -e "$OUT/decoder_gan/.done" ]]; then
-    decoder_stage "$OUT/decoder_gan" "$OUT/decoder_timbre/tokenwave-small" timbre_gan "$GAN_STEPS" 500 250 \
-        "2d/6 decoder against the MS-STFT discriminator" --batch-size 8 --segment-seconds 0.5 \
-        --disc-windows "$DISC_WINDOWS" --disc-filters "$DISC_FILTERS"
-fi
+decoder_stage "$OUT/decoder_gan" "$OUT/decoder_timbre/tokenwave-small" timbre_gan "$GAN_STEPS" 500 250 \
+    "2d/6 decoder against the MS-STFT discriminator" --batch-size 8 --segment-seconds 0.5 \
+    --disc-windows "$DISC_WINDOWS" --disc-filters "$DISC_FILTERS"
 if [[ ! -e "$OUT/decoder_gan/.done_stats" ]]; then  # 2e: the run above, resumed with its recipe changed
     stamp "2e/6 decoder, band statistics over 2 s clips: $GAN2_STEPS steps"
     $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/decoder_gan" --resume \
@@ -172,7 +170,7 @@ if [[ "${1:-}" == "--install" ]]; then
     stamp "6/6 install -> assets/models/tokenwave-small"
     rm -rf "$ROOT/assets/models/tokenwave-small.new"
     cp -r "$OUT/lm_tempo3/model" "$ROOT/assets/models/tokenwave-small.new"
-    rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2d's decoder (the same codes as 2a's)
+    rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2e's decoder (the same codes as 2a's)
     cp -r "$OUT/codec_final" "$ROOT/assets/models/tokenwave-small.new/codec"
     # The model's own guidance coefficient (the default of generate(), the CLI and the demo):
     # 6 measured best for this LM (tempo and mode followed, less buzz; see the README's model card).

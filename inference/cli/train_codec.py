@@ -218,7 +218,8 @@ def cmd_train_codec(args) -> int:
             model = build_codec(codec_config, seed=values.get("seed", 0))
     overrides = _weight_overrides(args.loss_weight)
     if overrides:
-        values["loss_weights"] = {**resolve_weights(values.get("loss_weights", "paper")), **overrides}
+        values["loss_weights"] = {**resolve_weights(values.get("loss_weights", CodecTrainConfig.loss_weights)),
+                                 **overrides}
     try:
         config = CodecTrainConfig(**values)
     except ValueError as error:

@@ -349,6 +349,30 @@ def test_full_recipe_step_trains_both_networks(tmp_path, accelerator, corpus_dir
     assert trainer.balancer.metrics["scale_adv"] > 0
 
 
+@pytest.mark.parametrize("precision, expected", [("same", torch.float32), ("bf16", torch.bfloat16)])
+def test_discriminator_precision(tmp_path, accelerator, corpus_dir, precision, expected):
+    """disc_precision "bf16": every discriminator convolution of a step (its update and the
+    generator's adversarial losses) runs in bfloat16 while the codec's output stays float32;
+    "same" follows the run's (here float32) autocast. Unknown values are refused."""
+    config = replace(FAST, quantizer_dropout=False, disc_update_prob=1.0, disc_precision=precision)
+    trainer = _trainer(tmp_path, accelerator, corpus_dir, config)
+    data = clips(corpus_dir)
+    batch = torch.stack([data[i] for i in range(2)])
+    seen: dict[str, set] = {"disc": set(), "codec": set()}
+    hooks = [module.register_forward_hook(lambda m, i, o, part=part: seen[part].add(o.dtype))
+             for part, root in (("disc", trainer.plain_discriminator), ("codec", trainer.model.decoder))
+             for module in root.modules() if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d))]
+    try:
+        metrics = trainer.train_step(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"disc": {expected}, "codec": {torch.float32}}
+    assert {"disc", "adv", "feat"} <= set(metrics) and all(math.isfinite(v) for v in metrics.values())
+    with pytest.raises(ValueError, match="disc_precision"):
+        replace(FAST, disc_precision="fp8")
+
+
 def test_resume_is_exact_and_checkpoints_are_atomic(tmp_path, accelerator, corpus_dir):
     data = clips(corpus_dir)
     whole = _trainer(tmp_path / "whole", accelerator, corpus_dir)

@@ -59,6 +59,7 @@ from .run import mix_seed
 from .validate import codec_metrics
 
 TRAIN_PARTS = ("all", "decoder")
+DISC_PRECISIONS = ("same", "bf16")
 LOSS_WEIGHTS: dict[str, dict[str, float]] = {
     "paper": {"l1": 0.1, "mel": 1.0, "adv": 3.0, "feat": 3.0},
     "audiocraft": {"l1": 0.1, "mel": 2.0, "adv": 4.0, "feat": 4.0},
@@ -114,6 +115,11 @@ class CodecTrainConfig(LoopConfig):
     # re-seeding), so a trained codec's tokens stay exactly the same while its decoder is fine-tuned
     # (e.g. adversarially, to remove artifacts): token caches and LMs trained on them remain valid.
     train_parts: str = "all"
+    # "same": the discriminator runs under the run's autocast (``--mixed-precision``); "bf16": under
+    # bfloat16 autocast alone, the codec and the losses in float32. The discriminator is most of a
+    # decoder fine-tune's step and the part that tolerates bfloat16 best (it only has to tell real
+    # from decoded); on a CPU with bfloat16 units its forward and backward run ~1.9x faster.
+    disc_precision: str = "same"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,6 +130,8 @@ class CodecTrainConfig(LoopConfig):
             raise ValueError(f"disc_update_prob must be in [0, 1], got {self.disc_update_prob}")
         if self.train_parts not in TRAIN_PARTS:
             raise ValueError(f"train_parts must be one of {TRAIN_PARTS}, got {self.train_parts!r}")
+        if self.disc_precision not in DISC_PRECISIONS:
+            raise ValueError(f"disc_precision must be one of {DISC_PRECISIONS}, got {self.disc_precision!r}")
 
     def weights(self) -> dict[str, float]:
         """The balanced losses' weights, zero weights left out."""
@@ -263,6 +271,12 @@ class CodecTrainer(TrainingLoop):
             return None
         return torch.stack([data[i] for i in range(self.config.valid_clips)])
 
+    def _disc_autocast(self):
+        """The autocast the discriminator runs under (see ``CodecTrainConfig.disc_precision``)."""
+        if self.config.disc_precision == "bf16":
+            return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
+
     @property
     def plain_discriminator(self) -> MultiScaleSTFTDiscriminator:
         return self.accelerator.unwrap_model(self.discriminator)
@@ -284,7 +298,7 @@ class CodecTrainer(TrainingLoop):
         decoded = decoded.float()
 
         if update_disc:  # real and decoded in one forward: one backward for DDP
-            with accelerator.autocast():
+            with self._disc_autocast():
                 logits, _ = self.discriminator(torch.cat([wav, decoded.detach()]))
             batch = wav.shape[0]
             disc_loss = hinge_discriminator_loss([x[:batch] for x in logits],
@@ -324,7 +338,7 @@ class CodecTrainer(TrainingLoop):
         if self.config.adversarial:
             # The plain module: only the output's gradient is taken here, no DDP involved.
             discriminator = self.plain_discriminator
-            with self.accelerator.autocast():
+            with self._disc_autocast():
                 fake_logits, fake_features = discriminator(decoded)
                 with torch.no_grad():
                     _, real_features = discriminator(wav)

@@ -162,6 +162,44 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(rx @ ry) / denominator if denominator > 0 else float("nan")
 
 
+def sweep_reference(estimates: Sequence[float], truths: Sequence[float], tempos: Sequence[int], *, per_tempo: int,
+                    tolerance: float = 0.06, draws: int = 2000, target: float = 0.8, seed: int = 0) -> dict:
+    """What the tempo sweep's Spearman reads on real music: the clips whose true tempo lies within
+    ``tolerance`` of each prompted tempo stand in for generations that play it exactly, and
+    ``draws`` random sweeps of ``per_tempo`` of them per tempo (with replacement, as many as a sweep
+    of generations has) give the spread of the sweep's Spearman from the reader's own errors and
+    the sample size alone; ``at_least_target`` is the share of draws reaching ``target``.
+
+    Why: a generation's tempo is read by the same reader, so a generator is unlikely to beat
+    these numbers, and one sweep of a few clips per tempo moves by tenths from draw to draw.
+    """
+    if len(estimates) != len(truths):
+        raise ValueError(f"need as many estimates as truths, got {len(estimates)} and {len(truths)}")
+    if per_tempo < 1 or draws < 1 or len(set(tempos)) < 2:
+        raise ValueError(f"need per_tempo >= 1, draws >= 1 and 2+ distinct tempos; got {per_tempo}, {draws}, "
+                         f"{list(tempos)}")
+    near = {bpm: [e for e, t in zip(estimates, truths) if abs(t / bpm - 1) <= tolerance] for bpm in tempos}
+    result: dict = {"tolerance": tolerance, "per_tempo": per_tempo, "draws": draws,
+                    "clips": {bpm: len(reads) for bpm, reads in near.items()}}
+    if not all(near.values()):
+        return {**result, "spearman": None}
+    result["within_8pct"] = {bpm: tempo_report(reads, [bpm] * len(reads))["within_8pct"]
+                             for bpm, reads in near.items()}
+    result["spearman_all"] = spearman([bpm for bpm, reads in near.items() for _ in reads],
+                                      [e for reads in near.values() for e in reads])
+    generator = torch.Generator().manual_seed(seed)
+    prompted = [bpm for bpm in tempos for _ in range(per_tempo)]
+    values = []
+    for _ in range(draws):
+        picks = [near[bpm][int(i)] for bpm in tempos
+                 for i in torch.randint(len(near[bpm]), (per_tempo,), generator=generator)]
+        values.append(spearman(prompted, picks))
+    values = torch.tensor(values, dtype=torch.float64).nan_to_num(0.0)
+    low, median, high = (float(v) for v in torch.quantile(values, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)))
+    return {**result, "spearman": {"median": median, "p10": low, "p90": high, "target": target,
+                                   "at_least_target": float((values >= target).double().mean())}}
+
+
 
 # -- the reader trained on the corpus -------------------------------------------------------------
 # Beat periods sampled for the features (wider than the answers, so a half or double period is seen).

@@ -309,6 +309,10 @@ def test_adherence_run_end_to_end(corpus):
     assert generated["mode"]["accuracy"] == 1.0 and generated["mode"]["trusted"]
     tables = adherence.adherence_tables(result)
     assert "| valid | 4 | 100 % |" in tables and "**0.96**" in tables
+    # the sweep's Spearman on real clips: the held-out clips near each prompted tempo (none near 70 here)
+    reference = result["tempo_sweep_reference"]["valid"]
+    assert reference["per_tempo"] == 2 and sum(reference["clips"].values()) <= 4
+    assert "The tempo sweep's Spearman on real music" in tables
 
     def ignore_prompt(texts, seed):
         wav = torch.stack([song("keys", 100, 0, "major", 4.0, seed * 100 + i) for i in range(len(texts))])
@@ -347,6 +351,8 @@ def test_measures_through_a_codec_round_trip(corpus, tiny_codec):
     assert coded["classifier"]["accuracy"] == result["classifier"]["accuracy"] == 1.0
     assert coded["tempo"] == result["tempo"]["valid"] and coded["key"] == result["key"]["valid"]
     assert coded["lines_db"] == pytest.approx(result["lines_db"]["valid"])
+    references = result["tempo_sweep_reference"]
+    assert references["valid, codec round trip"] == references["valid"]
     assert "| valid, codec round trip | 4 | 100 % |" in adherence.adherence_tables(result)
     assert "codec_classifier" not in coded
     # the trained tempo reader is the measure; the autocorrelation estimator is reported beside it,

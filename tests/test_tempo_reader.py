@@ -69,3 +69,27 @@ def test_reader_refuses_what_it_cannot_learn_or_read():
         reader.read(torch.zeros(RATE // 100))
     bpm = reader.read(pulses(100, 4.0, seed=0))  # untrained: some tempo inside the range it answers
     assert tempo.READ_BPM[0] <= bpm <= tempo.READ_BPM[1]
+
+
+def test_sweep_reference_reads_the_sweeps_spearman_on_real_clips():
+    """Exact reads of clips at the prompted tempi give the most a sweep's Spearman can be in every draw;
+    octave slips at the slow tempo pull the draws down and spread them; too few clips near a tempo: none."""
+    tempos = (70, 100, 140)
+    truths = [68.0, 70.0, 72.0, 99.0, 101.0, 138.0, 142.0, 120.0]  # 120: near none of them
+    exact = tempo.sweep_reference(truths, truths, tempos, per_tempo=4, draws=200)
+    assert exact["clips"] == {70: 3, 100: 2, 140: 2}
+    assert exact["within_8pct"] == {70: 1.0, 100: 1.0, 140: 1.0}
+    assert exact["spearman"]["p10"] > 0.85 and exact["spearman"]["at_least_target"] == 1.0
+    assert exact["spearman"]["p90"] <= 1.0 and exact["spearman_all"] > 0.9
+    slipped = [140.0 if t == 68.0 else t for t in truths]  # one of the three 70 bpm clips read double
+    noisy = tempo.sweep_reference(slipped, truths, tempos, per_tempo=4, draws=200)
+    assert noisy["within_8pct"][70] == pytest.approx(2 / 3)
+    assert noisy["spearman"]["p10"] < exact["spearman"]["p10"] - 0.2
+    assert 0 < noisy["spearman"]["at_least_target"] < 1
+    again = tempo.sweep_reference(slipped, truths, tempos, per_tempo=4, draws=200)
+    assert again == noisy  # seeded
+    assert tempo.sweep_reference(truths, truths, (70, 100, 160), per_tempo=4)["spearman"] is None
+    with pytest.raises(ValueError, match="per_tempo"):
+        tempo.sweep_reference(truths, truths, tempos, per_tempo=0)
+    with pytest.raises(ValueError, match="as many"):
+        tempo.sweep_reference(truths[:-1], truths, tempos, per_tempo=2)

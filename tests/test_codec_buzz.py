@@ -171,9 +171,9 @@ def test_cli_decoder_fine_tune_end_to_end(tmp_path, capsys, corpus_dir):  # noqa
 
 
 def test_cli_adversarial_decoder_fine_tune_with_fewer_discriminator_scales(tmp_path, capsys, corpus_dir):  # noqa: F811
-    """--loss-weights timbre_gan --disc-windows --disc-precision bf16: the discriminator has the scales
-    and precision asked for (what makes it affordable on a CPU), the codes stay the base codec's; bad
-    windows are refused."""
+    """--loss-weights timbre_gan --disc-windows --disc-precision bf16 --ema-decay: the discriminator has
+    the scales and precision asked for (what makes it affordable on a CPU), the run keeps a weight
+    average of the decoder, the codes stay the base codec's; bad windows are refused."""
     from codec.training.loop import CheckpointManager
     from codec.training.trainer import CodecTrainer
 
@@ -185,11 +185,13 @@ def test_cli_adversarial_decoder_fine_tune_with_fewer_discriminator_scales(tmp_p
             "--checkpoint-every", "2", "--cpu", "-q"]
     code, _, err = run(capsys, *args, "--disc-windows", "512,300")
     assert code == 2 and "powers of two" in err and not (tmp_path / "run").exists()
-    code, _, err = run(capsys, *args, "--disc-windows", "256,128", "--disc-precision", "bf16")
+    code, _, err = run(capsys, *args, "--disc-windows", "256,128", "--disc-precision", "bf16", "--ema-decay", "0.9")
     assert code == 0, err
     state = CheckpointManager.load(CheckpointManager(tmp_path / "run" / "checkpoints").latest(), CodecTrainer.kind)
     assert tuple(state["train_config"]["disc_windows"]) == (256, 128)
-    assert state["train_config"]["disc_precision"] == "bf16"
+    assert state["train_config"]["disc_precision"] == "bf16" and state["train_config"]["ema_decay"] == 0.9
+    assert set(state["average"]["average"]) == {k for k in state["model"] if k.startswith("decoder.") and
+                                                k.endswith(("weight_g", "weight_v", "bias"))}
     scales = {key.split(".")[1] for key in state["discriminator"] if key.startswith("discriminators.")}
     assert len(scales) == 2
     wav = clips(corpus_dir)[0][None]

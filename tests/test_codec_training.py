@@ -419,6 +419,78 @@ def test_resume_is_exact_and_checkpoints_are_atomic(tmp_path, accelerator, corpu
         assert torch.equal(a, b), name
 
 
+def test_weight_average_math_swap_and_state():
+    from codec.training.ema import WeightAverage
+
+    layer = torch.nn.Linear(3, 2)
+    layer.bias.requires_grad_(False)  # frozen: not averaged
+    layer.register_buffer("book", torch.zeros(2))
+    start = layer.weight.detach().clone()
+    average = WeightAverage(layer, decay=0.5)
+    assert set(average.average) == {"weight"}
+    with torch.no_grad():
+        layer.weight.add_(2.0)
+    average.update(layer)
+    assert torch.allclose(average.average["weight"], start + 1.0)
+    trained = layer.weight.detach().clone()
+    with average.applied(layer):
+        assert torch.allclose(layer.weight, start + 1.0)
+    assert torch.equal(layer.weight, trained)  # put back, also after an error inside
+    with pytest.raises(RuntimeError), average.applied(layer):
+        raise RuntimeError
+    assert torch.equal(layer.weight, trained)
+    saved = average.state_dict()
+    average.reset(layer)
+    assert torch.equal(average.average["weight"], trained)
+    average.load_state_dict(saved)
+    assert torch.allclose(average.average["weight"], start + 1.0)
+    with pytest.raises(ValueError, match="same parameters"):
+        average.load_state_dict({"average": {"bias": torch.zeros(2)}})
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="decay"):
+            WeightAverage(layer, decay=bad)
+
+
+def test_ema_decay_validates_and_exports_the_average_and_resumes_it(tmp_path, accelerator, corpus_dir):
+    """With ema_decay the export holds the weight average (not the last step's weights), the
+    checkpoints carry it, a resumed run continues it exactly, and a run resumed without one
+    starts it at the loaded weights."""
+    config = replace(FAST, quantizer_dropout=False, train_parts="decoder", ema_decay=0.5, valid_every=100)
+    data = clips(corpus_dir)
+    whole = _trainer(tmp_path / "whole", accelerator, corpus_dir, config)
+    whole.fit(data)
+    decoder = {k: v for k, v in whole.model.state_dict().items() if k.startswith("decoder.")}
+    exported = load_model(tmp_path / "whole" / "tiny", inference=False).state_dict()
+    averaged = whole.average.average
+    assert set(averaged) == {k for k, p in whole.model.named_parameters() if p.requires_grad}
+    assert all(k.startswith("decoder.") for k in averaged)
+    for name, value in averaged.items():
+        assert torch.equal(exported[name], value), name
+    assert any(not torch.equal(exported[k], decoder[k]) for k in averaged)
+    for name in exported:  # the encoder and codebooks are the trained model's
+        if not name.startswith("decoder."):
+            assert torch.equal(exported[name], whole.model.state_dict()[name]), name
+
+    half = _trainer(tmp_path / "half", accelerator, corpus_dir, replace(config, steps=4))
+    half.fit(data)
+    resumed = _trainer(tmp_path / "half", accelerator, corpus_dir, config)
+    resumed.resume()
+    resumed.fit(data)
+    for name, value in whole.average.average.items():
+        assert torch.equal(resumed.average.average[name], value), name
+
+    plain = _trainer(tmp_path / "plain", accelerator, corpus_dir, replace(config, steps=4, ema_decay=None))
+    plain.fit(data)
+    assert CheckpointManager.load(CheckpointManager(tmp_path / "plain" / "checkpoints").latest(),
+                                  CodecTrainer.kind)["average"] is None
+    late = _trainer(tmp_path / "plain", accelerator, corpus_dir, config)
+    late.resume()
+    for name, value in late.average.average.items():
+        assert torch.equal(value, dict(late.model.named_parameters())[name]), name
+    with pytest.raises(ValueError, match="ema_decay"):
+        replace(FAST, ema_decay=1.5)
+
+
 def test_checkpoint_of_another_codec_is_refused(tmp_path, accelerator, corpus_dir):
     trainer = _trainer(tmp_path, accelerator, corpus_dir, replace(FAST, steps=2))
     trainer.fit(clips(corpus_dir))

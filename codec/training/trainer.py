@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from ..quantization import EuclideanCodebook
 from .balancer import Balancer
 from .data import RandomClips
 from .discriminator import DEFAULT_WINDOWS, MultiScaleSTFTDiscriminator
+from .ema import WeightAverage
 from .loop import LoopConfig, TrainingLoop, codebook_choices
 from .losses import (
     MelDistance,
@@ -120,6 +122,9 @@ class CodecTrainConfig(LoopConfig):
     # decoder fine-tune's step and the part that tolerates bfloat16 best (it only has to tell real
     # from decoded); on a CPU with bfloat16 units its forward and backward run ~1.9x faster.
     disc_precision: str = "same"
+    # An exponential moving average of the trained weights (e.g. 0.999: about the last 1,000 steps)
+    # is what validation reads and the run exports; None: the weights as trained.
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +135,8 @@ class CodecTrainConfig(LoopConfig):
             raise ValueError(f"disc_update_prob must be in [0, 1], got {self.disc_update_prob}")
         if self.train_parts not in TRAIN_PARTS:
             raise ValueError(f"train_parts must be one of {TRAIN_PARTS}, got {self.train_parts!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.disc_precision not in DISC_PRECISIONS:
             raise ValueError(f"disc_precision must be one of {DISC_PRECISIONS}, got {self.disc_precision!r}")
 
@@ -265,6 +272,11 @@ class CodecTrainer(TrainingLoop):
         self.generator, self.discriminator, self.gen_opt, self.disc_opt = accelerator.prepare(
             CodecTrainingModule(model, decoder_only=decoder_only), discriminator, gen_opt, disc_opt)
         self.valid_batch = self._valid_batch(valid_data)
+        self.average = None if config.ema_decay is None else WeightAverage(model, decay=config.ema_decay)
+
+    def _averaged_weights(self):
+        """The weight average swapped in (validation, export), or nothing to do without one."""
+        return nullcontext() if self.average is None else self.average.applied(self.model)
 
     def _valid_batch(self, data: RandomClips | None) -> torch.Tensor | None:
         if data is None or not self.config.valid_clips:
@@ -316,6 +328,8 @@ class CodecTrainer(TrainingLoop):
         self.gen_opt.zero_grad(set_to_none=True)
         accelerator.backward(surrogate)
         self.gen_opt.step()
+        if self.average is not None:
+            self.average.update(self.model)
         metrics.update({name: loss.item() for name, loss in losses.items()})
         metrics.update(commitment=penalty.item(), balanced=effective.item())
         return metrics
@@ -366,12 +380,13 @@ class CodecTrainer(TrainingLoop):
         (:func:`~codec.training.validate.codec_metrics`)."""
         if self.valid_batch is None:
             return {}
-        return codec_metrics(self.valid_batch.to(self.accelerator.device), self.reconstruct,
-                             choices=self.choices, num_codebooks=self.model.num_codebooks,
-                             kbps_per_codebook=self.model.bandwidth_per_codebook,
-                             sample_rate=self.model.sample_rate, mel_distance=self.mel_distance,
-                             mel_loss=self.mel_loss, visqol_clips=self.config.visqol_clips,
-                             frame_rate=self.model.frame_rate)
+        with self._averaged_weights():
+            return codec_metrics(self.valid_batch.to(self.accelerator.device), self.reconstruct,
+                                 choices=self.choices, num_codebooks=self.model.num_codebooks,
+                                 kbps_per_codebook=self.model.bandwidth_per_codebook,
+                                 sample_rate=self.model.sample_rate, mel_distance=self.mel_distance,
+                                 mel_loss=self.mel_loss, visqol_clips=self.config.visqol_clips,
+                                 frame_rate=self.model.frame_rate)
 
     def state_dict(self) -> dict:
         scaler = self.accelerator.scaler
@@ -381,6 +396,7 @@ class CodecTrainer(TrainingLoop):
                 "discriminator": self.plain_discriminator.state_dict(),
                 "gen_opt": self.gen_opt.state_dict(), "disc_opt": self.disc_opt.state_dict(),
                 "balancer": self.balancer.state_dict(),
+                "average": None if self.average is None else self.average.state_dict(),
                 "scaler": None if scaler is None else scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -396,12 +412,19 @@ class CodecTrainer(TrainingLoop):
         self.gen_opt.load_state_dict(state["gen_opt"])
         self.disc_opt.load_state_dict(state["disc_opt"])
         self.balancer.load_state_dict(state["balancer"])
+        if self.average is not None:  # a run that had none starts its average at the loaded weights
+            if state.get("average") is not None:
+                self.average.load_state_dict(state["average"])
+            else:
+                self.average.reset(self.model)
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
 
     def export(self) -> Path:
-        """Write the codec as ``out_dir/<name>/`` (tokenwave format, weight norm kept)."""
-        return save_model(self.model, self.out_dir / self.model.name, overwrite=True)
+        """Write the codec (its weight average, with ``ema_decay``) as ``out_dir/<name>/`` (tokenwave
+        format, weight norm kept)."""
+        with self._averaged_weights():
+            return save_model(self.model, self.out_dir / self.model.name, overwrite=True)
 
 
 # -- building the models -------------------------------------------------------------------------

@@ -32,7 +32,7 @@ DEFAULT_PRESET = "encodec_24khz"
 _LOOP_FLAGS = ("steps", "batch_size", "segment_seconds", "lr", "seed", "log_every", "valid_every",
                "valid_clips", "checkpoint_every", "keep_last", "num_workers")
 _CODEC_FLAGS = ("loss_weights", "disc_update_prob", "disc_filters", "disc_windows", "dead_code_threshold",
-                "train_parts", "disc_precision")
+                "train_parts", "disc_precision", "ema_decay")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -349,6 +349,10 @@ def register(subparsers) -> None:
                      help="bf16: the discriminator alone under bfloat16 autocast, the codec and losses in float32 "
                           "(on a CPU with bfloat16 units about 1.4x faster adversarial steps); default same (as "
                           "--mixed-precision; a resumed run keeps its own)")
+    sub.add_argument("--ema-decay", type=float, metavar="D",
+                     help="validate and export an exponential moving average of the trained weights, e.g. "
+                          "0.999 (about the last 1,000 steps; steadier than the last step's weights in an "
+                          "adversarial run); a resumed run without one starts it at its weights")
     sub.add_argument("--train-parts", choices=("all", "decoder"),
                      help="decoder: freeze the encoder and codebooks of --from's codec and train its decoder "
                           "only, so its tokens stay exactly the same (token caches and LMs made with it stay "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-train the model the repository ships, assets/models/tokenwave-small (v4.4), end to end:
+# Re-train the model the repository ships, assets/models/tokenwave-small (v4.5), end to end:
 #
 #   1. corpus: 20 h rendered with fluidsynth (32 kHz mono, seed 0, recipe version 2): procedural
 #      songs in 14 styles and excerpts of music21's scores (Bach chorales, Ryan's Mammoth tunes;
@@ -22,6 +22,10 @@
 #         statistics weighted 3 (`--resume --segment-seconds 2 --batch-size 2 --loss-weight stats=3`:
 #         each band's spread over seconds, not half a second, which is what an instrument classifier
 #         reads; v4.4's, on the same 2,014 clips)
+#      f. resumed again to GAN3_STEPS with the band statistics weighted 6, the discriminator in
+#         bfloat16 (`--disc-precision bf16`, 1.4x faster on this CPU) and an exponential moving
+#         average of the decoder's weights exported (`--ema-decay 0.999`; v4.5's, its average
+#         started at step 10,750 where the recipe starts it at 9,500)
 #   3. text encoder: sentencepiece vocabulary from the captions + a 3-layer T5 (d_model 128)
 #   4. tokens: the corpus encoded by the codec (2a's encoder), 10 s items
 #   5. LM: the `tokenwave_small` preset (dim 256, 4 layers), trained from scratch together with
@@ -31,11 +35,11 @@
 #      c. tempo and key conditioners added (`--tempo-key`: a beat clock and a key embedding fed
 #         from the metadata), 1,200 steps on 6 s windows, 1,800 on 8 s, then 1,000 on 10 s (v4's LM)
 #   6. copy into assets/models/tokenwave-small (with --install), its guidance coefficient set to
-#      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's to v4.4's)
+#      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's to v4.5's)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
-# are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / GAN_STEPS / GAN2_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
-# Steps 2b-2e and 4-5 are independent (2b-2e leave the codes alone) and may run side by side.
+# are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / GAN_STEPS / GAN2_STEPS / GAN3_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
+# Steps 2b-2f and 4-5 are independent (2b-2f leave the codes alone) and may run side by side.
 # A finished step is skipped on a re-run; an interrupted one resumes.
 #
 # Usage, from the repository root with tokenwave installed (or its venv active):
@@ -49,6 +53,7 @@ DECODER_STEPS=${DECODER_STEPS:-3000}
 TIMBRE_STEPS=${TIMBRE_STEPS:-1800}
 GAN_STEPS=${GAN_STEPS:-6500}
 GAN2_STEPS=${GAN2_STEPS:-9500}
+GAN3_STEPS=${GAN3_STEPS:-16000}
 DISC_WINDOWS=${DISC_WINDOWS:-2048,1024,512}  # the five scales of the default (the paper's): 1024,2048,512,256,128
 DISC_FILTERS=${DISC_FILTERS:-16}             # the paper's: 32
 LM_STEPS=${LM_STEPS:-2200}
@@ -112,6 +117,12 @@ if [[ ! -e "$OUT/decoder_gan/.done_stats" ]]; then  # 2e: the run above, resumed
     $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/decoder_gan" --resume \
         --steps "$GAN2_STEPS" --batch-size 2 --segment-seconds 2 --loss-weight stats=3 "${CPU_FLAG[@]}"
     touch "$OUT/decoder_gan/.done_stats"
+fi
+if [[ ! -e "$OUT/decoder_gan/.done_ema" ]]; then  # 2f: resumed again, its export a weight average
+    stamp "2f/6 decoder, band statistics weighted 6, weight average: $GAN3_STEPS steps"
+    $TOKENWAVE train-codec "$OUT/corpus/train" --valid "$OUT/corpus/valid" --out "$OUT/decoder_gan" --resume \
+        --steps "$GAN3_STEPS" --loss-weight stats=6 --disc-precision bf16 --ema-decay 0.999 "${CPU_FLAG[@]}"
+    touch "$OUT/decoder_gan/.done_ema"
     rm -rf "$OUT/codec_final" && cp -r "$OUT/decoder_gan/tokenwave-small" "$OUT/codec_final"
 fi
 
@@ -170,7 +181,7 @@ if [[ "${1:-}" == "--install" ]]; then
     stamp "6/6 install -> assets/models/tokenwave-small"
     rm -rf "$ROOT/assets/models/tokenwave-small.new"
     cp -r "$OUT/lm_tempo3/model" "$ROOT/assets/models/tokenwave-small.new"
-    rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2e's decoder (the same codes as 2a's)
+    rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2f's decoder (the same codes as 2a's)
     cp -r "$OUT/codec_final" "$ROOT/assets/models/tokenwave-small.new/codec"
     # The model's own guidance coefficient (the default of generate(), the CLI and the demo):
     # 6 measured best for this LM (tempo and mode followed, less buzz; see the README's model card).

@@ -32,9 +32,8 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        names = [name for name, _ in module.named_parameters() if name in self.average]
         weights = dict(module.named_parameters())
-        torch._foreach_lerp_([self.average[n] for n in names], [weights[n].detach() for n in names],
+        torch._foreach_lerp_(list(self.average.values()), [weights[n].detach() for n in self.average],
                              1 - self.decay)
 
     @torch.no_grad()

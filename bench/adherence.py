@@ -112,6 +112,43 @@ def timbre_features(wav: torch.Tensor, *, window_seconds: float = 2.5) -> torch.
     return torch.stack(rows)
 
 
+TIMBRE_PARTS = ("mean", "spread", "change")  # timbre_features' three blocks of NUM_MELS columns
+
+
+def family_reference(features: Sequence[torch.Tensor], labels: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per family, the mean and standard deviation of :func:`timbre_features` over all its clips'
+    windows: where real music of that family lies, for :func:`timbre_shift`."""
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for x, label in zip(features, labels, strict=True):
+        pooled.setdefault(label, []).append(x.float())
+    out = {}
+    for label, rows in pooled.items():
+        x = torch.cat(rows)
+        out[label] = (x.mean(0), x.std(0, correction=0).clamp(min=1e-4))
+    return out
+
+
+def timbre_shift(features: Sequence[torch.Tensor], labels: Sequence[str],
+                 reference: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict | None:
+    """How far clips' timbre features sit from real clips of their (prompted) family, in that
+    family's standard deviations, averaged over clips and bands for each part (band mean, spread,
+    frame-to-frame change): the features the family classifier reads, so a part far from 0 names
+    what moves its verdict. ``change`` per family too. None when no clip has a reference."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    for x, label in zip(features, labels, strict=True):
+        if label in reference:
+            mean, std = reference[label]
+            rows.setdefault(label, []).append((x.float().mean(0) - mean) / std)
+    if not rows:
+        return None
+    z = torch.stack([r for group in rows.values() for r in group]).view(-1, len(TIMBRE_PARTS), NUM_MELS)
+    result: dict = {"clips": z.shape[0]}
+    result.update({part: float(z[:, i].mean()) for i, part in enumerate(TIMBRE_PARTS)})
+    result["change_per_family"] = {label: float(torch.stack(group).view(-1, len(TIMBRE_PARTS), NUM_MELS)[:, 2].mean())
+                                   for label, group in rows.items()}
+    return result
+
+
 # -- instrument family classifier ----------------------------------------------------------------
 class FamilyClassifier(nn.Module):
     """Standardized features ``(N, D)`` -> class logits ``(N, num_classes)``: one hidden layer.
@@ -366,11 +403,14 @@ def generate_clips(generate: GenerateFn, texts: Sequence[str], *, batch: int, se
 def score_generations(prompts: Sequence[Prompt], wavs: Sequence[torch.Tensor], *, classifier: FamilyClassifier,
                       families: Sequence[str], min_bpm: float = 50.0, max_bpm: float = 200.0,
                       codec_classifier: FamilyClassifier | None = None,
-                      tempo_reader: TempoReader | None = None) -> dict:
+                      tempo_reader: TempoReader | None = None,
+                      reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """Adherence of generated clips (mono ``(T,)`` at :data:`ANALYSIS_RATE`, one per prompt) to the
     attribute each prompt's sweep varies: recognized family (also by ``codec_classifier``, as
     ``"family_codec"``, when given), estimated tempo (by ``tempo_reader`` when given, and then by the
-    autocorrelation estimator too, as ``"tempo_acf"``), mode on the prompted tonic."""
+    autocorrelation estimator too, as ``"tempo_acf"``), mode on the prompted tonic. With ``reference``
+    (:func:`family_reference` of real clips) also the family clips' :func:`timbre_shift`
+    (``"family_timbre_shift"``): which of the features the classifier reads moved."""
     if len(prompts) != len(wavs):
         raise ValueError(f"need one clip per prompt, got {len(wavs)} clips for {len(prompts)} prompts")
     result: dict = {}
@@ -383,6 +423,8 @@ def score_generations(prompts: Sequence[Prompt], wavs: Sequence[torch.Tensor], *
             if reader is not None:
                 result[name] = accuracy_report(reader.predict(features), truth, families)
                 result[name]["chance"] = 1 / len(families)  # every family is prompted equally often
+        if reference is not None:
+            result["family_timbre_shift"] = timbre_shift(features, [p.family for p, _ in sweep], reference)
     sweep = [(p, w) for p, w in zip(prompts, wavs) if p.attribute == "tempo"]
     if sweep:
         prompted = [p.tempo for p, _ in sweep]
@@ -452,7 +494,10 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
     With ``settings.tempo_reader`` a :class:`~bench.tempo.TempoReader` is trained on the train
     clips' tempi and reads tempo (``results["tempo"]``); the autocorrelation estimator's reports
     move to ``results["tempo_acf"]``.
-    Returns ``(results, classifier, families, vocabulary, codec_classifier or None, tempo_reader or None)``.
+    ``results["timbre_shift"]``: where the held-out clips (and their round trips) sit against the
+    train clips of their family (:func:`timbre_shift`).
+    Returns ``(results, classifier, families, vocabulary, codec_classifier or None, tempo_reader or None,
+    reference)``, ``reference`` the train clips' :func:`family_reference`.
     """
     train = read_corpus(train_dir, limit=settings.train_clips)
     valid = read_corpus(valid_dir)
@@ -476,6 +521,9 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
     results: dict = {"families": families, "train_clips": len(labelled)}
     results["classifier"] = (accuracy_report(classifier.predict([x for x, _ in held_out]),
                                              [y for _, y in held_out], families) if held_out else None)
+    reference = family_reference([x for x, _ in labelled], [families[y] for _, y in labelled])
+    results["timbre_shift"] = {"valid": timbre_shift([x for x, _ in held_out], [families[y] for _, y in held_out],
+                                                     reference)}
     tempo_args = dict(min_bpm=settings.min_bpm, max_bpm=settings.max_bpm)
     acf_key, tempo_reader = "tempo", None
     if settings.tempo_reader:
@@ -511,6 +559,8 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
             acf_key: tempo_report(coded_acf, valid_tempi),
             "key": key_report(coded, valid),
             "lines_db": mean_line_prominence(coded, settings.frame_rate)}
+        results["timbre_shift"]["valid, codec round trip"] = timbre_shift(
+            [x for x, _ in labelled], [families[y] for _, y in labelled], reference)
         coded_reads = coded_acf
         if tempo_reader is not None:
             coded_reads = [tempo_reader.read(w) for w in coded]
@@ -528,7 +578,7 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
         results["roundtrip"]["codec_classifier"] = (accuracy_report(
             codec_classifier.predict([x for x, _ in labelled]), [y for _, y in labelled], families)
             if labelled else None)
-    return results, classifier, families, Vocabulary.from_corpus(train), codec_classifier, tempo_reader
+    return results, classifier, families, Vocabulary.from_corpus(train), codec_classifier, tempo_reader, reference
 
 
 def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: GenerateFn | None = None,
@@ -537,7 +587,7 @@ def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: Genera
     """Validate the measures on the corpus (and through ``roundtrip``, see :func:`validate_measures`),
     then (with ``generate``) score generations of prompts that vary one attribute at a time.
     Returns a JSON-ready dict; see :func:`adherence_tables`."""
-    results, classifier, families, vocabulary, codec_classifier, tempo_reader = validate_measures(
+    results, classifier, families, vocabulary, codec_classifier, tempo_reader, reference = validate_measures(
         train_dir, valid_dir, settings, log, roundtrip)
     if generate is None:
         return results
@@ -551,7 +601,7 @@ def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: Genera
     log(f"generated in {time.perf_counter() - started:.1f} s")
     scores = score_generations(prompts, wavs, classifier=classifier, families=families,
                                min_bpm=settings.min_bpm, max_bpm=settings.max_bpm, codec_classifier=codec_classifier,
-                               tempo_reader=tempo_reader)
+                               tempo_reader=tempo_reader, reference=reference)
     mode_validity = results["key"]["valid"]["mode_given_tonic"]
     if "mode" in scores:
         scores["mode"]["trusted"] = mode_validity >= MODE_TRUST
@@ -576,6 +626,10 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{100 * value:.0f} %"
 
 
+def _shift_row(split: str, r: dict) -> str:
+    return f"| {split} | {r['clips']} | {r['mean']:+.2f} | {r['spread']:+.2f} | {r['change']:+.2f} |"
+
+
 def adherence_tables(result: dict) -> str:
     """Markdown tables of a :func:`run_adherence` result."""
     lines = ["### Measures validated on the corpus", ""]
@@ -593,6 +647,12 @@ def adherence_tables(result: dict) -> str:
         r = coded["classifier"]
         lines.append(f"| valid, codec round trip | {r['clips']} | {_pct(r['accuracy'])} | "
                      f"{_pct(r['balanced_accuracy'])} | {_pct(r['chance'])} |")
+    shifts = {k: v for k, v in result.get("timbre_shift", {}).items() if v}
+    if shifts:
+        lines += ["", "What the classifier reads, against the train clips of the same family (standard deviations, "
+                  "mean over bands):", "", "| split | clips | band mean | spread | frame-to-frame change |",
+                  "|---|---|---|---|---|"]
+        lines += [_shift_row(split, r) for split, r in shifts.items()]
     lines += ["", "Tempo against the MIDI tempo:", "",
               "| reader | split | clips | median abs error (bpm) | within 8 % | x1/2, x2, x1/3, x3 (within 8 %) "
               "| wrong | Spearman |", "|---|---|---|---|---|---|---|---|"]
@@ -651,6 +711,11 @@ def adherence_tables(result: dict) -> str:
         else:
             lines += ["| family | recognized |", "|---|---|"]
             lines += [f"| {family} | {_pct(acc)} |" for family, acc in r["per_class"].items()]
+    shift = generated.get("family_timbre_shift")
+    if shift:
+        lines += ["", "The family clips against real clips of the prompted family (as above):", "",
+                  "| split | clips | band mean | spread | frame-to-frame change |", "|---|---|---|---|---|",
+                  _shift_row("generated", shift)]
     if "tempo" in generated:
         r, acf = generated["tempo"], generated.get("tempo_acf")
         reader = "trained reader" if acf else "autocorrelation"

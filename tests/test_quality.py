@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 
 from bench import adherence, quality, tempo
+from bench.analysis import NUM_MELS
 from codec import audio as audio_io
 from codec.model import PRESETS
 from codec.training.buzz import buzz_db
@@ -208,6 +209,26 @@ def test_classifier_beats_chance_on_a_two_class_toy_set():
         adherence.train_classifier(features[:2], [0, 2], 2)
 
 
+def test_timbre_shift_names_the_feature_that_moved():
+    """Clips like the reference sit near 0; the same tones gated on and off every other frame
+    move the frame-to-frame change part by several standard deviations, the band means less."""
+    gen = torch.Generator().manual_seed(0)
+    labels = [i % 2 for i in range(16)]
+    clips = [toy_clip(y, gen) for y in labels]
+    names = ["dull", "bright"]
+    features = [adherence.timbre_features(c) for c in clips]
+    reference = adherence.family_reference(features, [names[y] for y in labels])
+    assert set(reference) == {"dull", "bright"} and reference["dull"][0].shape == (3 * NUM_MELS,)
+    same = adherence.timbre_shift(features, [names[y] for y in labels], reference)
+    assert same["clips"] == 16 and all(abs(same[part]) < 1e-4 for part in adherence.TIMBRE_PARTS)
+    gate = (torch.arange(clips[0].shape[-1]) // 320 % 2).float()  # 20 ms on, 20 ms off
+    flicker = [adherence.timbre_features(c * gate) for c in clips]
+    moved = adherence.timbre_shift(flicker, [names[y] for y in labels], reference)
+    assert moved["change"] > 2 and moved["change"] > abs(moved["spread"])
+    assert set(moved["change_per_family"]) == {"dull", "bright"}
+    assert adherence.timbre_shift(features[:2], ["organ", "organ"], reference) is None  # no such family
+
+
 # -- a synthetic corpus and a generator that follows its prompt -----------------------------------
 FAMILIES = {"keys": ("piano", 1), "brass": ("trumpet", 8)}  # family: (caption name, harmonics)
 
@@ -313,6 +334,9 @@ def test_adherence_run_end_to_end(corpus):
     reference = result["tempo_sweep_reference"]["valid"]
     assert reference["per_tempo"] == 2 and sum(reference["clips"].values()) <= 4
     assert "The tempo sweep's Spearman on real music" in tables
+    # what the classifier reads: held-out clips near their family's train clips; the generations' shift reported
+    assert result["timbre_shift"]["valid"]["clips"] == 4 and abs(result["timbre_shift"]["valid"]["change"]) < 2
+    assert generated["family_timbre_shift"]["clips"] == 4 and "| generated | 4 |" in tables
 
     def ignore_prompt(texts, seed):
         wav = torch.stack([song("keys", 100, 0, "major", 4.0, seed * 100 + i) for i in range(len(texts))])
@@ -354,6 +378,7 @@ def test_measures_through_a_codec_round_trip(corpus, tiny_codec):
     references = result["tempo_sweep_reference"]
     assert references["valid, codec round trip"] == references["valid"]
     assert "| valid, codec round trip | 4 | 100 % |" in adherence.adherence_tables(result)
+    assert result["timbre_shift"]["valid, codec round trip"] == result["timbre_shift"]["valid"]
     assert "codec_classifier" not in coded
     # the trained tempo reader is the measure; the autocorrelation estimator is reported beside it,
     # and alone with tempo_reader=False

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-train the model the repository ships, assets/models/tokenwave-small (v4.5), end to end:
+# Re-train the model the repository ships, assets/models/tokenwave-small (v4.6), end to end:
 #
 #   1. corpus: 20 h rendered with fluidsynth (32 kHz mono, seed 0, recipe version 2): procedural
 #      songs in 14 styles and excerpts of music21's scores (Bach chorales, Ryan's Mammoth tunes;
@@ -34,11 +34,12 @@
 #         (`--start-fraction 1 --start-weight 10`: the LM learns to read its caption; v3's LM)
 #      c. tempo and key conditioners added (`--tempo-key`: a beat clock and a key embedding fed
 #         from the metadata), 1,200 steps on 6 s windows, 1,800 on 8 s, then 1,000 on 10 s (v4's LM)
+#      d. 1,800 more steps on 10 s windows, lr 3e-4 cosine, from 5c's saved model (v4.6's LM)
 #   6. copy into assets/models/tokenwave-small (with --install), its guidance coefficient set to
-#      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's to v4.5's)
+#      GUIDANCE (6: what the adherence bench measured best for this LM; v4.2's to v4.6's)
 #
 # The shipped model was made with these commands on a 2-core CPU (no GPU); the step counts below
-# are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / GAN_STEPS / GAN2_STEPS / GAN3_STEPS / LM_STEPS change them; a GPU takes DEVICE=cuda).
+# are the ones used (CODEC_STEPS / DECODER_STEPS / TIMBRE_STEPS / GAN_STEPS / GAN2_STEPS / GAN3_STEPS / LM_STEPS / TEMPO4_STEPS change them; a GPU takes DEVICE=cuda).
 # Steps 2b-2f and 4-5 are independent (2b-2f leave the codes alone) and may run side by side.
 # A finished step is skipped on a re-run; an interrupted one resumes.
 #
@@ -61,6 +62,7 @@ START_STEPS=${START_STEPS:-800}
 TEMPO_STEPS=${TEMPO_STEPS:-1200}
 TEMPO2_STEPS=${TEMPO2_STEPS:-1800}
 TEMPO3_STEPS=${TEMPO3_STEPS:-1000}
+TEMPO4_STEPS=${TEMPO4_STEPS:-1800}
 GUIDANCE=${GUIDANCE:-6}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
@@ -176,11 +178,12 @@ tempo_stage() {
 tempo_stage lm_tempo lm_start "$TEMPO_STEPS" 6 5e-4 200
 tempo_stage lm_tempo2 lm_tempo "$TEMPO2_STEPS" 8 4e-4 300
 tempo_stage lm_tempo3 lm_tempo2 "$TEMPO3_STEPS" 10 3e-4 250
+tempo_stage lm_tempo4 lm_tempo3 "$TEMPO4_STEPS" 10 3e-4 300
 
 if [[ "${1:-}" == "--install" ]]; then
     stamp "6/6 install -> assets/models/tokenwave-small"
     rm -rf "$ROOT/assets/models/tokenwave-small.new"
-    cp -r "$OUT/lm_tempo3/model" "$ROOT/assets/models/tokenwave-small.new"
+    cp -r "$OUT/lm_tempo4/model" "$ROOT/assets/models/tokenwave-small.new"
     rm -rf "$ROOT/assets/models/tokenwave-small.new/codec"  # 2f's decoder (the same codes as 2a's)
     cp -r "$OUT/codec_final" "$ROOT/assets/models/tokenwave-small.new/codec"
     # The model's own guidance coefficient (the default of generate(), the CLI and the demo):
@@ -195,4 +198,4 @@ PY
     rm -rf "$ROOT/assets/models/tokenwave-small"
     mv "$ROOT/assets/models/tokenwave-small.new" "$ROOT/assets/models/tokenwave-small"
 fi
-stamp "done: $OUT/lm_tempo3/model"
+stamp "done: $OUT/lm_tempo4/model"

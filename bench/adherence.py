@@ -115,7 +115,8 @@ def timbre_features(wav: torch.Tensor, *, window_seconds: float = 2.5) -> torch.
 TIMBRE_PARTS = ("mean", "spread", "change")  # timbre_features' three blocks of NUM_MELS columns
 
 
-def family_reference(features: Sequence[torch.Tensor], labels: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def family_reference(features: Sequence[torch.Tensor], labels: Sequence[str]
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per family, the mean and standard deviation of :func:`timbre_features` over all its clips'
     windows: where real music of that family lies, for :func:`timbre_shift`."""
     pooled: dict[str, list[torch.Tensor]] = {}

@@ -142,11 +142,12 @@ def timbre_shift(features: Sequence[torch.Tensor], labels: Sequence[str],
             rows.setdefault(label, []).append((x.float().mean(0) - mean) / std)
     if not rows:
         return None
-    z = torch.stack([r for group in rows.values() for r in group]).view(-1, len(TIMBRE_PARTS), NUM_MELS)
+    per_family = {label: torch.stack(group).view(-1, len(TIMBRE_PARTS), NUM_MELS) for label, group in rows.items()}
+    z = torch.cat(list(per_family.values()))
+    change = TIMBRE_PARTS.index("change")
     result: dict = {"clips": z.shape[0]}
     result.update({part: float(z[:, i].mean()) for i, part in enumerate(TIMBRE_PARTS)})
-    result["change_per_family"] = {label: float(torch.stack(group).view(-1, len(TIMBRE_PARTS), NUM_MELS)[:, 2].mean())
-                                   for label, group in rows.items()}
+    result["change_per_family"] = {label: float(zf[:, change].mean()) for label, zf in per_family.items()}
     return result
 
 
@@ -627,6 +628,9 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{100 * value:.0f} %"
 
 
+_SHIFT_HEADER = ["| split | clips | band mean | spread | frame-to-frame change |", "|---|---|---|---|---|"]
+
+
 def _shift_row(split: str, r: dict) -> str:
     return f"| {split} | {r['clips']} | {r['mean']:+.2f} | {r['spread']:+.2f} | {r['change']:+.2f} |"
 
@@ -651,8 +655,7 @@ def adherence_tables(result: dict) -> str:
     shifts = {k: v for k, v in result.get("timbre_shift", {}).items() if v}
     if shifts:
         lines += ["", "What the classifier reads, against the train clips of the same family (standard deviations, "
-                  "mean over bands):", "", "| split | clips | band mean | spread | frame-to-frame change |",
-                  "|---|---|---|---|---|"]
+                  "mean over bands):", "", *_SHIFT_HEADER]
         lines += [_shift_row(split, r) for split, r in shifts.items()]
     lines += ["", "Tempo against the MIDI tempo:", "",
               "| reader | split | clips | median abs error (bpm) | within 8 % | x1/2, x2, x1/3, x3 (within 8 %) "
@@ -715,8 +718,7 @@ def adherence_tables(result: dict) -> str:
     shift = generated.get("family_timbre_shift")
     if shift:
         lines += ["", "The family clips against real clips of the prompted family (as above):", "",
-                  "| split | clips | band mean | spread | frame-to-frame change |", "|---|---|---|---|---|",
-                  _shift_row("generated", shift)]
+                  *_SHIFT_HEADER, _shift_row("generated", shift)]
     if "tempo" in generated:
         r, acf = generated["tempo"], generated.get("tempo_acf")
         reader = "trained reader" if acf else "autocorrelation"

@@ -60,6 +60,7 @@ class CorpusClip:
     tempo_word: str
     tonic: int  # pitch class, 0 = C
     mode: str  # "major" or "minor"
+    caption: str | None = None  # the sidecar's description: what the clip was trained with
 
 
 def read_corpus(folder: str | Path, *, limit: int | None = None) -> list[CorpusClip]:
@@ -77,11 +78,12 @@ def read_corpus(folder: str | Path, *, limit: int | None = None) -> list[CorpusC
         if not wav.is_file():
             continue
         try:
-            facts = json.loads(sidecar.read_text())["tokenwave_corpus"]
+            sidecar_json = json.loads(sidecar.read_text())
+            facts = sidecar_json["tokenwave_corpus"]
             clips.append(CorpusClip(audio=wav, family=facts["featured"]["family"],
                                     instrument=facts["featured"]["name"], tempo=int(facts["tempo"]),
                                     tempo_word=facts["tempo_word"], tonic=int(facts["tonic"]) % 12,
-                                    mode=facts["mode"]))
+                                    mode=facts["mode"], caption=sidecar_json.get("description")))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{sidecar}: not a tokenwave corpus sidecar (missing or bad field "
                              f"{error}); expected the metadata recipes/corpus/make_corpus.py writes") from None
@@ -472,6 +474,9 @@ class AdherenceSettings:
     frame_rate: float = 50.0  # the codec's: line prominence at its multiples measures a frame-rate buzz
     codec_classifier: bool = False  # with a round trip: also a classifier trained on round-tripped train clips
     tempo_reader: bool = True  # tempo read by a TempoReader trained on the train clips (False: autocorrelation only)
+    continuation: int = 0  # held-out clips per family continued from their start (bench.continuation; 0: none)
+    continuation_prompt: float = 2.0  # seconds of each clip given as the prompt
+    continuation_seconds: float = 10.0  # continued to this length
 
 
 TONICS = (0, 7, 2, 9, 5)  # C G D A F: names without accidentals, so the prompt's spelling is the corpus's
@@ -585,12 +590,25 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
 
 def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: GenerateFn | None = None,
                   settings: AdherenceSettings = AdherenceSettings(),
-                  log: Callable[[str], None] = print, roundtrip: RoundTrip | None = None) -> dict:
+                  log: Callable[[str], None] = print, roundtrip: RoundTrip | None = None,
+                  continue_fn=None) -> dict:
     """Validate the measures on the corpus (and through ``roundtrip``, see :func:`validate_measures`),
     then (with ``generate``) score generations of prompts that vary one attribute at a time.
+    With ``settings.continuation``, a ``continue_fn`` (:data:`bench.continuation.ContinueFn`) and a
+    ``roundtrip``, also the family read of continued held-out clips (``results["continuation"]``).
     Returns a JSON-ready dict; see :func:`adherence_tables`."""
     results, classifier, families, vocabulary, codec_classifier, tempo_reader, reference = validate_measures(
         train_dir, valid_dir, settings, log, roundtrip)
+    if settings.continuation and continue_fn is not None and roundtrip is not None:
+        from .continuation import continuation_report, pick_clips  # it builds on this module
+
+        started = time.perf_counter()
+        results["continuation"] = continuation_report(
+            pick_clips(read_corpus(valid_dir), families, settings.continuation), classifier=classifier,
+            families=families, continue_fn=continue_fn, roundtrip=roundtrip,
+            prompt_seconds=settings.continuation_prompt, seconds=settings.continuation_seconds,
+            batch=settings.batch, seed=settings.seed)
+        log(f"continuations in {time.perf_counter() - started:.1f} s")
     if generate is None:
         return results
     base_family = families[0]
@@ -694,6 +712,10 @@ def adherence_tables(result: dict) -> str:
     for split, r in key_rows.items():
         lines.append(f"| {split} | {r['clips']} | {_pct(r['mode_given_tonic'])} | {_pct(r['free_mode'])} | "
                      f"{_pct(r['free_key'])} | {_pct(r['relative_key_confusions'])} | {_pct(r['major_share'])} |")
+    if "continuation" in result:
+        from .continuation import continuation_table
+
+        lines += ["", "### Continuations", "", continuation_table(result["continuation"])]
     generated = result.get("generated")
     if not generated:
         return "\n".join(lines)

@@ -302,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=8, help="prompts per generate() call (default 8)")
     parser.add_argument("--tempos", type=lambda t: _numbers(t, int), default=[70, 100, 140],
                         help="prompted tempos (default 70,100,140)")
+    parser.add_argument("--continuation", type=int, default=0, metavar="PER_FAMILY",
+                        help="also continue this many held-out clips per family from their first seconds and "
+                             "read the family after the prompt, beside their codec round trips (default 0: off)")
+    parser.add_argument("--continuation-prompt", type=float, default=2.0,
+                        help="seconds of each clip given as the continuation's prompt (default 2)")
+    parser.add_argument("--continuation-seconds", type=float, default=10.0,
+                        help="continue each clip to this length; shorter clips are left out (default 10)")
     parser.add_argument("--cfg-coef", type=float, default=None,
                         help="classifier-free guidance (default: the generator's own, 3 for MusicGen)")
     parser.add_argument("--seed", type=int, default=0)
@@ -366,8 +373,9 @@ def _adherence_section(args, report: dict) -> None:
     settings = adherence.AdherenceSettings(
         train_clips=args.train_clips, min_family_clips=args.min_family_clips, per_prompt=args.per_prompt,
         batch=args.batch, seed=args.seed, tempos=tuple(args.tempos), codec_classifier=args.codec_classifier,
-        tempo_reader=not args.no_tempo_reader)
-    generate = roundtrip = None
+        tempo_reader=not args.no_tempo_reader, continuation=args.continuation,
+        continuation_prompt=args.continuation_prompt, continuation_seconds=args.continuation_seconds)
+    generate = roundtrip = continue_fn = None
     if args.generator:
         from inference import MusicGen
 
@@ -375,10 +383,15 @@ def _adherence_section(args, report: dict) -> None:
         guidance = {} if args.cfg_coef is None else {"cfg_coef": args.cfg_coef}
         generate = adherence.musicgen_generate_fn(generator, args.duration, **guidance)
         roundtrip = codec_roundtrip(generator.codec)
+        if args.continuation:
+            from bench.continuation import musicgen_continue_fn
+
+            continue_fn = musicgen_continue_fn(generator, settings.continuation_seconds, **guidance)
         report["generator"] = args.generator
         report["cfg_coef"] = generator.default_sampling.cfg_coef if args.cfg_coef is None else args.cfg_coef
     train = args.train or str(Path(args.data).parent / "train")
-    result = adherence.run_adherence(train, args.data, generate, settings, log=_log, roundtrip=roundtrip)
+    result = adherence.run_adherence(train, args.data, generate, settings, log=_log, roundtrip=roundtrip,
+                                     continue_fn=continue_fn)
     report["adherence"] = result
     guided = f", guidance {report['cfg_coef']:g}" if args.generator else ""
     print(f"## Text adherence ({args.generator or 'no generator: measures only'}{guided})\n")

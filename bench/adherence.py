@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ from bench.tempo import (TempoReader, estimate_tempo, spearman, sweep_reference,
                          train_tempo_reader)
 from codec import audio as audio_io
 from conditioning.melody import chroma_filter_bank
+
+if TYPE_CHECKING:  # bench.continuation builds on this module
+    from bench.continuation import ContinueFn
 
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 # Krumhansl & Kessler's probe-tone ratings (1982), tonic first.
@@ -591,7 +595,7 @@ def validate_measures(train_dir: str | Path, valid_dir: str | Path, settings: Ad
 def run_adherence(train_dir: str | Path, valid_dir: str | Path, generate: GenerateFn | None = None,
                   settings: AdherenceSettings = AdherenceSettings(),
                   log: Callable[[str], None] = print, roundtrip: RoundTrip | None = None,
-                  continue_fn=None) -> dict:
+                  continue_fn: ContinueFn | None = None) -> dict:
     """Validate the measures on the corpus (and through ``roundtrip``, see :func:`validate_measures`),
     then (with ``generate``) score generations of prompts that vary one attribute at a time.
     With ``settings.continuation``, a ``continue_fn`` (:data:`bench.continuation.ContinueFn`) and a

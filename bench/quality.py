@@ -376,6 +376,8 @@ def _adherence_section(args, report: dict) -> None:
         tempo_reader=not args.no_tempo_reader, continuation=args.continuation,
         continuation_prompt=args.continuation_prompt, continuation_seconds=args.continuation_seconds)
     generate = roundtrip = continue_fn = None
+    if args.continuation and not args.generator:
+        raise ValueError("--continuation continues clips with a generator's LM: give --generator MODEL too")
     if args.generator:
         from inference import MusicGen
 

@@ -137,3 +137,6 @@ def test_run_adherence_and_the_cli_report_it(corpus, tmp_path, capsys):
                          "--continuation-seconds", str(SECONDS), "--json", str(out)])
     assert code == 0 and "### Continuations" in capsys.readouterr().out
     assert json.loads(out.read_text())["adherence"]["continuation"]["clips"] == 2
+    assert quality.main(["--data", str(corpus / "valid"), "--clips", "1", "--visqol-clips", "0",
+                         "--continuation", "1"]) == 1
+    assert "give --generator MODEL too" in capsys.readouterr().err

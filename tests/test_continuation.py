@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import soundfile as sf
 import torch
-from test_quality import FAMILIES, RATE, follow_prompt, song
+from test_quality import FAMILIES, follow_prompt, song, write_corpus
 
 from bench import adherence, quality
 from bench.continuation import continuation_report, continuation_table, musicgen_continue_fn, pick_clips
@@ -19,23 +18,11 @@ from bench.continuation import continuation_report, continuation_table, musicgen
 SECONDS = 6.0
 
 
-def write_corpus(folder, count: int, seed: int) -> None:
-    folder.mkdir(parents=True)
-    for i in range(count):
-        family = list(FAMILIES)[i % 2]
-        bpm, tonic, mode = 70 + (i * 17) % 80, (i * 5) % 12, ("major", "minor")[(i // 2) % 2]
-        sf.write(folder / f"{i:06d}.wav", song(family, bpm, tonic, mode, SECONDS, seed + i).numpy(), RATE)
-        facts = {"featured": {"family": family, "name": FAMILIES[family][0]}, "tempo": bpm, "tempo_word": "slow",
-                 "tonic": tonic, "mode": mode}
-        caption = f"a tune led by {FAMILIES[family][0]}"
-        (folder / f"{i:06d}.json").write_text(json.dumps({"description": caption, "tokenwave_corpus": facts}))
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("continuation")
-    write_corpus(root / "train", 12, seed=0)
-    write_corpus(root / "valid", 6, seed=100)
+    write_corpus(root / "train", 12, seed=0, seconds=SECONDS)
+    write_corpus(root / "valid", 6, seed=100, seconds=SECONDS)
     return root
 
 

@@ -243,16 +243,17 @@ def song(family: str, bpm: float, tonic: int, mode: str, seconds: float, seed: i
     return chord + click_track(bpm, seconds, seed=seed)
 
 
-def write_corpus(folder, count: int, seed: int) -> None:
+def write_corpus(folder, count: int, seed: int, seconds: float = 4.0) -> None:
     folder.mkdir(parents=True)
     for i in range(count):
         family = list(FAMILIES)[i % 2]
         bpm, tonic, mode = 70 + (i * 17) % 80, (i * 5) % 12, ("major", "minor")[(i // 2) % 2]
-        sf.write(folder / f"{i:06d}.wav", song(family, bpm, tonic, mode, 4.0, seed + i).numpy(), RATE)
+        sf.write(folder / f"{i:06d}.wav", song(family, bpm, tonic, mode, seconds, seed + i).numpy(), RATE)
         facts = {"featured": {"family": family, "name": FAMILIES[family][0]}, "tempo": bpm,
                  "tempo_word": "slow" if bpm < 76 else "moderate" if bpm < 100 else "upbeat",
                  "tonic": tonic, "mode": mode}
-        (folder / f"{i:06d}.json").write_text(json.dumps({"description": "x", "tokenwave_corpus": facts}))
+        caption = f"a tune led by {FAMILIES[family][0]}"
+        (folder / f"{i:06d}.json").write_text(json.dumps({"description": caption, "tokenwave_corpus": facts}))
     (folder / "999999.json").write_text("{}")  # no .wav: a clip still being rendered, not read
 
 

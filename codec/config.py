@@ -91,6 +91,9 @@ class EncodecConfig(DictConfig):
     # render more detail from the same codes (codec.training.widen), which only tokenwave's own
     # format stores. Left out of to_dict when None, so every other config is stored as before.
     decoder_filters: int | None = None
+    # LSTM layers in the decoder when not the encoder's (None: ``lstm``): a decoder given seconds of
+    # context over the same codes (codec.training.widen.add_decoder_lstm); tokenwave's format only.
+    decoder_lstm: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("ratios", "target_bandwidths"):  # JSON gives lists
@@ -99,11 +102,15 @@ class EncodecConfig(DictConfig):
                                                  or self.decoder_filters % self.compress):
             raise ValueError(f"decoder_filters must be a positive multiple of compress ({self.compress}), "
                              f"got {self.decoder_filters}")
+        if self.decoder_lstm is not None and (isinstance(self.decoder_lstm, bool) or not isinstance(
+                self.decoder_lstm, int) or self.decoder_lstm < 0):
+            raise ValueError(f"decoder_lstm must be a number of LSTM layers (0 or more), got {self.decoder_lstm!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        if data["decoder_filters"] is None:
-            del data["decoder_filters"]
+        for name in ("decoder_filters", "decoder_lstm"):
+            if data[name] is None:
+                del data[name]
         return data
 
     @property
@@ -147,7 +154,18 @@ class EncodecConfig(DictConfig):
         return SEANetConfig(**{k: v for k, v in asdict(self).items() if k in names})
 
     def decoder_seanet(self) -> SEANetConfig:
-        return replace(self.seanet(), n_filters=self.decoder_width)
+        return replace(self.seanet(), n_filters=self.decoder_width, lstm=self.decoder_lstm_layers)
+
+    @property
+    def decoder_lstm_layers(self) -> int:
+        """The decoder's LSTM layers (``lstm`` unless ``decoder_lstm`` says otherwise)."""
+        return self.lstm if self.decoder_lstm is None else self.decoder_lstm
+
+    @property
+    def decoder_differs(self) -> bool:
+        """Whether the decoder is not the encoder's mirror (wider, or its own LSTM), which only
+        tokenwave's format stores."""
+        return self.decoder_filters is not None or self.decoder_lstm is not None
 
 
 

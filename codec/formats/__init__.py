@@ -100,10 +100,10 @@ def save_model(model: EncodecModel, path: PathLike, *, format: str = "tokenwave"
     if format not in _WRITERS:
         raise ValueError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
     config = model.config
-    if format != "tokenwave" and config.decoder_filters is not None:
-        raise ValueError(f"{format} checkpoints have one width for encoder and decoder; this codec's decoder "
-                         f"is widened ({config.n_filters} -> {config.decoder_filters} filters): save it with "
-                         f"format='tokenwave'")
+    if format != "tokenwave" and config.decoder_differs:
+        raise ValueError(f"{format} checkpoints mirror the encoder in the decoder; this codec's decoder is "
+                         f"widened or has its own LSTM (filters {config.n_filters} -> {config.decoder_width}, "
+                         f"LSTM layers {config.lstm} -> {config.decoder_lstm_layers}): save it with format='tokenwave'")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if format != "tokenwave":  # the foreign formats store weight norm unfolded
         state = unfolded(state, config)

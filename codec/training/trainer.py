@@ -420,6 +420,23 @@ class CodecTrainer(TrainingLoop):
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
 
+    def load_discriminator(self, state: dict) -> None:
+        """Start from another run's discriminator and its optimizer (a checkpoint's ``state``), so a
+        changed decoder meets an already trained critic instead of a fresh one that would first
+        have to learn what real audio sounds like. The codec and its optimizer are untouched."""
+        if not self.config.adversarial:
+            raise ValueError("this run trains without a discriminator (its loss weights have no adv/feat)")
+        mine = asdict(self.config)
+        saved = state.get("train_config", {})
+        for key in ("disc_filters", "disc_windows"):
+            ours, theirs = mine[key], saved.get(key)
+            if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != (
+                    list(ours) if isinstance(ours, tuple) else ours):
+                raise ValueError(f"the checkpoint's discriminator has {key}={saved.get(key)!r}, this run "
+                                 f"{mine[key]!r}: pass the same --{key.replace('_', '-')}")
+        self.plain_discriminator.load_state_dict(state["discriminator"])
+        self.disc_opt.load_state_dict(state["disc_opt"])
+
     def export(self) -> Path:
         """Write the codec (its weight average, with ``ema_decay``) as ``out_dir/<name>/`` (tokenwave
         format, weight norm kept)."""

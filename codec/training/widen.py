@@ -1,4 +1,5 @@
-"""Widen a trained codec's decoder without changing what it outputs, to fine-tune the extra width.
+"""Widen a trained codec's decoder, or give it an LSTM, without changing what it outputs, to fine-tune
+the extra capacity.
 
 Why: a small codec's decoder can be the bottleneck of its sound (tokenwave-small's renders every
 instrument a little like strings: the codes keep the family, the 12-filter decoder does not), while
@@ -52,9 +53,10 @@ def widen_decoder(model: EncodecModel, filters: int, *, init_scale: float = 1.0,
     old_width = model.config.decoder_width
     if filters <= old_width:
         raise ValueError(f"the decoder already has {old_width} filters; widen it to more, not {filters}")
-    if model.config.lstm or model.config.norm not in ("weight_norm", "none"):
-        raise ValueError(f"widen_decoder widens convolutions with weight norm or none; this codec has "
-                         f"lstm={model.config.lstm}, norm={model.config.norm!r}")
+    if model.config.lstm or model.config.decoder_lstm_layers or model.config.norm not in ("weight_norm", "none"):
+        raise ValueError(f"widen_decoder widens convolutions with weight norm or none, without an LSTM; this codec "
+                         f"has lstm={model.config.lstm}, decoder LSTM layers {model.config.decoder_lstm_layers}, "
+                         f"norm={model.config.norm!r} (add a decoder LSTM after widening)")
     config = replace(model.config, decoder_filters=filters)  # validates the width
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -81,3 +83,42 @@ def widen_decoder(model: EncodecModel, filters: int, *, init_scale: float = 1.0,
                 new.bias.data.zero_()
                 new.bias.data[:out_old] = old.bias.detach()
     return wide.train(model.training)
+
+
+def add_decoder_lstm(model: EncodecModel, layers: int = 2, *, seed: int = 0) -> EncodecModel:
+    """A copy of ``model`` with a ``layers``-deep LSTM (EnCodec's, with its skip connection) after the
+    decoder's first convolution, giving the decoder seconds of context, with the same encoder and
+    codebooks and exactly the same decoded audio at the start.
+
+    Why: a convolutional decoder renders each moment from a few frames of codes, but an instrument's
+    timbre is a property of seconds; EnCodec's own decoder has this LSTM. How: the last LSTM layer's
+    cell-candidate weights start at zero, so its cell, and so its output, stays exactly zero and
+    the skip connection passes the convolution through; its other gates are live, so gradients
+    reach those weights from the first step. ``seed`` draws the new weights reproducibly.
+    """
+    if not isinstance(model, EncodecModel):
+        raise TypeError(f"add_decoder_lstm expects an EncodecModel, got {type(model).__name__}")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"layers must be 1 or more, got {layers!r}")
+    if model.config.decoder_lstm_layers:
+        raise ValueError(f"this codec's decoder already has an LSTM ({model.config.decoder_lstm_layers} layers)")
+    config = replace(model.config, decoder_lstm=layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        longer = EncodecModel(config)
+    longer.encoder = copy.deepcopy(model.encoder)
+    longer.quantizer = copy.deepcopy(model.quantizer)
+    old = list(model.decoder.model)
+    new = list(longer.decoder.model)
+    lstm = new.pop(1)  # the decoder is [conv, LSTM, ...] with the LSTM, [conv, ...] without
+    if len(old) != len(new):
+        raise ValueError("the two decoders have different layouts")  # same config but the LSTM: cannot happen
+    for source, target in zip(old, new):
+        target.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        hidden = lstm.lstm.hidden_size
+        last = layers - 1
+        for name in (f"weight_ih_l{last}", f"weight_hh_l{last}", f"bias_ih_l{last}", f"bias_hh_l{last}"):
+            getattr(lstm.lstm, name)[2 * hidden:3 * hidden].zero_()  # PyTorch's gate order: i, f, g, o
+    longer.to(next(model.parameters()).device)
+    return longer.train(model.training)

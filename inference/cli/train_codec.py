@@ -183,16 +183,18 @@ def cmd_train_codec(args) -> int:
                        f"continue it or choose another --out")
     if args.resume:
         latest, state = _newest_intact(checkpoints, CodecTrainer.kind)
-        if args.preset or args.set or args.from_checkpoint or args.name or args.widen_decoder:
-            raise CliError("--resume continues the checkpoint's codec: leave out --preset, "
-                           "--set, --from, --name and --widen-decoder")
+        if (args.preset or args.set or args.from_checkpoint or args.name or args.widen_decoder
+                or args.decoder_lstm or args.discriminator_from):
+            raise CliError("--resume continues the checkpoint's codec and discriminator: leave out --preset, "
+                           "--set, --from, --name, --widen-decoder, --decoder-lstm and --discriminator-from")
         model = build_codec(EncodecConfig.from_dict(state["codec_config"]))
         values = {**state["train_config"], **values}
     else:
         name = _model_name(args)
-        if args.widen_decoder and (not args.from_checkpoint or values.get("train_parts") != "decoder"):
-            raise CliError("--widen-decoder widens the decoder of a trained codec to fine-tune it alone: pass "
-                           "--from CODEC --train-parts decoder")
+        for flag, given in (("--widen-decoder", args.widen_decoder), ("--decoder-lstm", args.decoder_lstm)):
+            if given and (not args.from_checkpoint or values.get("train_parts") != "decoder"):
+                raise CliError(f"{flag} changes the decoder of a trained codec to fine-tune it alone: pass "
+                               "--from CODEC --train-parts decoder")
         if args.from_checkpoint:
             if args.set or args.preset:
                 raise CliError("--from takes the codec's config from the checkpoint: leave out "
@@ -203,6 +205,10 @@ def cmd_train_codec(args) -> int:
                     from codec.training.widen import widen_decoder
 
                     model = widen_decoder(model, args.widen_decoder, seed=values.get("seed", 0))
+                if args.decoder_lstm:
+                    from codec.training.widen import add_decoder_lstm
+
+                    model = add_decoder_lstm(model, args.decoder_lstm, seed=values.get("seed", 0))
             except (FileNotFoundError, ValueError) as error:
                 raise CliError(str(error)) from None
         else:
@@ -232,6 +238,8 @@ def cmd_train_codec(args) -> int:
     trainer.echo = not args.quiet
     if args.resume:
         trainer.resume(latest)
+    elif args.discriminator_from:
+        _load_discriminator(trainer, args.discriminator_from)
     if not args.quiet and accelerator.is_main_process:
         print(f"train-codec: {len(corpus.files)} files ({corpus.duration / 3600:.2f} h), "
               f"{model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
@@ -242,6 +250,17 @@ def cmd_train_codec(args) -> int:
     if not args.quiet and accelerator.is_main_process:
         print(f"train-codec: model written to {out / model.name}")
     return 0
+
+
+def _load_discriminator(trainer, path: str) -> None:
+    """Start the run's discriminator (and its optimizer) from another run's checkpoint."""
+    from codec.files import CheckpointError
+    from codec.training.loop import CheckpointManager
+
+    try:
+        trainer.load_discriminator(CheckpointManager.load(path, trainer.kind))
+    except (FileNotFoundError, ValueError, CheckpointError) as error:
+        raise CliError(f"--discriminator-from {path}: {error}") from None
 
 
 def _train_entropy_lm(args) -> int:
@@ -285,6 +304,8 @@ def _train_entropy_lm(args) -> int:
     trainer.echo = not args.quiet
     if args.resume:
         trainer.resume(latest)
+    elif args.discriminator_from:
+        _load_discriminator(trainer, args.discriminator_from)
     trainer.fit(_clips(corpus, codec, config.segment_seconds, config.seed))
     accelerator.end_training()
     if not args.quiet and accelerator.is_main_process:
@@ -361,6 +382,14 @@ def register(subparsers) -> None:
                      help="with --from and --train-parts decoder: first widen the decoder to this base width, "
                           "its output unchanged (new channels start disconnected), so training can use the "
                           "extra width; the model is then stored in tokenwave's format only")
+    sub.add_argument("--decoder-lstm", type=int, metavar="LAYERS",
+                     help="with --from and --train-parts decoder: first give the decoder an LSTM of this many "
+                          "layers after its first convolution (EnCodec's, with its skip connection), its output "
+                          "unchanged (the LSTM starts silent), for seconds of context; tokenwave's format only")
+    sub.add_argument("--discriminator-from", metavar="CHECKPOINT",
+                     help="start the discriminator and its optimizer from another adversarial run's checkpoint "
+                          "(a checkpoint folder or its state.pt) with the same discriminator settings, instead "
+                          "of a fresh one: fine-tuning a changed decoder against an already trained critic")
     sub.add_argument("--valid", metavar="DIR", help="validation folder (default: other random "
                      "clips of DATA, so not held out)")
     sub.add_argument("--valid-clips", type=int, help="validation clips (default 16; 0 = none)")

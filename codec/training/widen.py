@@ -93,8 +93,8 @@ def add_decoder_lstm(model: EncodecModel, layers: int = 2, *, seed: int = 0) -> 
     Why: a convolutional decoder renders each moment from a few frames of codes, but an instrument's
     timbre is a property of seconds; EnCodec's own decoder has this LSTM. How: the last LSTM layer's
     cell-candidate weights start at zero, so its cell, and so its output, stays exactly zero and
-    the skip connection passes the convolution through; its other gates are live, so gradients
-    reach those weights from the first step. ``seed`` draws the new weights reproducibly.
+    the skip connection passes the convolution through; its other gates are live, so the zeroed
+    weights get gradients from the first step. ``seed`` draws the new weights reproducibly.
     """
     if not isinstance(model, EncodecModel):
         raise TypeError(f"add_decoder_lstm expects an EncodecModel, got {type(model).__name__}")

@@ -8,21 +8,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_codec_training import TINY, clips, corpus_dir, run  # noqa: F401
+from test_codec_training import clips, corpus_dir, run  # noqa: F401
+from test_codec_widen import BASE, _audio, assert_stored_and_streamed
 
 from codec.config import EncodecConfig
-from codec.formats import load_model, save_model
-from codec.streaming import StreamingDecoder
+from codec.formats import load_model
 from codec.training import build_codec
 from codec.training.loop import CheckpointManager
 from codec.training.trainer import CodecTrainer
 from codec.training.widen import add_decoder_lstm, widen_decoder
-
-BASE = replace(TINY, name="base", causal=False, true_skip=True)
-
-
-def _audio(seconds: float = 0.3, seed: int = 0) -> torch.Tensor:
-    return 0.1 * torch.randn(1, 1, round(seconds * BASE.sample_rate), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("layers", [1, 2])
@@ -55,24 +49,8 @@ def test_a_codec_with_a_decoder_lstm_saves_loads_and_streams(tmp_path):
     with torch.no_grad():  # make the LSTM speak, so streaming has state to carry
         for name, weight in longer.decoder.model[1].lstm.named_parameters():
             weight.add_(0.1 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(len(name))))
-    longer.eval()
-    x = _audio(0.5)
-    with torch.no_grad():
-        frames = longer.encode(x)
-        full = longer.decode(frames)
-    save_model(longer, tmp_path / "longer")
-    loaded = load_model(tmp_path / "longer")
+    loaded = assert_stored_and_streamed(longer.eval(), tmp_path, refusal="own LSTM.*tokenwave", atol=1e-5)
     assert loaded.config.decoder_lstm == 2 and loaded.config.decoder_filters == 8
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.decode(frames), full, atol=1e-5, rtol=1e-4)
-        stream, codes = StreamingDecoder(loaded), frames[0].codes
-        parts = [stream.push(codes[..., i:i + 3]) for i in range(0, codes.shape[-1], 3)]
-        parts.append(stream.flush())
-    torch.testing.assert_close(torch.cat(parts, -1), full, atol=1e-4, rtol=1e-3)
-    for fmt in ("transformers", "original", "audiocraft"):
-        with pytest.raises(ValueError, match="own LSTM.*tokenwave"):
-            save_model(longer, tmp_path / fmt, format=fmt)
-        assert not (tmp_path / fmt).exists()
 
 
 def test_decoder_lstm_in_the_config():

@@ -12,6 +12,7 @@ from codec.config import EncodecConfig
 from codec.formats import load_model, save_model
 from codec.streaming import StreamingDecoder
 from codec.training import build_codec
+from codec.model import EncodecModel
 from codec.training.widen import widen_decoder
 
 BASE = replace(TINY, name="base", causal=False, true_skip=True)
@@ -51,25 +52,32 @@ def test_the_new_width_gets_gradients_into_the_old_channels():
     assert last.weight_v.grad[:, 4:].abs().sum() > 0
 
 
-def test_a_widened_codec_saves_loads_and_streams(tmp_path):
-    wide = widen_decoder(build_codec(BASE, seed=0), 8, seed=0).eval()
+def assert_stored_and_streamed(model, folder, *, refusal: str, atol: float) -> EncodecModel:
+    """``model`` saved and loaded decodes as before (``atol``), streams in pieces as it decodes at once
+    (10x ``atol``), and the foreign formats refuse it (message matching ``refusal``) writing nothing."""
     x = _audio(0.5)
     with torch.no_grad():
-        frames = wide.encode(x)
-        full = wide.decode(frames)
-    save_model(wide, tmp_path / "wide")
-    loaded = load_model(tmp_path / "wide")
-    assert loaded.config.decoder_filters == 8
+        frames = model.encode(x)
+        full = model.decode(frames)
+    save_model(model, folder / "model")
+    loaded = load_model(folder / "model")
     with torch.no_grad():
-        torch.testing.assert_close(loaded.decode(frames), full, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(loaded.decode(frames), full, atol=atol, rtol=10 * atol)
         stream, codes = StreamingDecoder(loaded), frames[0].codes
         parts = [stream.push(codes[..., i:i + 3]) for i in range(0, codes.shape[-1], 3)]
         parts.append(stream.flush())
-    torch.testing.assert_close(torch.cat(parts, -1), full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(parts, -1), full, atol=10 * atol, rtol=100 * atol)
     for fmt in ("transformers", "original", "audiocraft"):
-        with pytest.raises(ValueError, match="widened .*tokenwave"):
-            save_model(wide, tmp_path / fmt, format=fmt)
-        assert not (tmp_path / fmt).exists()
+        with pytest.raises(ValueError, match=refusal):
+            save_model(model, folder / fmt, format=fmt)
+        assert not (folder / fmt).exists()
+    return loaded
+
+
+def test_a_widened_codec_saves_loads_and_streams(tmp_path):
+    wide = widen_decoder(build_codec(BASE, seed=0), 8, seed=0).eval()
+    loaded = assert_stored_and_streamed(wide, tmp_path, refusal="widened .*tokenwave", atol=1e-6)
+    assert loaded.config.decoder_filters == 8
 
 
 def test_decoder_filters_in_the_config():

@@ -429,9 +429,7 @@ class CodecTrainer(TrainingLoop):
         mine = asdict(self.config)
         saved = state.get("train_config", {})
         for key in ("disc_filters", "disc_windows"):
-            ours, theirs = mine[key], saved.get(key)
-            if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != (
-                    list(ours) if isinstance(ours, tuple) else ours):
+            if _plain(saved.get(key)) != _plain(mine[key]):  # a checkpoint may hold tuples as lists
                 raise ValueError(f"the checkpoint's discriminator has {key}={saved.get(key)!r}, this run "
                                  f"{mine[key]!r}: pass the same --{key.replace('_', '-')}")
         self.plain_discriminator.load_state_dict(state["discriminator"])
@@ -442,6 +440,10 @@ class CodecTrainer(TrainingLoop):
         format, weight norm kept)."""
         with self._averaged_weights():
             return save_model(self.model, self.out_dir / self.model.name, overwrite=True)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 # -- building the models -------------------------------------------------------------------------

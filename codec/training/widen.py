@@ -41,6 +41,17 @@ def _set_weight(conv: nn.Module, weight: torch.Tensor) -> None:
         conv.weight.data.copy_(weight)
 
 
+def _same_codes(model: EncodecModel, config, seed: int) -> EncodecModel:
+    """A new codec for ``config`` (its decoder's new weights drawn from ``seed``) with ``model``'s
+    encoder and codebooks as they are (weight norm folded or not), on ``model``'s device."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = EncodecModel(config)
+    new.encoder = copy.deepcopy(model.encoder)
+    new.quantizer = copy.deepcopy(model.quantizer)
+    return new.to(next(model.parameters()).device)
+
+
 def widen_decoder(model: EncodecModel, filters: int, *, init_scale: float = 1.0, seed: int = 0) -> EncodecModel:
     """A copy of ``model`` whose decoder has base width ``filters`` (more than it has), with the
     same encoder and codebooks (the same codes) and, up to float rounding, the same decoded audio.
@@ -57,13 +68,7 @@ def widen_decoder(model: EncodecModel, filters: int, *, init_scale: float = 1.0,
         raise ValueError(f"widen_decoder widens convolutions with weight norm or none, without an LSTM; this codec "
                          f"has lstm={model.config.lstm}, decoder LSTM layers {model.config.decoder_lstm_layers}, "
                          f"norm={model.config.norm!r} (add a decoder LSTM after widening)")
-    config = replace(model.config, decoder_filters=filters)  # validates the width
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        wide = EncodecModel(config)
-    wide.encoder = copy.deepcopy(model.encoder)  # as they are (weight norm folded or not)
-    wide.quantizer = copy.deepcopy(model.quantizer)
-    wide.to(next(model.parameters()).device)
+    wide = _same_codes(model, replace(model.config, decoder_filters=filters), seed)  # validates the width
     old_convs, new_convs = _convs(model.decoder), _convs(wide.decoder)
     if len(old_convs) != len(new_convs):
         raise ValueError("the two decoders have different layouts")  # same config but the width: cannot happen
@@ -102,12 +107,7 @@ def add_decoder_lstm(model: EncodecModel, layers: int = 2, *, seed: int = 0) -> 
         raise ValueError(f"layers must be 1 or more, got {layers!r}")
     if model.config.decoder_lstm_layers:
         raise ValueError(f"this codec's decoder already has an LSTM ({model.config.decoder_lstm_layers} layers)")
-    config = replace(model.config, decoder_lstm=layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        longer = EncodecModel(config)
-    longer.encoder = copy.deepcopy(model.encoder)
-    longer.quantizer = copy.deepcopy(model.quantizer)
+    longer = _same_codes(model, replace(model.config, decoder_lstm=layers), seed)
     old = list(model.decoder.model)
     new = list(longer.decoder.model)
     lstm = new.pop(1)  # the decoder is [conv, LSTM, ...] with the LSTM, [conv, ...] without
@@ -120,5 +120,4 @@ def add_decoder_lstm(model: EncodecModel, layers: int = 2, *, seed: int = 0) -> 
         last = layers - 1
         for name in (f"weight_ih_l{last}", f"weight_hh_l{last}", f"bias_ih_l{last}", f"bias_hh_l{last}"):
             getattr(lstm.lstm, name)[2 * hidden:3 * hidden].zero_()  # PyTorch's gate order: i, f, g, o
-    longer.to(next(model.parameters()).device)
     return longer.train(model.training)
